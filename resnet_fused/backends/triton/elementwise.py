@@ -1,0 +1,461 @@
+"""Fused per-channel elementwise and reduction kernels of the Triton training path.
+
+The NormConv training scheme (DESIGN.md) keeps only raw conv outputs and per-channel statistics for
+backward and recomputes every normalized/activated tensor on the fly. What remains around the convolutions
+is elementwise work with per-channel parameters and per-channel reductions; each of those is one pass here:
+
+- ``tail_fwd``: ``out = relu(c*scale + shift + idn)`` or the dual form with a normalized downsample branch
+  ``relu(c*scale + shift + cd*sd + td)`` (BN2 + add + ReLU in one read of each operand).
+- ``tail_bwd``: the backward of the tail in ONE pass: the ReLU mask is recomputed from the inputs (the
+  output is never saved), ``g = dout*mask``, ``dc = g*scale``, ``d(idn) = g`` (``dcd = g*sd``), and the
+  per-channel sums ``Σg``, ``Σg·c`` (``Σg·cd``) that give ``dshift``, ``dscale`` (``dtd``, ``dsd``).
+- ``affine_relu_fwd``: ``a = relu(x*scale + shift)``, the BN+ReLU prologue of a conv recomputed into a
+  temporary for the weight gradient.
+- ``affine_relu_bwd``: its backward in ONE pass: ``g = grad_a·[x*scale + shift > 0]``, ``dx = g*scale``,
+  ``dscale = Σg·x``, ``dshift = Σg``.
+- ``stats_bwd``: the gradient flowing into a conv output through its batch statistics,
+  ``dc_total = dc + dmean/M + dvar·2(c − mean)/M`` (M = elements per channel).
+
+Tensors are [N, C, H, W] viewed as ``rows × C`` (rows = N·H·W). channels_last tensors are addressed as a
+plain row-major [rows, C] matrix; NCHW tensors through ``(row // HW)·C·HW + ch·HW + row % HW``. All operands
+of one call are brought to the memory format of the first tensor argument. Math is fp32; outputs take the
+dtype of the tensor they are the value or gradient of; per-channel results are fp32. Reductions write
+per-program partials ``[programs, C]`` summed afterwards in a fixed order, so results are deterministic.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+
+@triton.jit
+def _tile_offsets(rows, chans, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Element offsets of the tile rows × chans of an [N, C, H, W] tensor (rows = n·HW + h·W + w)."""
+    rows = rows.to(tl.int64)
+    chans = chans.to(tl.int64)
+    if CHANNELS_LAST:
+        offs = rows[:, None] * C + chans[None, :]
+    else:
+        offs = ((rows // HW) * C * HW + rows % HW)[:, None] + chans[None, :] * HW
+    return offs
+
+
+@triton.jit
+def _tail_fwd_kernel(
+    c_ptr,  # [N, C, H, W] main-branch conv output
+    scale_ptr,  # [C] fp32
+    shift_ptr,  # [C] fp32
+    idn_ptr,  # [N, C, H, W] identity, or the downsample conv output cd when HAS_IDN_AFFINE
+    idn_scale_ptr,  # [C] fp32, read when HAS_IDN_AFFINE
+    idn_shift_ptr,  # [C] fp32, read when HAS_IDN_AFFINE
+    out_ptr,  # [N, C, H, W] output, dtype of c
+    R,  # rows = N*H*W
+    C,  # channels
+    HW,  # H*W (NCHW addressing)
+    ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    HAS_IDN_AFFINE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """out = relu(c*scale + shift + idn'), idn' = idn*idn_scale + idn_shift if HAS_IDN_AFFINE else idn (fp32)."""
+    pid_r = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    if HAS_IDN_AFFINE:
+        sd = tl.load(idn_scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+        td = tl.load(idn_shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_IDN_AFFINE:
+            idn = idn * sd + td
+        z = c * s + t + idn
+        tl.store(out_ptr + offs, tl.maximum(z, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tail_bwd_kernel(
+    dout_ptr,  # [N, C, H, W] gradient of the tail output
+    c_ptr,  # [N, C, H, W] main-branch conv output
+    scale_ptr,  # [C] fp32
+    shift_ptr,  # [C] fp32
+    idn_ptr,  # [N, C, H, W] identity, or cd when HAS_IDN_AFFINE
+    idn_scale_ptr,  # [C] fp32, read when HAS_IDN_AFFINE
+    idn_shift_ptr,  # [C] fp32, read when HAS_IDN_AFFINE
+    dc_ptr,  # [N, C, H, W] out: g*scale, dtype of c
+    didn_ptr,  # [N, C, H, W] out: g (or g*idn_scale), dtype of idn
+    psum_g_ptr,  # [programs_r, C] fp32 out: partial Σg
+    psum_gc_ptr,  # [programs_r, C] fp32 out: partial Σg·c
+    psum_gidn_ptr,  # [programs_r, C] fp32 out: partial Σg·cd, written when HAS_IDN_AFFINE
+    R,  # rows = N*H*W
+    C,  # channels
+    HW,  # H*W (NCHW addressing)
+    ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    HAS_IDN_AFFINE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Backward of out = relu(c*s + t + idn'), in one pass.
+
+    z = c*s + t + idn' is recomputed, g = dout·[z > 0]; dc = g*s; d(idn) = g, or dcd = g*sd for
+    idn' = cd*sd + td; per-channel partial sums Σg (= dt = dtd), Σg·c (= ds), Σg·cd (= dsd).
+    """
+    pid_r = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    if HAS_IDN_AFFINE:
+        sd = tl.load(idn_scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+        td = tl.load(idn_shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    acc_g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_gc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_gidn = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_IDN_AFFINE:
+            z = c * s + t + (idn * sd + td)
+        else:
+            z = c * s + t + idn
+        g = tl.where(z > 0.0, dout, 0.0)
+        tl.store(dc_ptr + offs, (g * s).to(dc_ptr.dtype.element_ty), mask=mask)
+        if HAS_IDN_AFFINE:
+            tl.store(didn_ptr + offs, (g * sd).to(didn_ptr.dtype.element_ty), mask=mask)
+            acc_gidn += g * idn
+        else:
+            tl.store(didn_ptr + offs, g.to(didn_ptr.dtype.element_ty), mask=mask)
+        acc_g += g
+        acc_gc += g * c
+    poffs = pid_r * C + chans
+    tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
+    tl.store(psum_gc_ptr + poffs, tl.sum(acc_gc, axis=0), mask=cmask)
+    if HAS_IDN_AFFINE:
+        tl.store(psum_gidn_ptr + poffs, tl.sum(acc_gidn, axis=0), mask=cmask)
+
+
+@triton.jit
+def _affine_relu_fwd_kernel(
+    x_ptr,  # [N, C, H, W] input
+    scale_ptr,  # [C] fp32
+    shift_ptr,  # [C] fp32
+    a_ptr,  # [N, C, H, W] out, dtype of x
+    R,  # rows = N*H*W
+    C,  # channels
+    HW,  # H*W (NCHW addressing)
+    ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """a = relu(x*scale + shift), fp32 math, stored in x's dtype."""
+    pid_r = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.maximum(x * s + t, 0.0)
+        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _affine_relu_bwd_kernel(
+    grad_a_ptr,  # [N, C, H, W] gradient of a = relu(x*scale + shift)
+    x_ptr,  # [N, C, H, W] input
+    scale_ptr,  # [C] fp32
+    shift_ptr,  # [C] fp32
+    dx_ptr,  # [N, C, H, W] out, dtype of x
+    psum_gx_ptr,  # [programs_r, C] fp32 out: partial Σg·x
+    psum_g_ptr,  # [programs_r, C] fp32 out: partial Σg
+    R,  # rows = N*H*W
+    C,  # channels
+    HW,  # H*W (NCHW addressing)
+    ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """g = grad_a·[x*scale + shift > 0]; dx = g*scale; partial sums Σg·x (= dscale) and Σg (= dshift)."""
+    pid_r = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
+    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    acc_gx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        grad_a = tl.load(grad_a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(x * s + t > 0.0, grad_a, 0.0)
+        tl.store(dx_ptr + offs, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_gx += g * x
+        acc_g += g
+    poffs = pid_r * C + chans
+    tl.store(psum_gx_ptr + poffs, tl.sum(acc_gx, axis=0), mask=cmask)
+    tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
+
+
+@triton.jit
+def _stats_bwd_kernel(
+    c_ptr,  # [N, C, H, W] conv output whose batch statistics were taken
+    mean_ptr,  # [C] fp32 batch mean of c
+    dc_ptr,  # [N, C, H, W] gradient of c itself, read when HAS_DC
+    dmean_ptr,  # [C] fp32 gradient of mean, read when HAS_DMEAN
+    dvar_ptr,  # [C] fp32 gradient of the biased variance, read when HAS_DVAR
+    out_ptr,  # [N, C, H, W] out: total gradient of c, dtype of c
+    R,  # rows = N*H*W (= M, elements per channel)
+    inv_m,  # 1/M
+    C,  # channels
+    HW,  # H*W (NCHW addressing)
+    ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    HAS_DC: tl.constexpr,
+    HAS_DMEAN: tl.constexpr,
+    HAS_DVAR: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dc_total = dc + dmean/M + dvar·2(c − mean)/M, each term present only when its gradient is."""
+    pid_r = tl.program_id(0)
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = chans < C
+    if HAS_DMEAN:
+        dmean = tl.load(dmean_ptr + chans, mask=cmask, other=0.0)[None, :] * inv_m
+    if HAS_DVAR:
+        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)[None, :]
+        dvar2 = tl.load(dvar_ptr + chans, mask=cmask, other=0.0)[None, :] * (2.0 * inv_m)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & cmask[None, :]
+        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if HAS_DC:
+            acc += tl.load(dc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DMEAN:
+            acc += dmean
+        if HAS_DVAR:
+            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += dvar2 * (c - mean)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when t is laid out that way, else contiguous (NCHW)."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    return t.contiguous(memory_format=fmt)
+
+
+def _check_act(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """An activation operand: a floating [N, C, H, W] tensor (same shape/device as ``like`` when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+
+
+def _check_vec(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A per-channel parameter: fp32 [C] on the device of ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    channels = like.shape[1]
+    if t.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+
+
+def _launch_geometry(rows: int, channels: int) -> tuple[int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, ROWS_PER_PROG, programs along rows) for a rows × channels pass.
+
+    On a GPU a program walks ROWS_PER_PROG rows in BLOCK_R steps so that a few programs per SM carry the
+    reduction partials; the interpreter runs each program serially, so there a few big tiles win.
+    """
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    block_c = min(triton.next_power_of_2(channels), 128 if interpret else 64)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if interpret else 4096) // block_c)
+    target_programs = 4 if interpret else 1024
+    steps = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs))
+    rows_per_prog = steps * block_r
+    return block_r, block_c, rows_per_prog, triton.cdiv(rows, rows_per_prog)
+
+
+def _geometry(t: torch.Tensor) -> tuple[int, int, int]:
+    n, c, h, w = t.shape
+    return n * h * w, c, h * w
+
+
+def tail_fwd(c, scale, shift, idn, idn_scale=None, idn_shift=None):
+    """relu(c*scale + shift + idn) or, with idn_scale/idn_shift, relu(c*scale + shift + idn*idn_scale +
+    idn_shift); fp32 math, result in c's dtype and memory format."""
+    _check_act("c", c)
+    _check_act("idn", idn, c)
+    _check_vec("scale", scale, c)
+    _check_vec("shift", shift, c)
+    if (idn_scale is None) != (idn_shift is None):
+        raise ValueError("idn_scale and idn_shift must be given together")
+    dual = idn_scale is not None
+    if dual:
+        _check_vec("idn_scale", idn_scale, c)
+        _check_vec("idn_shift", idn_shift, c)
+    fmt = _memory_format(c)
+    c, idn = _dense(c, fmt), _dense(idn, fmt)
+    out = torch.empty_like(c)
+    rows, channels, hw = _geometry(c)
+    if out.numel() == 0:
+        return out
+    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    _launch.record()
+    _tail_fwd_kernel[(progs, triton.cdiv(channels, block_c))](
+        c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift, out,
+        rows, channels, hw, rows_per_prog,
+        HAS_IDN_AFFINE=dual, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return out
+
+
+def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
+    """One-pass backward of ``tail_fwd``.
+
+    Returns ``(dc, didn, dscale, dshift, didn_scale)``: dc in c's dtype, didn in idn's dtype (both in c's
+    memory format), fp32 [C] sums; ``didn_scale`` is None without idn_scale, and the gradient of idn_shift
+    equals ``dshift``.
+    """
+    _check_act("c", c)
+    _check_act("dout", dout, c)
+    _check_act("idn", idn, c)
+    _check_vec("scale", scale, c)
+    _check_vec("shift", shift, c)
+    if (idn_scale is None) != (idn_shift is None):
+        raise ValueError("idn_scale and idn_shift must be given together")
+    dual = idn_scale is not None
+    if dual:
+        _check_vec("idn_scale", idn_scale, c)
+        _check_vec("idn_shift", idn_shift, c)
+    fmt = _memory_format(c)
+    c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
+    dc, didn = torch.empty_like(c), torch.empty_like(idn)
+    rows, channels, hw = _geometry(c)
+    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    psums = torch.zeros((3 if dual else 2, progs, channels), dtype=torch.float32, device=c.device)
+    if c.numel():
+        _launch.record()
+        _tail_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
+            dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
+            dc, didn, psums[0], psums[1], psums[2] if dual else psums[1],
+            rows, channels, hw, rows_per_prog,
+            HAS_IDN_AFFINE=dual, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+    sums = psums.sum(dim=1)
+    return dc, didn, sums[1], sums[0], sums[2] if dual else None
+
+
+def affine_relu_fwd(x, scale, shift):
+    """relu(x*scale + shift) per channel, fp32 math, result in x's dtype and memory format."""
+    _check_act("x", x)
+    _check_vec("scale", scale, x)
+    _check_vec("shift", shift, x)
+    fmt = _memory_format(x)
+    x = _dense(x, fmt)
+    a = torch.empty_like(x)
+    rows, channels, hw = _geometry(x)
+    if a.numel() == 0:
+        return a
+    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    _launch.record()
+    _affine_relu_fwd_kernel[(progs, triton.cdiv(channels, block_c))](
+        x, scale, shift, a, rows, channels, hw, rows_per_prog,
+        CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return a
+
+
+def affine_relu_bwd(grad_a, x, scale, shift):
+    """One-pass backward of ``affine_relu_fwd``: returns ``(dx, dscale, dshift)``, dx in x's dtype and
+    memory format, dscale/dshift fp32 [C]."""
+    _check_act("x", x)
+    _check_act("grad_a", grad_a, x)
+    _check_vec("scale", scale, x)
+    _check_vec("shift", shift, x)
+    fmt = _memory_format(x)
+    x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
+    dx = torch.empty_like(x)
+    rows, channels, hw = _geometry(x)
+    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    psums = torch.zeros((2, progs, channels), dtype=torch.float32, device=x.device)
+    if x.numel():
+        _launch.record()
+        _affine_relu_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
+            grad_a, x, scale, shift, dx, psums[0], psums[1], rows, channels, hw, rows_per_prog,
+            CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+        )
+    sums = psums.sum(dim=1)
+    return dx, sums[0], sums[1]
+
+
+def stats_bwd(c, mean, dc=None, dmean=None, dvar=None):
+    """Total gradient of a conv output c whose per-channel mean and biased variance were also outputs:
+    ``dc + dmean/M + dvar·2(c − mean)/M`` (absent gradients count as zero), in c's dtype and memory
+    format. Returns None when all three gradients are None."""
+    if dc is None and dmean is None and dvar is None:
+        return None
+    _check_act("c", c)
+    _check_vec("mean", mean, c)
+    if dc is not None:
+        _check_act("dc", dc, c)
+    if dmean is not None:
+        _check_vec("dmean", dmean, c)
+    if dvar is not None:
+        _check_vec("dvar", dvar, c)
+    fmt = _memory_format(c)
+    c = _dense(c, fmt)
+    dc = _dense(dc, fmt) if dc is not None else None
+    out = torch.empty_like(c)
+    rows, channels, hw = _geometry(c)
+    if out.numel() == 0:
+        return out
+    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    _launch.record()
+    _stats_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
+        c, mean, dc if dc is not None else c, dmean if dmean is not None else mean,
+        dvar if dvar is not None else mean, out, rows, 1.0 / rows, channels, hw, rows_per_prog,
+        HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
+        CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    return out

@@ -1,0 +1,86 @@
+"""Training-path ops of the Triton backend: NormConv ``conv_stats`` and the BN-add-ReLU tail.
+
+``conv_stats`` runs a convolution whose input may carry the previous BN+ReLU as a prologue and whose epilogue
+produces the output's per-channel batch mean and biased variance: ONE conv launch (``conv2d_fused(...,
+stats=True)``) instead of conv + normalize + activate + reduce. ``scale_bias_add_relu`` is the block tail
+``relu(c*scale + shift + idn)`` (or with a normalized downsample branch) in one pass.
+
+Memory is where training gains most: backward keeps only the op inputs, the raw conv output c and its mean
+(the NormConv scheme of DESIGN.md) and recomputes every activated tensor — the prologue activation
+``relu(x*in_scale + in_shift)`` for the weight gradient, the tail's ReLU mask from its inputs. The backward
+passes are fused one-pass kernels (``elementwise.py``) around ``torch.ops.aten.convolution_backward`` for
+the data and weight gradients of the convolution.
+"""
+
+import torch
+from torch.nn.modules.utils import _pair
+
+from .conv import conv2d_fused
+from .elementwise import affine_relu_bwd, affine_relu_fwd, stats_bwd, tail_bwd, tail_fwd
+
+
+class ConvStatsFunction(torch.autograd.Function):
+    """c = conv2d(a, weight), a = relu(x*in_scale + in_shift) or x; returns (c, mean(c), var(c))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, in_scale, in_shift, stride, padding, dilation, groups):
+        c, mean, var = conv2d_fused(
+            x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups,
+            in_scale=in_scale, in_shift=in_shift, stats=True,
+        )
+        ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean)
+        ctx.conv_args = (_pair(stride), _pair(padding), _pair(dilation), groups)
+        ctx.set_materialize_grads(False)
+        return c, mean, var
+
+    @staticmethod
+    def backward(ctx, dc, dmean, dvar):
+        x, weight, in_scale, in_shift, c, mean = ctx.saved_tensors
+        dc = stats_bwd(c, mean, dc, dmean, dvar)
+        if dc is None:
+            return (None,) * 8
+        stride, padding, dilation, groups = ctx.conv_args
+        prologue = in_scale is not None
+        need_a = ctx.needs_input_grad[0] or (prologue and any(ctx.needs_input_grad[2:4]))
+        a = affine_relu_fwd(x, in_scale, in_shift) if prologue else x
+        da, dweight, _ = torch.ops.aten.convolution_backward(
+            dc, a, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+            [need_a, ctx.needs_input_grad[1], False],
+        )
+        del a
+        if da is None or not prologue:
+            return da, dweight, None, None, None, None, None, None
+        dx, dscale, dshift = affine_relu_bwd(da, x, in_scale, in_shift)
+        return dx, dweight, dscale, dshift, None, None, None, None
+
+
+class ScaleBiasAddReluFunction(torch.autograd.Function):
+    """out = relu(c*scale + shift + idn'), idn' = idn*idn_scale + idn_shift or idn."""
+
+    @staticmethod
+    def forward(ctx, c, scale, shift, idn, idn_scale, idn_shift):
+        out = tail_fwd(c, scale, shift, idn, idn_scale, idn_shift)
+        ctx.save_for_backward(c, scale, shift, idn, idn_scale, idn_shift)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        c, scale, shift, idn, idn_scale, idn_shift = ctx.saved_tensors
+        dc, didn, dscale, dshift, didn_scale = tail_bwd(dout, c, scale, shift, idn, idn_scale, idn_shift)
+        didn_shift = dshift.clone() if idn_shift is not None and ctx.needs_input_grad[5] else None
+        return dc, dscale, dshift, didn, didn_scale, didn_shift
+
+
+def conv_stats(x, weight, stride, padding, dilation=1, groups=1, in_scale=None, in_shift=None):
+    """(c, mean, var): c = conv2d(relu(x*in_scale + in_shift) if in_scale is given else x, weight) in x's
+    dtype, mean/var its per-output-channel fp32 batch mean and biased variance. Differentiable in x,
+    weight, in_scale, in_shift through all three outputs."""
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    return ConvStatsFunction.apply(x, weight, in_scale, in_shift, stride, padding, dilation, groups)
+
+
+def scale_bias_add_relu(c, scale, shift, idn, idn_scale=None, idn_shift=None):
+    """relu(c*scale + shift + (idn*idn_scale + idn_shift if idn_scale is given else idn)), fp32 math,
+    result in c's dtype. Differentiable in every tensor argument."""
+    return ScaleBiasAddReluFunction.apply(c, scale, shift, idn, idn_scale, idn_shift)
