@@ -1,0 +1,354 @@
+"""Triton training-path ops (conv_stats, scale_bias_add_relu) and their fused elementwise kernels.
+
+Every forward value and every gradient is compared against plain PyTorch autograd of the op's formula and
+against the reference backend's op, on random inputs with odd sizes, NCHW and channels_last; kernel fusion is
+checked with the launch counter. CPU runs use the Triton interpreter (TRITON_INTERPRET=1).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from resnet_fused.backends import reference  # noqa: E402
+from resnet_fused.backends.triton import _launch, elementwise, train  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (rtol, atol) of a Triton result against fp32 PyTorch on the same inputs.
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+# Per-channel sums over N·H·W elements round differently from PyTorch's reduction order.
+SUM_TOL = {torch.float32: (1e-4, 1e-4)}
+
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _act(shape, fmt, dtype=torch.float32):
+    return torch.randn(shape, device=DEVICE).to(dtype=dtype, memory_format=FORMATS[fmt]).requires_grad_()
+
+
+def _vec(n, positive=False):
+    v = torch.rand(n, device=DEVICE) + 0.5 if positive else torch.randn(n, device=DEVICE)
+    return v.requires_grad_()
+
+
+def _close(actual, expected, tol=TOL[torch.float32]):
+    torch.testing.assert_close(actual, expected, rtol=tol[0], atol=tol[1])
+
+
+def _chan(v):
+    return v.view(1, -1, 1, 1)
+
+
+def _grads(out, inputs, grad_out):
+    """Gradients of sum(out_i * grad_out_i) w.r.t. inputs (None where an input does not take part)."""
+    loss = sum((o.float() * g).sum() for o, g in zip(out, grad_out))
+    present = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(loss, present, allow_unused=True))
+    return [next(grads) if t is not None else None for t in inputs]
+
+
+def _clone_leaves(tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+# ---------------------------------------------------------------------------------------- scale_bias_add_relu
+
+
+def _tail_formula(c, scale, shift, idn, idn_scale=None, idn_shift=None):
+    z = c.float() * _chan(scale) + _chan(shift)
+    z = z + (idn.float() if idn_scale is None else idn.float() * _chan(idn_scale) + _chan(idn_shift))
+    return torch.relu(z).to(c.dtype)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dual", [False, True], ids=["identity", "downsample"])
+def test_scale_bias_add_relu(fmt, dual):
+    torch.manual_seed(0)
+    shape = (3, 5, 7, 7)
+    inputs = [_act(shape, fmt), _vec(5, True), _vec(5), _act(shape, fmt)]
+    if dual:
+        inputs += [_vec(5, True), _vec(5)]
+    grad_out = torch.randn(shape, device=DEVICE)
+
+    _launch.reset_launch_count()
+    out = train.scale_bias_add_relu(*inputs)
+    assert _launch.launch_count() == 1
+    assert out.dtype == inputs[0].dtype
+    assert out.is_contiguous(memory_format=FORMATS[fmt])
+    grads = _grads([out], inputs, [grad_out])
+    assert _launch.launch_count() == 2
+
+    expected_inputs = _clone_leaves(inputs)
+    expected = _tail_formula(*expected_inputs)
+    # the relu kink is never hit exactly on random inputs, so the mask is unambiguous
+    assert (expected != 0).any() and (expected == 0).any()
+    expected_grads = _grads([expected], expected_inputs, [grad_out])
+    _close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        _close(g, e, SUM_TOL[torch.float32] if g.dim() == 1 else TOL[torch.float32])
+
+    ref_inputs = _clone_leaves(inputs)
+    ref_out = reference.scale_bias_add_relu(*ref_inputs)
+    ref_grads = _grads([ref_out], ref_inputs, [grad_out])
+    _close(out, ref_out)
+    for g, e in zip(grads, ref_grads):
+        _close(g, e, SUM_TOL[torch.float32] if g.dim() == 1 else TOL[torch.float32])
+
+
+def test_scale_bias_add_relu_mixed_formats():
+    """idn in another memory format (and non-contiguous) than c: result follows c's format."""
+    torch.manual_seed(1)
+    c = _act((2, 6, 5, 9), "nhwc")
+    idn_big = torch.randn(2, 6, 5, 18, device=DEVICE)
+    idn = idn_big[..., ::2].requires_grad_()
+    scale, shift = _vec(6, True), _vec(6)
+    out = train.scale_bias_add_relu(c, scale, shift, idn)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    grad_out = torch.randn_like(out)
+    grads = _grads([out], [c, scale, shift, idn], [grad_out])
+    inputs = _clone_leaves([c, scale, shift, idn])
+    expected = _tail_formula(*inputs)
+    expected_grads = _grads([expected], inputs, [grad_out])
+    _close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        _close(g, e, SUM_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_bias_add_relu_low_precision(dtype):
+    """Low-precision activations with fp32 per-channel vectors: fp32 math, results in the activation dtype."""
+    torch.manual_seed(2)
+    shape = (2, 5, 6, 6)
+    inputs = [_act(shape, "nhwc", dtype), _vec(5, True), _vec(5), _act(shape, "nhwc", dtype), _vec(5, True),
+              _vec(5)]
+    grad_out = torch.randn(shape, device=DEVICE).to(dtype)
+    out = train.scale_bias_add_relu(*inputs)
+    grads = _grads([out], inputs, [grad_out])
+    ref_inputs = _clone_leaves(inputs)
+    ref_out = reference.scale_bias_add_relu(*ref_inputs)
+    ref_grads = _grads([ref_out], ref_inputs, [grad_out])
+    assert out.dtype == dtype
+    _close(out, ref_out, TOL[dtype])
+    for g, e, inp in zip(grads, ref_grads, inputs):
+        assert g.dtype == inp.dtype
+        _close(g, e, TOL[dtype] if g.dim() == 4 else SUM_TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------ conv_stats
+
+
+def _conv_stats_formula(x, weight, stride, padding, in_scale=None, in_shift=None):
+    a = x if in_scale is None else torch.relu(x * _chan(in_scale) + _chan(in_shift))
+    c = F.conv2d(a, weight, None, stride, padding)
+    var, mean = torch.var_mean(c, dim=(0, 2, 3), correction=0)
+    return c, mean, var
+
+
+class _FakeConv:
+    """Stands in for ``conv.conv2d_fused`` with the exact PyTorch formula, so the autograd and backward
+    kernels of ``train`` are tested on their own."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, weight, stride=1, padding=0, dilation=1, groups=1, in_scale=None, in_shift=None,
+                 stats=False):
+        assert stats
+        self.calls += 1
+        with torch.no_grad():
+            a = x if in_scale is None else reference._affine_relu(x, in_scale, in_shift)
+            c = F.conv2d(a, weight, None, stride, padding, dilation, groups)
+            var, mean = torch.var_mean(c.float(), dim=(0, 2, 3), correction=0)
+        return c, mean, var
+
+
+@pytest.fixture(params=["fused_conv", "fake_conv"])
+def conv_impl(request, monkeypatch):
+    """conv_stats runs once with the real conv kernel and once with the PyTorch stand-in."""
+    if request.param == "fake_conv":
+        fake = _FakeConv()
+        monkeypatch.setattr(train, "conv2d_fused", fake, raising=False)
+        return fake
+    return None
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn_relu_prologue"])
+@pytest.mark.parametrize("stride,ksize", [(1, 3), (2, 3), (2, 1)])
+def test_conv_stats(conv_impl, fmt, prologue, stride, ksize):
+    torch.manual_seed(3)
+    n, cin, cout, hw = 3, 5, 6, 7
+    x = _act((n, cin, hw, hw), fmt)
+    if prologue:
+        # shifts around zero so the relu masks part of the input
+        x = (x.detach() * 2).requires_grad_()
+    weight = (torch.randn(cout, cin, ksize, ksize, device=DEVICE) * 0.3).requires_grad_()
+    scale, shift = (_vec(cin, True), _vec(cin)) if prologue else (None, None)
+    padding = ksize // 2
+    inputs = [x, weight, scale, shift]
+
+    _launch.reset_launch_count()
+    outs = train.conv_stats(x, weight, stride, padding, in_scale=scale, in_shift=shift)
+    forward_launches = _launch.launch_count()
+    c, mean, var = outs
+    assert c.is_contiguous(memory_format=FORMATS[fmt])
+    assert mean.dtype == var.dtype == torch.float32
+    grad_out = [torch.randn_like(c), torch.randn_like(mean), torch.randn_like(var)]
+    _launch.reset_launch_count()
+    grads = _grads(outs, inputs, grad_out)
+    # stats backward, and with the prologue: its recompute for wgrad and its one-pass backward
+    assert _launch.launch_count() == (3 if prologue else 1)
+    if conv_impl is None:
+        assert 1 <= forward_launches <= 2  # the conv, plus at most a small statistics merge
+    else:
+        assert forward_launches == 0 and conv_impl.calls == 1
+
+    expected_inputs = _clone_leaves(inputs)
+    expected = _conv_stats_formula(expected_inputs[0], expected_inputs[1], stride, padding, *expected_inputs[2:])
+    expected_grads = _grads(expected, expected_inputs, grad_out)
+    ref_inputs = _clone_leaves(inputs)
+    ref = reference.conv_stats(ref_inputs[0], ref_inputs[1], stride, padding, in_scale=ref_inputs[2],
+                               in_shift=ref_inputs[3])
+    ref_grads = _grads(ref, ref_inputs, grad_out)
+    for actual, e, r in zip(outs, expected, ref):
+        _close(actual, e, SUM_TOL[torch.float32])
+        _close(actual, r, SUM_TOL[torch.float32])
+    for g, e, r in zip(grads, expected_grads, ref_grads):
+        if e is None:
+            assert g is None
+            continue
+        _close(g, e, SUM_TOL[torch.float32])
+        _close(g, r, SUM_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("used", ["c", "stats", "var"])
+def test_conv_stats_partial_outputs(conv_impl, used):
+    """Outputs that take no part in the loss get no gradient; the others still flow correctly."""
+    torch.manual_seed(4)
+    x = _act((2, 4, 5, 5), "nhwc")
+    weight = torch.randn(3, 4, 3, 3, device=DEVICE).requires_grad_()
+    scale, shift = _vec(4, True), _vec(4)
+    inputs = [x, weight, scale, shift]
+    c, mean, var = train.conv_stats(x, weight, 1, 1, in_scale=scale, in_shift=shift)
+    picked = {"c": [c], "stats": [mean, var], "var": [var]}[used]
+    grad_out = [torch.randn_like(t) for t in picked]
+    grads = _grads(picked, inputs, grad_out)
+    expected_inputs = _clone_leaves(inputs)
+    ec, emean, evar = _conv_stats_formula(expected_inputs[0], expected_inputs[1], 1, 1, *expected_inputs[2:])
+    expected_picked = {"c": [ec], "stats": [emean, evar], "var": [evar]}[used]
+    expected_grads = _grads(expected_picked, expected_inputs, grad_out)
+    for g, e in zip(grads, expected_grads):
+        _close(g, e, SUM_TOL[torch.float32])
+
+
+def test_conv_stats_low_precision(conv_impl):
+    """bf16 activations and weights with fp32 prologue vectors: c in bf16, statistics and their grads fp32."""
+    torch.manual_seed(5)
+    x = _act((2, 4, 6, 6), "nhwc", torch.bfloat16)
+    weight = (torch.randn(8, 4, 3, 3, device=DEVICE) * 0.3).to(torch.bfloat16).requires_grad_()
+    scale, shift = _vec(4, True), _vec(4)
+    inputs = [x, weight, scale, shift]
+    outs = train.conv_stats(x, weight, 1, 1, in_scale=scale, in_shift=shift)
+    assert outs[0].dtype == torch.bfloat16 and outs[1].dtype == outs[2].dtype == torch.float32
+    grad_out = [torch.randn_like(t) for t in outs]
+    grads = _grads(outs, inputs, grad_out)
+    ref_inputs = _clone_leaves(inputs)
+    ref = reference.conv_stats(ref_inputs[0], ref_inputs[1], 1, 1, in_scale=ref_inputs[2], in_shift=ref_inputs[3])
+    ref_grads = _grads(ref, ref_inputs, grad_out)
+    for actual, r in zip(outs, ref):
+        _close(actual.float(), r.float(), TOL[torch.bfloat16])
+    for g, r, inp in zip(grads, ref_grads, inputs):
+        assert g.dtype == inp.dtype
+        scale_of = r.float().abs().max().item()
+        _close(g.float(), r.float(), (TOL[torch.bfloat16][0], TOL[torch.bfloat16][1] * max(1.0, scale_of)))
+
+
+# ------------------------------------------------------------------------------------------- kernels direct
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_stats_bwd(fmt):
+    torch.manual_seed(6)
+    c = _act((3, 5, 7, 7), fmt).detach()
+    mean = c.mean(dim=(0, 2, 3))
+    dc, dmean, dvar = torch.randn_like(c), torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    m = c.numel() // 5
+    _launch.reset_launch_count()
+    out = elementwise.stats_bwd(c, mean, dc, dmean, dvar)
+    assert _launch.launch_count() == 1
+    _close(out, dc + _chan(dmean) / m + _chan(dvar) * 2 * (c - _chan(mean)) / m)
+    _close(elementwise.stats_bwd(c, mean, None, dmean, None), (_chan(dmean) / m).expand_as(c))
+    _close(elementwise.stats_bwd(c, mean, dc, None, None), dc)
+    assert elementwise.stats_bwd(c, mean) is None
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_affine_relu_kernels(fmt):
+    torch.manual_seed(7)
+    x = _act((3, 5, 7, 7), fmt).detach() * 2
+    scale, shift = torch.rand(5, device=DEVICE) + 0.5, torch.randn(5, device=DEVICE)
+    grad_a = torch.randn_like(x)
+    _launch.reset_launch_count()
+    a = elementwise.affine_relu_fwd(x, scale, shift)
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x, scale, shift)
+    assert _launch.launch_count() == 2
+    z = x * _chan(scale) + _chan(shift)
+    g = grad_a * (z > 0)
+    assert a.is_contiguous(memory_format=FORMATS[fmt]) and dx.is_contiguous(memory_format=FORMATS[fmt])
+    _close(a, torch.relu(z))
+    _close(dx, g * _chan(scale))
+    _close(dscale, (g * x).sum((0, 2, 3)), SUM_TOL[torch.float32])
+    _close(dshift, g.sum((0, 2, 3)), SUM_TOL[torch.float32])
+
+
+def test_many_rows_multi_program_reduction():
+    """Enough rows for several programs along N·H·W: partial sums must add up across programs."""
+    torch.manual_seed(8)
+    x = torch.randn(4, 3, 40, 40, device=DEVICE).to(memory_format=torch.channels_last)
+    scale, shift = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    grad_a = torch.randn_like(x)
+    _, _, _, programs = elementwise._launch_geometry(4 * 40 * 40, 3)
+    assert programs > 1
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x, scale, shift)
+    g = grad_a * (x * _chan(scale) + _chan(shift) > 0)
+    _close(dscale, (g * x).sum((0, 2, 3)), (1e-4, 1e-3))
+    _close(dshift, g.sum((0, 2, 3)), (1e-4, 1e-3))
+
+
+def test_empty_batch():
+    c = torch.randn(0, 4, 3, 3, device=DEVICE)
+    scale, shift = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    _launch.reset_launch_count()
+    assert elementwise.tail_fwd(c, scale, shift, c).shape == c.shape
+    dc, didn, dscale, dshift, didn_scale = elementwise.tail_bwd(c, c, scale, shift, c)
+    assert _launch.launch_count() == 0
+    assert dc.shape == c.shape and didn_scale is None
+    _close(dscale, torch.zeros(4, device=DEVICE))
+
+
+def test_bad_inputs():
+    c = torch.randn(2, 4, 3, 3, device=DEVICE)
+    scale, shift = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)
+    with pytest.raises(ValueError, match="idn has shape"):
+        elementwise.tail_fwd(c, scale, shift, c[:, :3])
+    with pytest.raises(ValueError, match=r"scale must have shape \(4,\)"):
+        elementwise.tail_fwd(c, scale[:3], shift, c)
+    with pytest.raises(TypeError, match="shift must be float32"):
+        elementwise.tail_fwd(c, scale, shift.double(), c)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        elementwise.affine_relu_fwd(c.double(), scale, shift)
+    with pytest.raises(ValueError, match="4-D"):
+        elementwise.affine_relu_fwd(c[0], scale, shift)
+    with pytest.raises(ValueError, match="given together"):
+        train.scale_bias_add_relu(c, scale, shift, c, idn_scale=scale)
+    with pytest.raises(ValueError, match="given together"):
+        train.conv_stats(c, torch.randn(4, 4, 1, 1, device=DEVICE), 1, 0, in_scale=scale)
