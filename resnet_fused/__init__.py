@@ -1,0 +1,17 @@
+"""resnet_fused: fused residual-block kernels for PyTorch.
+
+Drop-in replacements for torchvision's ResNet blocks and models whose convolutions, BatchNorms, ReLUs and
+skip additions run as fused kernels — exact against torchvision in eval and in training, forward and
+backward. ``fuse(model)`` converts an existing torchvision model in place.
+"""
+
+from .backends import available_backends
+from .models import (BasicBlock, Bottleneck, ResNet, convert_sync_batchnorm, fuse, resnet18, resnet34, resnet50,
+                     resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
+                     wide_resnet101_2)
+
+__version__ = "0.1.0"
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "available_backends", "convert_sync_batchnorm", "fuse",
+           "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+           "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]

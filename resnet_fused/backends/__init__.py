@@ -1,0 +1,88 @@
+"""Backend registry: which implementation of the fused ops runs a given input.
+
+Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> str | None`` and the three ops
+``conv_bias_act``, ``conv_stats``, ``scale_bias_add_relu`` (see :mod:`resnet_fused.backends.reference`):
+
+* ``reference`` — plain PyTorch, every device and floating dtype: the oracle and the CPU path;
+* ``triton``    — Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+* ``cuda``      — the C++/CUDA extension ``resnet_fused._C``.
+
+``auto`` takes the first backend of :data:`AUTO_ORDER` for the input's device that can run it; CPU tensors
+always use ``reference``. When ``auto`` has to fall back because a preferred backend cannot run a config
+(grouped convolution, an odd dtype), it warns once per reason. A backend named explicitly that cannot run
+raises a ``RuntimeError`` that says why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+
+# Preference of ``auto`` per device type.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference")}
+
+_modules: dict[str, ModuleType | str] = {"reference": reference}
+_warned: set[str] = set()
+
+
+def check_name(name: str) -> str:
+    """Validate a backend name, raising ``ValueError`` for an unknown one."""
+    if name not in CHOICES:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(map(repr, CHOICES))}")
+    return name
+
+
+def load(name: str) -> ModuleType | str:
+    """The backend module, or a string saying why it cannot be imported here."""
+    check_name(name)
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"{__name__}.{name}")
+        except ImportError as err:
+            _modules[name] = f"it could not be imported ({err})"
+    return _modules[name]
+
+
+def _probe() -> torch.Tensor:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.empty(1, 1, 1, 1, device=device)
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine (on its GPU if it has one, else on its CPU)."""
+    probe = _probe()
+    names = []
+    for name in BACKENDS:
+        mod = load(name)
+        if not isinstance(mod, str) and mod.unsupported(probe, 1, 1) is None:
+            names.append(name)
+    return names
+
+
+def resolve(name: str, x: torch.Tensor, groups: int = 1, dilation: int = 1) -> ModuleType:
+    """The backend module that runs input ``x`` of a block with the given conv ``groups``/``dilation``."""
+    check_name(name)
+    if name != "auto":
+        mod = load(name)
+        reason = mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
+        if reason is not None:
+            raise RuntimeError(f"resnet_fused backend {name!r} cannot run this input: {reason}")
+        return mod
+    for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+        mod = load(candidate)
+        reason = mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
+        if reason is None:
+            return mod
+        if candidate == AUTO_ORDER[x.device.type][0] and reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"resnet_fused: backend {candidate!r} cannot run this input ({reason}); "
+                          f"falling back", RuntimeWarning, stacklevel=3)
+    return reference

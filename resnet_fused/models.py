@@ -1,0 +1,514 @@
+"""Drop-in torchvision ResNets whose residual blocks run as fused kernels.
+
+``BasicBlock``, ``Bottleneck`` and ``ResNet`` have torchvision's constructor signatures, submodule names and
+therefore its exact ``state_dict`` keys, plus one keyword, ``backend``. Only ``forward`` differs:
+
+* Every BatchNorm uses running statistics (eval): BN is folded into its convolution and each convolution is
+  one ``conv_bias_act`` launch; the block's last convolution takes the identity as ``residual`` or the 1x1
+  downsample convolution as ``shortcut`` in the same accumulator, so a BasicBlock is 2 launches and a
+  Bottleneck 3, downsample included.
+* Otherwise (training): NormConv. ``conv_stats`` produces each raw conv output with its batch statistics,
+  :mod:`resnet_fused.norm` turns them into per-channel scale/shift (updating running statistics), the next
+  ``conv_stats`` applies that BN+ReLU to its input on load, and ``scale_bias_add_relu`` is the tail, with the
+  downsample branch's BN in the same kernel.
+
+Blocks the fused path does not cover (a norm layer other than BatchNorm2d, biased or non-square convs, an
+empty batch) run torchvision's own forward, so behaviour always matches torchvision.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, norm
+from .backends.reference import affine_relu
+
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
+           "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+           "wide_resnet50_2", "wide_resnet101_2"]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution with padding"""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+                     bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution"""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fused forward shared by both block types
+# ---------------------------------------------------------------------------------------------------------
+
+def _square(v: tuple[int, ...]) -> bool:
+    return all(e == v[0] for e in v)
+
+
+def _fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple) and all(map(_square, (conv.stride, conv.padding, conv.dilation)))
+            and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.num_features == conv.out_channels)
+
+
+def _shortcut_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+    """torchvision's downsample ``Sequential(conv1x1(stride), BatchNorm2d)``, if that is what it is."""
+    if (type(downsample) is nn.Sequential and len(downsample) == 2 and _fusable_pair(*downsample)
+            and downsample[0].kernel_size == (1, 1) and downsample[0].padding == (0, 0)
+            and downsample[0].groups == 1 and downsample[0].dilation == (1, 1)):
+        return downsample[0], downsample[1]
+    return None
+
+
+def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: autocast's for eligible inputs, else the weights' (== x's)."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if x.dtype != weight.dtype:
+        raise RuntimeError(f"Input type ({x.dtype}) and weight type ({weight.dtype}) should be the same")
+    return x.dtype
+
+
+def check_input(x: Tensor, conv: nn.Conv2d) -> None:
+    """Reject input the block cannot take, with the error class PyTorch raises for it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    if not x.is_floating_point():
+        raise RuntimeError(f"expected a floating-point input, got {x.dtype}")
+    if x.shape[1] != conv.in_channels:
+        raise RuntimeError(f"Given groups={conv.groups}, weight of size {list(conv.weight.shape)}, expected "
+                           f"input{list(x.shape)} to have {conv.in_channels} channels, but got {x.shape[1]} "
+                           f"channels instead")
+    if x.device != conv.weight.device:
+        raise RuntimeError(f"Expected all tensors to be on the same device, but the input is on {x.device} "
+                           f"and the weights are on {conv.weight.device}")
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+class _FusedForward:
+    """Runs a chain of (conv, BN) stages plus a shortcut through one backend."""
+
+    def __init__(self, owner: nn.Module, stages: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> None:
+        self.owner = owner
+        self.stages = stages
+
+    def _fold(self, slot: int, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        differentiable = torch.is_grad_enabled() and any(
+            p is not None and p.requires_grad for p in (conv.weight, bn.weight, bn.bias))
+        if differentiable or torch.compiler.is_compiling():
+            return norm.fold(conv.weight, bn, dtype)
+        return self.owner._fold_cache.get(slot, conv.weight, bn, dtype)
+
+    def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None, final_relu: bool) -> Tensor:
+        h = x
+        last = len(self.stages) - 1
+        for i, (conv, bn) in enumerate(self.stages):
+            w, b = self._fold(i, conv, bn, dtype)
+            extra: dict[str, Any] = {}
+            if i == last and shortcut is not None:
+                wd, bd = self._fold(len(self.stages), shortcut[0], shortcut[1], dtype)
+                b = b + bd
+                extra = dict(shortcut_x=x, shortcut_weight=wd, shortcut_stride=shortcut[0].stride[0])
+            elif i == last and identity is not None:
+                extra = dict(residual=identity)
+            h = be.conv_bias_act(h, w, b, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups,
+                                 relu=final_relu or i != last, **extra)
+        return h
+
+    def train(self, be, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Every stage but the tail: returns the last raw conv output with its BN scale/shift."""
+        h, scale, shift = x, None, None
+        for conv, bn in self.stages:
+            stats = be.conv_stats(h, _cast(conv.weight, dtype), conv.stride[0], conv.padding[0], conv.dilation[0],
+                                  conv.groups, in_scale=scale, in_shift=shift)
+            scale, shift = norm.scale_shift(bn, stats)
+            h = stats[0]
+        return h, scale, shift
+
+
+def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn.Module]]) -> Tensor:
+    check_input(x, block.conv1)
+    shortcut = _shortcut_pair(block.downsample)
+    if x.shape[0] == 0 or not all(_fusable_pair(c, b) for c, b in stages):
+        return block._eager_forward(x)
+    conv2 = stages[1][0]
+    be = backends.resolve(block.backend, x, conv2.groups, conv2.dilation[0])
+    dtype = _compute_dtype(x, block.conv1.weight)
+    run = _FusedForward(block, stages)
+    # A downsample of another shape than conv1x1+BN runs as the module it is and joins as the residual.
+    generic = block.downsample(x) if block.downsample is not None and shortcut is None else None
+    with torch.autocast(x.device.type, enabled=False):
+        xc = _cast(x, dtype)
+        identity = _cast(generic, dtype) if generic is not None else (xc if shortcut is None else None)
+        bns = [bn for _, bn in stages] + ([shortcut[1]] if shortcut is not None else [])
+        if not any(norm.uses_batch_stats(bn) for bn in bns):
+            return run.eval(be, xc, dtype, shortcut, identity, final_relu=True)
+        c, scale, shift = run.train(be, xc, dtype)
+        if shortcut is None:
+            return be.scale_bias_add_relu(c, scale, shift, identity)
+        conv_d, bn_d = shortcut
+        stats_d = be.conv_stats(xc, _cast(conv_d.weight, dtype), conv_d.stride[0], 0)
+        scale_d, shift_d = norm.scale_shift(bn_d, stats_d)
+        return be.scale_bias_add_relu(c, scale, shift, stats_d[0], scale_d, shift_d)
+
+
+class _Fused(nn.Module):
+    """What every fused module carries: the backend name and the cache of BN-folded weights."""
+
+    backend: str
+
+    def _init_fused(self, backend: str) -> None:
+        self.backend = backends.check_name(backend)
+        self._fold_cache = norm.FoldCache()
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class _FusedBlock(_Fused):
+    """What BasicBlock and Bottleneck share: the forward driver over their (conv, BN) stages."""
+
+    def _stages(self) -> list[tuple[nn.Module, nn.Module]]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _block_forward(self, x, self._stages())
+
+
+class BasicBlock(_FusedBlock):
+    """torchvision's ``BasicBlock``: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, fused."""
+
+    expansion: int = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        # Both self.conv1 and self.downsample layers downsample the input when stride != 1
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused(backend)
+
+    def _stages(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(_FusedBlock):
+    """torchvision's ``Bottleneck`` (ResNet v1.5: stride in the 3x3), fused.
+
+    ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))``, ``expansion = 4``.
+    """
+
+    expansion: int = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        # Both self.conv2 and self.downsample layers downsample the input when stride != 1
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused(backend)
+
+    def _stages(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(_Fused):
+    """torchvision's ``ResNet`` with fused blocks and a fused stem (conv 7x7 s2 + BN + ReLU)."""
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
+                 zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
+                 replace_stride_with_dilation: list[bool] | None = None,
+                 norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        self._init_fused(backend)
+
+        self.inplanes = 64
+        self.dilation = 1
+        if replace_stride_with_dilation is None:
+            # each element in the tuple indicates if we should replace
+            # the 2x2 stride with a dilated convolution instead
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError("replace_stride_with_dilation should be None "
+                             f"or a 3-element tuple, got {replace_stride_with_dilation}")
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+        # Zero-initialize the last BN in each residual branch,
+        # so that the residual branch starts with zeros, and each residual block behaves like an identity.
+        # This improves the model by 0.2~0.3% according to https://arxiv.org/abs/1706.02677
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+        extra = {"backend": self.backend} if issubclass(block, _FusedBlock) else {}
+
+        layers = []
+        layers.append(block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
+                            previous_dilation, norm_layer, **extra))
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                                dilation=self.dilation, norm_layer=norm_layer, **extra))
+
+        return nn.Sequential(*layers)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        """``relu(bn1(conv1(x)))``: one conv_bias_act launch in eval, conv_stats + BN + ReLU in training."""
+        if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point()
+                or not _fusable_pair(self.conv1, self.bn1)):
+            return self.relu(self.bn1(self.conv1(x)))
+        check_input(x, self.conv1)
+        be = backends.resolve(self.backend, x)
+        dtype = _compute_dtype(x, self.conv1.weight)
+        run = _FusedForward(self, [(self.conv1, self.bn1)])
+        with torch.autocast(x.device.type, enabled=False):
+            xc = _cast(x, dtype)
+            if not norm.uses_batch_stats(self.bn1):
+                return run.eval(be, xc, dtype, None, None, final_relu=True)
+            c, scale, shift = run.train(be, xc, dtype)
+            return affine_relu(c, scale, shift)
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self._stem(x))
+
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward_impl(x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Converting torchvision models
+# ---------------------------------------------------------------------------------------------------------
+
+_FUSED_CLASSES = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck, "ResNet": ResNet}
+
+
+def _fused_class(module: nn.Module) -> type[_Fused] | None:
+    cls = type(module)
+    if cls in _FUSED_CLASSES.values():
+        return cls
+    if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in _FUSED_CLASSES:
+        return _FUSED_CLASSES[cls.__name__]
+    return None
+
+
+def fuse(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """Fuse every torchvision ``BasicBlock``/``Bottleneck``/``ResNet`` in ``module`` (itself included), in place.
+
+    Each converted module keeps its identity, submodules, parameters, buffers and hooks — only its class
+    changes (as ``torch.nn.utils.parametrize`` does) — so an optimizer built before ``fuse`` keeps training
+    the model and ``state_dict`` keys stay torchvision's. Already fused modules get ``backend`` set.
+    Subclasses of torchvision's classes are left alone: their ``forward`` may differ. Returns ``module``.
+    """
+    backends.check_name(backend)
+    for m in module.modules():
+        cls = _fused_class(m)
+        if cls is None:
+            continue
+        if type(m) is not cls:
+            m.__class__ = cls
+        m._init_fused(backend)
+    return module
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.Module:
+    """Replace every BatchNorm with ``torch.nn.SyncBatchNorm`` (same parameters and buffers, same keys).
+
+    The fused blocks' BN finalize step then combines (mean, variance, count) over ``process_group`` (default:
+    the whole world) before normalizing, so statistics cover the global batch as SyncBatchNorm's do.
+    """
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Constructors (torchvision's signatures)
+# ---------------------------------------------------------------------------------------------------------
+
+def _ovewrite_named_param(kwargs: dict[str, Any], param: str, new_value: Any) -> None:
+    if param in kwargs:
+        if kwargs[param] != new_value:
+            raise ValueError(f"The parameter '{param}' expected value {new_value} but got {kwargs[param]} instead.")
+    else:
+        kwargs[param] = new_value
+
+
+def _verify_weights(enum_name: str, weights: Any) -> Any:
+    """Accept a torchvision Weights enum member, its name as a string (needs torchvision), or None."""
+    if weights is None:
+        return None
+    if isinstance(weights, str):
+        import torchvision.models
+
+        return getattr(torchvision.models, enum_name).verify(weights)
+    if not (hasattr(weights, "get_state_dict") and hasattr(weights, "meta")):
+        raise TypeError(f"weights must be None, a torchvision {enum_name} member or its name, got {weights!r}")
+    return weights
+
+
+def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], weights: Any, progress: bool,
+            enum_name: str, **kwargs: Any) -> ResNet:
+    weights = _verify_weights(enum_name, weights)
+    if weights is not None:
+        _ovewrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    model = ResNet(block, layers, **kwargs)
+    if weights is not None:
+        model.load_state_dict(weights.get_state_dict(progress=progress, check_hash=True))
+    return model
+
+
+def resnet18(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-18 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__."""
+    return _resnet(BasicBlock, [2, 2, 2, 2], weights, progress, "ResNet18_Weights", **kwargs)
+
+
+def resnet34(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-34 from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__."""
+    return _resnet(BasicBlock, [3, 4, 6, 3], weights, progress, "ResNet34_Weights", **kwargs)
+
+
+def resnet50(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-50 (v1.5) from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__."""
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "ResNet50_Weights", **kwargs)
+
+
+def resnet101(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-101 (v1.5) from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__."""
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "ResNet101_Weights", **kwargs)
+
+
+def resnet152(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNet-152 (v1.5) from `Deep Residual Learning for Image Recognition <https://arxiv.org/abs/1512.03385>`__."""
+    return _resnet(Bottleneck, [3, 8, 36, 3], weights, progress, "ResNet152_Weights", **kwargs)
+
+
+def resnext50_32x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-50 32x4d from `Aggregated Residual Transformation <https://arxiv.org/abs/1611.05431>`__."""
+    _ovewrite_named_param(kwargs, "groups", 32)
+    _ovewrite_named_param(kwargs, "width_per_group", 4)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "ResNeXt50_32X4D_Weights", **kwargs)
+
+
+def resnext101_32x8d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-101 32x8d from `Aggregated Residual Transformation <https://arxiv.org/abs/1611.05431>`__."""
+    _ovewrite_named_param(kwargs, "groups", 32)
+    _ovewrite_named_param(kwargs, "width_per_group", 8)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "ResNeXt101_32X8D_Weights", **kwargs)
+
+
+def resnext101_64x4d(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """ResNeXt-101 64x4d from `Aggregated Residual Transformation <https://arxiv.org/abs/1611.05431>`__."""
+    _ovewrite_named_param(kwargs, "groups", 64)
+    _ovewrite_named_param(kwargs, "width_per_group", 4)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "ResNeXt101_64X4D_Weights", **kwargs)
+
+
+def wide_resnet50_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """Wide ResNet-50-2 from `Wide Residual Networks <https://arxiv.org/abs/1605.07146>`__."""
+    _ovewrite_named_param(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 6, 3], weights, progress, "Wide_ResNet50_2_Weights", **kwargs)
+
+
+def wide_resnet101_2(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> ResNet:
+    """Wide ResNet-101-2 from `Wide Residual Networks <https://arxiv.org/abs/1605.07146>`__."""
+    _ovewrite_named_param(kwargs, "width_per_group", 64 * 2)
+    return _resnet(Bottleneck, [3, 4, 23, 3], weights, progress, "Wide_ResNet101_2_Weights", **kwargs)

@@ -1,0 +1,156 @@
+"""BatchNorm as per-channel ``scale``/``shift`` vectors: folding, batch-statistics finalize, SyncBN.
+
+The fused ops never see a BatchNorm module. They see ``y = x*scale + shift`` per channel, where
+
+* in eval (running statistics): ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` — and for the one-launch eval
+  path these are folded into the convolution itself: ``W' = W·scale``, ``b' = shift`` (in fp32, then cast);
+* in training (batch statistics): the convolution's epilogue produced the batch mean and biased variance; the
+  finalize step here turns them into ``scale``/``shift``, updates ``running_mean``/``running_var`` (unbiased
+  variance, ``momentum=None`` = cumulative average) and ``num_batches_tracked`` exactly as
+  ``torch.nn.BatchNorm2d`` does, and — for ``torch.nn.SyncBatchNorm`` modules — combines the statistics of
+  every process of the group first.
+
+Everything here is differentiable w.r.t. γ, β and the batch statistics, so gradients flow to every weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .backends.reference import acc_dtype
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """Whether ``bn`` normalizes with batch statistics, by the rule ``nn.BatchNorm2d.forward`` applies."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _affine_params(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+    if not bn.affine:
+        return None, None
+    return bn.weight.to(acc), bn.bias.to(acc)
+
+
+def running_scale_shift(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` from the running statistics, in dtype ``acc``."""
+    gamma, beta = _affine_params(bn, acc)
+    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = invstd if gamma is None else gamma * invstd
+    shift = -bn.running_mean.to(acc) * scale
+    return scale, (shift if beta is None else shift + beta)
+
+
+def _check_batch_size(count: int, shape: torch.Size) -> None:
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+
+
+def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+    """Combine per-process (mean, biased var, count) over ``group`` (Chan et al.'s parallel variance).
+
+    Each process writes its row of a [world, 2C+1] table that one differentiable all-reduce fills in; the
+    all-reduce's backward sums the statistics' gradients over the group, as SyncBatchNorm's backward does.
+    """
+    import torch.distributed.nn.functional as dist_fn
+
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    row = torch.cat([mean, var, mean.new_tensor([float(count)])])
+    table = torch.stack([row if r == rank else torch.zeros_like(row) for r in range(world)])
+    table = dist_fn.all_reduce(table, group=group)
+    c = mean.numel()
+    means, variances, counts = table[:, :c], table[:, c:2 * c], table[:, 2 * c:]
+    total = counts.sum()
+    g_mean = (means * counts).sum(0) / total
+    g_var = ((variances + (means - g_mean) ** 2) * counts).sum(0) / total
+    return g_mean, g_var, int(total.item())
+
+
+def _sync_group(bn: nn.BatchNorm2d):
+    """The process group a SyncBatchNorm reduces over, or None when there is nothing to synchronize."""
+    if not isinstance(bn, nn.SyncBatchNorm) or not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = bn.process_group if bn.process_group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if bn.running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.mul_(1.0 - factor).add_(mean.to(bn.running_mean.dtype) * factor)
+        bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+
+
+def batch_scale_shift(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int,
+                      shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """Finalize: batch statistics -> ``(scale, shift)``, updating ``bn``'s running statistics in place.
+
+    ``mean``/``var`` are the per-channel batch mean and biased variance of a tensor of ``shape`` holding
+    ``count`` values per channel (``shape`` only feeds the error message PyTorch gives for ``count == 1``).
+    """
+    acc = mean.dtype
+    group = _sync_group(bn) if bn.training else None
+    if group is not None:
+        mean, var, count = _sync_stats(mean, var, count, group)
+    _check_batch_size(count, shape)
+    if bn.training and bn.track_running_stats:
+        _update_running_stats(bn, mean.detach(), var.detach(), count)
+    invstd = torch.rsqrt(var + bn.eps)
+    gamma, beta = _affine_params(bn, acc)
+    scale = invstd if gamma is None else gamma * invstd
+    shift = -mean * scale
+    return scale, (shift if beta is None else shift + beta)
+
+
+def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` for ``bn`` applied to the conv output ``c`` of ``stats = (c, mean, var)``."""
+    c, mean, var = stats
+    if uses_batch_stats(bn):
+        return batch_scale_shift(bn, mean, var, c.numel() // max(c.shape[1], 1), c.shape)
+    return running_scale_shift(bn, mean.dtype)
+
+
+def fold(weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Fold eval-mode ``bn`` into the preceding conv: ``(W·scale in dtype, shift in the accumulation dtype)``."""
+    acc = acc_dtype(dtype)
+    scale, shift = running_scale_shift(bn, acc)
+    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift
+
+
+def _version_key(t: Tensor | None):
+    if t is None:
+        return None
+    return (t._version, t.data_ptr(), t.dtype, t.device)
+
+
+class FoldCache:
+    """Folded (W', b') per conv, keyed on the version, storage, dtype and device of W, γ, β, μ, σ².
+
+    An optimizer step, ``load_state_dict``, ``.to()`` or any in-place write bumps a key, so a fold is never
+    stale. Only used when no gradient has to flow through the fold (the fold is then a constant).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple, tuple[Tensor, Tensor]]] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, slot: int, weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (dtype, bn.eps, tuple(_version_key(t) for t in
+                                    (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)))
+        hit = self._entries.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            folded = fold(weight, bn, dtype)
+        self._entries[slot] = (key, folded)
+        return folded
