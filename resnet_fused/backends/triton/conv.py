@@ -317,6 +317,15 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
+    """Uninitialised output [N, K, P, Q] in x's dtype and memory format."""
+    n, _, h, w = x.shape
+    k, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+
+
 def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor],
                        shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
@@ -324,11 +333,10 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Allocate and launch (inputs already checked by :func:`conv2d_fused`); returns (y, mean, var) with
     empty mean/var when ``stats`` is False."""
+    y = _output(x, weight, stride, padding, dilation)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    y = torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+    p, q = y.shape[2], y.shape[3]
     m = n * p * q
     if m == 0 or k == 0:
         nan = torch.full((k if stats else 0,), float("nan"), device=x.device, dtype=torch.float32)
@@ -376,9 +384,26 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     return y, mean, var
 
 
-if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-    _conv2d_fused_op = torch.library.triton_op("resnet_fused::triton_conv2d_fused", mutates_args=())(
-        _conv2d_fused_impl)
+def _conv2d_fused_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                       padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor],
+                       shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
+                       relu: bool, in_scale: Optional[Tensor], in_shift: Optional[Tensor], stats: bool
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Output metadata of :func:`_conv2d_fused_impl` without running it."""
+    stat_shape = (weight.shape[0] if stats else 0,)
+    return (_output(x, weight, stride, padding, dilation),
+            x.new_empty(stat_shape, dtype=torch.float32), x.new_empty(stat_shape, dtype=torch.float32))
+
+
+_OP_NAME = "resnet_fused::triton_conv2d_fused"
+if INTERPRET:
+    # torch.library.wrap_triton hands interpreted kernels back unwrapped, so a triton_op's derived fake
+    # kernel would run the interpreter on fake tensors; an opaque custom op with an explicit fake kernel
+    # keeps torch.compile and opcheck working on CPU.
+    _conv2d_fused_op = torch.library.custom_op(_OP_NAME, mutates_args=())(_conv2d_fused_impl)
+    _conv2d_fused_op.register_fake(_conv2d_fused_fake)
+elif hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+    _conv2d_fused_op = torch.library.triton_op(_OP_NAME, mutates_args=())(_conv2d_fused_impl)
 else:
     _conv2d_fused_op = _conv2d_fused_impl
 

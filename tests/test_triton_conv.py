@@ -1,0 +1,375 @@
+"""The Triton fused implicit-GEMM convolution (``conv2d_fused``) and the backend's ``conv_bias_act``.
+
+Every result is compared with PyTorch computed in the test (float64 ``F.conv2d`` of the same, already rounded
+inputs) on random inputs: kernel sizes 1/3/7, strides, padding, dilation, groups, odd N/C/H/W that leave
+partial tiles in every dimension, NCHW and channels_last, the residual/shortcut/ReLU epilogue, the BN+ReLU
+prologue (with positive shifts, so a padded zero that went through the activation would show) and the
+per-channel statistics. Fusion is checked with the launch counter. CPU runs use the Triton interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import resnet_fused.backends.triton as tb  # noqa: E402
+from resnet_fused.backends.triton import _launch, conv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (rtol, atol) of a kernel output against float64 PyTorch on the same inputs, outputs of order 1. fp32 allows
+# for TF32 on a GPU (off by default in these tests, see the fixture) and for accumulation order.
+TOL = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# Per-channel mean / biased variance of the stored output against float64 torch.var_mean of that output.
+STATS_TOL = (1e-5, 1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 convolutions run in IEEE precision here so their tolerance stays tight on a GPU too."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _rand(*shape, dtype=torch.float32, scale=1.0, channels_last=False):
+    t = (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
+def _weight(k, c, r, s, dtype=torch.float32):
+    """Weights scaled by 1/sqrt(fan-in) so conv outputs are of order 1."""
+    return _rand(k, c, r, s, dtype=dtype, scale=(c * r * s) ** -0.5)
+
+
+def _ref(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, residual=None, shortcut_x=None,
+         shortcut_weight=None, shortcut_stride=1, relu=False, in_scale=None, in_shift=None):
+    """The fused op in float64 PyTorch (the prologue in fp32 and rounded to x's dtype, as specified)."""
+    d = torch.float64
+    if in_scale is not None:
+        x = torch.relu(x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)).to(x.dtype)
+    y = F.conv2d(x.to(d), weight.to(d), None, stride, padding, dilation, groups)
+    if bias is not None:
+        y = y + bias.to(d).view(1, -1, 1, 1)
+    if shortcut_x is not None:
+        y = y + F.conv2d(shortcut_x.to(d), shortcut_weight.to(d), None, shortcut_stride)
+    if residual is not None:
+        y = y + residual.to(d)
+    return torch.relu(y) if relu else y
+
+
+def _close(out, ref, dtype):
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+
+
+def _is_cl(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups): ResNet kernel/stride combinations at odd sizes
+# that leave partial M, N and C tiles (the interpreter's tile is 64x16x16).
+SHAPES = {
+    "1x1": (2, 20, 5, 5, 20, 1, 1, 1, 0, 1, 1),
+    "1x1-s2": (3, 5, 9, 9, 7, 1, 1, 2, 0, 1, 1),
+    "3x3": (3, 5, 7, 7, 6, 3, 3, 1, 1, 1, 1),
+    "3x3-s2-rect": (2, 6, 9, 8, 5, 3, 3, 2, 1, 1, 1),
+    "3x3-nopad": (2, 17, 6, 7, 18, 3, 3, 1, 0, 1, 1),
+    "7x7-s2-stem": (2, 3, 11, 11, 8, 7, 7, 2, 3, 1, 1),
+    "3x3-dil2": (2, 4, 7, 7, 4, 3, 3, 1, 2, 2, 1),
+    "3x3-groups4": (2, 16, 5, 5, 16, 3, 3, 1, 1, 1, 4),
+    "3x3-s2-groups2": (2, 6, 7, 7, 10, 3, 3, 2, 1, 1, 2),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_conv_bias_relu_matches_pytorch(name, channels_last):
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = SHAPES[name]
+    x = _rand(n, c, h, w, channels_last=channels_last)
+    weight = _weight(k, c // groups, r, s)
+    bias = _rand(k)
+    y = conv.conv2d_fused(x, weight, bias, stride, padding, dilation, groups, relu=True)
+    ref = _ref(x, weight, bias, stride, padding, dilation, groups, relu=True)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    assert _is_cl(y) == channels_last
+    _close(y, ref, torch.float32)
+    assert (y == 0).any() and (y > 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_residual_epilogue(dtype, channels_last):
+    """BasicBlock tail: relu(conv(x) + b + residual); the residual is a strided view in the other layout."""
+    x = _rand(3, 5, 7, 7, dtype=dtype, channels_last=channels_last)
+    weight = _weight(6, 5, 3, 3, dtype)
+    bias = _rand(6, dtype=dtype)
+    big = _rand(3, 9, 7, 7, dtype=dtype, channels_last=not channels_last)
+    residual = big[:, 2:8]
+    y = conv.conv2d_fused(x, weight, bias, 1, 1, residual=residual, relu=True)
+    assert _is_cl(y) == channels_last and y.dtype == dtype
+    _close(y, _ref(x, weight, bias, 1, 1, residual=residual, relu=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("main", ["1x1", "3x3"])
+def test_shortcut_conv_in_same_accumulator(main, dtype):
+    """Block tail with downsample: relu(conv(h) + b + conv1x1_s2(x, W_d)) in one launch."""
+    r = 1 if main == "1x1" else 3
+    h = _rand(3, 6, 5, 5, dtype=dtype, channels_last=True)
+    weight = _weight(18, 6, r, r, dtype)
+    bias = _rand(18, dtype=dtype)
+    sx = _rand(3, 19, 9, 10, dtype=dtype)
+    sw = _weight(18, 19, 1, 1, dtype)
+    _launch.reset_launch_count()
+    y = conv.conv2d_fused(h, weight, bias, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2,
+                          relu=True)
+    assert _launch.launch_count() == 1
+    _close(y, _ref(h, weight, bias, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True),
+           dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_affine_relu_prologue_keeps_padding_zero(stride, dtype):
+    """a = relu(x*s + t) on load with t > 0 everywhere: a padded position that went through the activation
+    would contribute relu(t) > 0 and show at the borders."""
+    x = _rand(2, 5, 7, 7, dtype=dtype, channels_last=True)
+    weight = _weight(6, 5, 3, 3, dtype)
+    in_scale = _rand(5, scale=0.5) + 1.0
+    in_shift = torch.rand(5, device=DEVICE) + 0.5
+    y = conv.conv2d_fused(x, weight, None, stride, 1, in_scale=in_scale, in_shift=in_shift)
+    _close(y, _ref(x, weight, None, stride, 1, in_scale=in_scale, in_shift=in_shift), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_stats_epilogue(prologue, dtype):
+    """mean and biased var of the stored output over N·P·Q = 243 rows (4 row tiles, the last one partial)."""
+    x = _rand(3, 5, 9, 9, dtype=dtype)
+    weight = _weight(20, 5, 3, 3, dtype)
+    kw = dict(in_scale=_rand(5) + 1.0, in_shift=_rand(5)) if prologue else {}
+    y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, stats=True, **kw)
+    _close(y, _ref(x, weight, None, 1, 1, **kw), dtype)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (20,)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+    torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+
+
+def test_stats_of_grouped_strided_conv_with_epilogue():
+    x = _rand(2, 6, 7, 7, channels_last=True)
+    weight = _weight(10, 3, 3, 3)
+    bias = _rand(10)
+    y, mean, var = conv.conv2d_fused(x, weight, bias, 2, 1, groups=2, relu=True, stats=True)
+    _close(y, _ref(x, weight, bias, 2, 1, groups=2, relu=True), torch.float32)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+    torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+
+
+def test_merge_partial_stats_multistage_and_stable():
+    """Three merge stages over partials of data with a large common offset (1e4, spread 1): a Σ/Σ² merge in
+    fp32 would lose the variance entirely; Chan's merge keeps it."""
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 40, (300,), generator=gen)
+    counts[::7] = 0
+    k = 5
+    data = 1e4 + torch.randn(int(counts.sum()), k, generator=gen, dtype=torch.float64)
+    chunks = torch.split(data, counts.tolist())
+    mean = torch.stack([ch.mean(0) if len(ch) else torch.zeros(k, dtype=torch.float64) for ch in chunks])
+    m2 = torch.stack([((ch - ch.mean(0)) ** 2).sum(0) if len(ch) else torch.zeros(k, dtype=torch.float64)
+                      for ch in chunks])
+    f32 = dict(device=DEVICE, dtype=torch.float32)
+    _launch.reset_launch_count()
+    got_mean, got_var = conv.merge_partial_stats(counts.to(**f32), mean.to(**f32), m2.to(**f32), rows_per_prog=10)
+    assert _launch.launch_count() == 3
+    ref_var, ref_mean = torch.var_mean(data, dim=0, correction=0)
+    torch.testing.assert_close(got_mean.cpu().double(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_var.cpu().double(), ref_var, rtol=1e-3, atol=0)
+
+
+def test_empty_batch_launches_nothing():
+    x = _rand(0, 5, 7, 7, channels_last=True)
+    weight = _weight(6, 5, 3, 3)
+    _launch.reset_launch_count()
+    y = conv.conv2d_fused(x, weight, None, 2, 1)
+    y2, mean, var = conv.conv2d_fused(x, weight, None, 2, 1, stats=True)
+    assert _launch.launch_count() == 0
+    assert y.shape == y2.shape == (0, 6, 4, 4)
+    assert mean.shape == var.shape == (6,) and mean.isnan().all()
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
+@pytest.mark.parametrize("tail", ["residual", "shortcut"])
+def test_conv_bias_act_gradients(tail, relu):
+    """Every gradient of conv_bias_act against autograd of the PyTorch formula (fp32)."""
+    x = _rand(2, 5, 7, 7, channels_last=True).requires_grad_()
+    weight = _weight(6, 5, 3, 3).requires_grad_()
+    bias = _rand(6).requires_grad_()
+    if tail == "residual":
+        extra = dict(residual=_rand(2, 6, 4, 4).requires_grad_())
+        stride = 2
+    else:
+        extra = dict(shortcut_x=_rand(2, 7, 13, 13).requires_grad_(), shortcut_weight=_weight(6, 7, 1, 1)
+                     .requires_grad_(), shortcut_stride=4)
+        stride = 2
+    leaves = [x, weight, bias] + [v for v in extra.values() if isinstance(v, torch.Tensor)]
+    _launch.reset_launch_count()
+    y = tb.conv_bias_act(x, weight, bias, stride, 1, relu=relu, **extra)
+    assert _launch.launch_count() == 1
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = _ref(x, weight, bias, stride, 1, relu=relu, **extra).float()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    for name, g, rg in zip(["x", "weight", "bias", "tail", "tail_weight"], grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_conv_bias_act_without_bias_and_grouped():
+    x = _rand(2, 8, 5, 5).requires_grad_()
+    weight = _weight(8, 2, 3, 3).requires_grad_()
+    y = tb.conv_bias_act(x, weight, None, 1, 1, groups=4)
+    dy = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, [x, weight], dy)
+    ref = torch.relu(F.conv2d(x, weight, None, 1, 1, 1, 4))
+    rgx, rgw = torch.autograd.grad(ref, [x, weight], dy)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-4)
+
+
+def _bad_inputs():
+    x = _rand(2, 4, 5, 5)
+    w = _weight(6, 4, 3, 3)
+    return [
+        ("x 3-D", dict(x=x[0], weight=w), ValueError, "x must be 4-D"),
+        ("fp64", dict(x=x.double(), weight=w.double()), ValueError, "float64"),
+        ("weight dtype", dict(x=x, weight=w.half()), ValueError, "weight dtype"),
+        ("channels", dict(x=x, weight=_weight(6, 3, 3, 3)), ValueError, "input channels"),
+        ("groups", dict(x=x, weight=w, groups=3), ValueError, "divisible by groups"),
+        ("too small", dict(x=x, weight=w, padding=0, dilation=3), ValueError, "does not fit"),
+        ("stride", dict(x=x, weight=w, stride=0), ValueError, "stride >= 1"),
+        ("bias shape", dict(x=x, weight=w, bias=_rand(5)), ValueError, "bias must have shape"),
+        ("residual", dict(x=x, weight=w, padding=1, residual=_rand(2, 6, 4, 4)), ValueError, "residual"),
+        ("shortcut pair", dict(x=x, weight=w, shortcut_x=x), ValueError, "given together"),
+        ("shortcut spatial", dict(x=x, weight=w, padding=1, shortcut_x=_rand(2, 3, 5, 5),
+                                  shortcut_weight=_weight(6, 3, 1, 1), shortcut_stride=2), ValueError, "shortcut"),
+        ("shortcut weight", dict(x=x, weight=w, padding=1, shortcut_x=_rand(2, 3, 5, 5),
+                                 shortcut_weight=_weight(6, 4, 1, 1)), ValueError, "shortcut_weight must"),
+        ("scale dtype", dict(x=x, weight=w, in_scale=_rand(4).double(), in_shift=_rand(4)), ValueError, "in_scale"),
+        ("scale alone", dict(x=x, weight=w, in_scale=_rand(4)), ValueError, "together"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_inputs_raise_clear_errors(case):
+    _, kwargs, exc, match = case
+    _launch.reset_launch_count()
+    with pytest.raises(exc, match=match):
+        conv.conv2d_fused(**kwargs)
+    assert _launch.launch_count() == 0
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_device_mismatch_raises():
+    with pytest.raises(ValueError, match="weight is on"):
+        conv.conv2d_fused(_rand(2, 4, 5, 5), _weight(6, 4, 3, 3).cpu())
+
+
+def test_unsupported_reasons(monkeypatch):
+    x = _rand(1, 2, 3, 3)
+    assert tb.unsupported(x, 4, 2) is None
+    assert "float64" in tb.unsupported(x.double(), 1, 1)
+    assert "int64" in tb.unsupported(x.long(), 1, 1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in tb.unsupported(x.cpu(), 1, 1)
+
+
+@pytest.mark.parametrize("stats", [False, True], ids=["plain", "stats"])
+def test_registered_op_passes_opcheck(stats):
+    """Schema, fake kernel (shapes, dtype, channels-last layout) and AOT dispatch of the registered op."""
+    x = _rand(2, 5, 7, 7, channels_last=True)
+    args = (x, _weight(6, 5, 3, 3), _rand(6), [2, 2], [1, 1], [1, 1], 1, _rand(2, 6, 4, 4), None, None, 1, True,
+            None, None, stats)
+    torch.library.opcheck(torch.ops.resnet_fused.triton_conv2d_fused.default, args)
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces conv_bias_act (autograd.Function around the registered op)
+    without graph breaks, forward and backward."""
+    x = _rand(2, 5, 7, 7, channels_last=True).requires_grad_()
+    w = _weight(6, 5, 3, 3).requires_grad_()
+    b = _rand(6).requires_grad_()
+    res = _rand(2, 6, 7, 7)
+    fn = torch.compile(lambda x, w, b: tb.conv_bias_act(x, w, b, 1, 1, residual=res), fullgraph=True)
+    y = fn(x, w, b)
+    ref = _ref(x, w, b, 1, 1, residual=res, relu=True).float()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    for g, rg in zip(torch.autograd.grad(y, [x, w, b], dy), torch.autograd.grad(ref, [x, w, b], dy)):
+        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+
+
+# ---- GPU: real ResNet shapes in half precision, autotuning ----
+
+RESNET_SHAPES = {
+    "layer1-3x3": (8, 64, 56, 56, 64, 3, 3, 1, 1),
+    "layer2-3x3-s2": (8, 128, 56, 56, 128, 3, 3, 2, 1),
+    "bottleneck-1x1": (8, 256, 28, 28, 64, 1, 1, 1, 0),
+    "stem-7x7": (8, 3, 224, 224, 64, 7, 7, 2, 3),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(RESNET_SHAPES))
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_resnet_shapes(name, dtype):
+    n, c, h, w, k, r, s, stride, padding = RESNET_SHAPES[name]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
+    weight = _weight(k, c, r, s, dtype)
+    bias = _rand(k, dtype=dtype)
+    y, mean, var = conv.conv2d_fused(x, weight, bias, stride, padding, relu=True, stats=True)
+    _close(y, _ref(x, weight, bias, stride, padding, relu=True), dtype)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
+    assert conv._conv_fwd_kernel.best_config is not None
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_gpu_bottleneck_tail_with_downsample(dtype):
+    h = _rand(8, 128, 28, 28, dtype=dtype, channels_last=True)
+    weight = _weight(512, 128, 1, 1, dtype)
+    bias = _rand(512, dtype=dtype)
+    sx = _rand(8, 256, 56, 56, dtype=dtype, channels_last=True)
+    sw = _weight(512, 256, 1, 1, dtype)
+    y = conv.conv2d_fused(h, weight, bias, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True)
+    _close(y, _ref(h, weight, bias, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True), dtype)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_tf32_follows_cudnn_flag():
+    """fp32 with allow_tf32 set runs TF32 (error of order 1e-3), IEEE otherwise (tight)."""
+    x = _rand(4, 64, 14, 14, channels_last=True)
+    weight = _weight(64, 64, 3, 3)
+    ref = _ref(x, weight, None, 1, 1)
+    _close(conv.conv2d_fused(x, weight, None, 1, 1), ref, torch.float32)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.testing.assert_close(conv.conv2d_fused(x, weight, None, 1, 1).double(), ref, rtol=2e-2, atol=2e-2)
