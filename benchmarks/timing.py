@@ -1,0 +1,57 @@
+"""Timers and memory probes: triton.testing.do_bench on a GPU, time.perf_counter medians on a CPU."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_gpu(step: Callable[[], object], warmup_ms: float, rep_ms: float) -> Timing:
+    """CUDA-event timing of `step` by do_bench (L2 flushed between repetitions): median and 20/80th percentiles."""
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return Timing(median, p20, p80)
+
+
+def bench_cpu(step: Callable[[], object], reps: int, max_seconds: float) -> Timing:
+    """Host-clock timing of `step`: `reps` calls, fewer (at least 3) if they would pass `max_seconds`."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 3 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    quantiles = statistics.quantiles(times, n=10, method="inclusive")
+    return Timing(statistics.median(times), quantiles[1], quantiles[7])
+
+
+def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float | None:
+    """torch.cuda.max_memory_allocated over one call of `step`, after a reset (None off the GPU).
+
+    Counts everything alive during the call: the provider's weights and inputs, its activations and
+    saved tensors, gradients (train) and workspaces.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
