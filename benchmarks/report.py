@@ -1,0 +1,152 @@
+"""Benchmark output: console table (rich when installed, plain text otherwise), JSON, Markdown and a PNG plot.
+
+rich and matplotlib are optional: without rich the table is plain text, without matplotlib there is no plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+# (row key, column header, format); a row lacking a key or holding None shows "-".
+COLUMNS = (
+    ("workload", "workload", "{}"),
+    ("provider", "provider", "{}"),
+    ("ms", "ms", "{:.3f}"),
+    ("tflops", "TFLOP/s", "{:.3g}"),
+    ("img_per_s", "img/s", "{:,.0f}"),
+    ("speedup_vs_eager", "x eager", "{:.2f}"),
+    ("speedup_vs_compile", "x compile", "{:.2f}"),
+    ("floor_ratio", "/ floor", "{:.2f}"),
+    ("peak_mem_mib", "peak MiB", "{:,.0f}"),
+    ("rel_err", "rel err", "{:.1e}"),
+    ("error", "error", "{}"),
+)
+_ERROR_WIDTH = 60
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-" if value is None else "nan"
+    text = fmt.format(value)
+    if key == "error" and len(text) > _ERROR_WIDTH:
+        text = text[: _ERROR_WIDTH - 3] + "..."
+    return text
+
+
+def groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by (mode, dtype), in sweep order."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["mode"], row["dtype"]), []).append(row)
+    return grouped
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The columns that hold a value in at least one row (workload and provider always)."""
+    return [c for c in COLUMNS if c[0] in ("workload", "provider") or any(r.get(c[0]) is not None for r in rows)]
+
+
+def print_table(rows: list[dict], console=None) -> None:
+    """One table per (mode, dtype)."""
+    for (mode, dtype), group in groups(rows).items():
+        columns = _columns(group)
+        title = f"{mode} {dtype}"
+        if console is not None:
+            from rich.table import Table
+
+            table = Table(title=title, show_lines=False)
+            for key, header, _ in columns:
+                table.add_column(header, justify="left" if key in ("workload", "provider", "error") else "right")
+            previous = None
+            for row in group:
+                if previous is not None and row["workload"] != previous:
+                    table.add_section()
+                previous = row["workload"]
+                table.add_row(*(_cell(row, key, fmt) for key, _, fmt in columns))
+            console.print(table)
+        else:
+            print(plain_table(group, columns, title))
+            sys.stdout.flush()
+
+
+def plain_table(rows: list[dict], columns, title: str) -> str:
+    cells = [[header for _, header, _ in columns]] + [[_cell(r, k, f) for k, _, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = [f"== {title} =="]
+    for line in cells:
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The tables as Markdown, headed by the device and versions (for committed results)."""
+    out = [
+        f"# {meta.get('device_name')} — {meta.get('timestamp')}",
+        "",
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
+        f"git {meta.get('git_sha')}, batch {meta['config'].get('batch')}, smoke {meta.get('smoke')}",
+    ]
+    for (mode, dtype), group in groups(rows).items():
+        columns = _columns(group)
+        out += ["", f"## {mode} {dtype}", ""]
+        out.append("| " + " | ".join(h for _, h, _ in columns) + " |")
+        out.append("|" + "---|" * len(columns))
+        for row in group:
+            out.append("| " + " | ".join(_cell(row, k, f).replace("|", "/") for k, _, f in columns) + " |")
+    return "\n".join(out) + "\n"
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str) + "\n")
+    tmp.replace(path)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Path | None:
+    """Horizontal bars of speedup vs eager, one panel per (mode, dtype), one bar per non-eager provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    grouped = {k: v for k, v in groups(rows).items() if any(r.get("speedup_vs_eager") for r in v)}
+    if not grouped:
+        return None
+    panels = []
+    for key, group in grouped.items():
+        workloads = list(dict.fromkeys(r["workload"] for r in group))
+        providers = list(dict.fromkeys(r["provider"] for r in group if r["provider"] != "eager"))
+        panels.append((key, group, workloads, providers))
+    heights = [max(2.0, 0.22 * len(w) * max(1, len(p)) + 1.0) for _, _, w, p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)), height_ratios=heights, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, ((mode, dtype), group, workloads, providers) in zip(axes[:, 0], panels):
+        bar = 0.8 / max(1, len(providers))
+        lookup = {(r["workload"], r["provider"]): r.get("speedup_vs_eager") for r in group}
+        for j, provider in enumerate(providers):
+            ys, xs = [], []
+            for i, workload in enumerate(workloads):
+                value = lookup.get((workload, provider))
+                if value:
+                    ys.append(i - 0.4 + bar * (j + 0.5))
+                    xs.append(value)
+            ax.barh(ys, xs, height=bar, label=provider, color=colors[j % len(colors)])
+            for y, x in zip(ys, xs):
+                ax.text(x, y, f" {x:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(range(len(workloads)), workloads, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup vs eager (higher is better)")
+        ax.set_title(f"{mode} {dtype}", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
