@@ -23,22 +23,24 @@ export MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 nvidia-smi 2>&1 | tee "$OUT/nvidia-smi.txt" || echo "nvidia-smi failed"
 
 if [[ -z "${CUDA_HOME:-}" ]]; then
+    CUDA_HOME=/usr/local/cuda
     if command -v nvcc >/dev/null; then
-        CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-    else
-        CUDA_HOME=/usr/local/cuda
+        nvcc_root="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+        if [[ -f "$nvcc_root/include/cuda_runtime.h" ]]; then  # not a wrapper script's folder
+            CUDA_HOME="$nvcc_root"
+        fi
     fi
 fi
 export CUDA_HOME
 echo "CUDA_HOME=$CUDA_HOME"
 
 install_rc=0
-{
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$PYTHON" -m pip install --no-index --no-deps .whl/*.whl
-    fi
-    timeout -k 10 "${INSTALL_TIMEOUT:-150}" "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-} >"$OUT/install.log" 2>&1 || install_rc=$?
+: >"$OUT/install.log"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install --no-index --no-deps .whl/*.whl >>"$OUT/install.log" 2>&1 || install_rc=$?
+fi
+timeout -k 10 "${INSTALL_TIMEOUT:-150}" "$PYTHON" -m pip install --no-deps --no-build-isolation -e . \
+    >>"$OUT/install.log" 2>&1 || install_rc=$?
 tail -n 5 "$OUT/install.log"
 # The Triton and reference backends import from the source tree even if the extension build failed.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -374,7 +374,11 @@ def main(argv: list[str] | None = None) -> int:
                 sweep.run_group(workload, mode, dtype, names, lambda row: print("  " + _row_line(row), flush=True))
                 report.write_json(json_path, meta, sweep.rows)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the writing short
         meta["elapsed_s"] = round(time.perf_counter() - sweep.start, 1)
+        for row in sweep.rows:
+            if row["ms"] is None and row["error"] is None:
+                row["error"] = "not run: the sweep was interrupted"
         report.write_json(json_path, meta, sweep.rows)
         report.print_table(sweep.rows, console)
         (out_dir / f"{stem}.md").write_text(report.markdown(sweep.rows, meta))
