@@ -1,0 +1,25 @@
+// Build facts of resnet_fused._C, in plain C++ types so the pybind11 translation unit needs no torch headers.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace resnet_fused {
+
+struct BuildInfo {
+  bool with_cuda;                // CUDA kernels compiled in (RESNET_FUSED_WITH_CUDA)
+  int cuda_runtime_version;      // CUDART_VERSION compiled against (e.g. 13000), 0 without CUDA
+  std::vector<int> cuda_archs;   // SM versions with device code (e.g. {80, 90}), empty without CUDA
+  std::string torch_version;     // TORCH_VERSION of the headers compiled against
+};
+
+// Defined in ops.cpp.
+BuildInfo build_info();
+
+#ifdef RESNET_FUSED_WITH_CUDA
+// Defined in ops_cuda.cu (what nvcc actually compiled).
+int cuda_runtime_version();
+std::vector<int> cuda_archs();
+#endif
+
+}  // namespace resnet_fused

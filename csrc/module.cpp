@@ -1,0 +1,29 @@
+// Python module object of resnet_fused._C: plain helpers only (the ops themselves are registered with the
+// dispatcher by TORCH_LIBRARY in ops.cpp as a side effect of loading this shared library).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "build_info.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "resnet_fused C++/CUDA ops (torch.ops.resnet_fused.*) and build information";
+  m.def(
+      "build_info",
+      []() {
+        const resnet_fused::BuildInfo info = resnet_fused::build_info();
+        py::dict d;
+        d["with_cuda"] = info.with_cuda;
+        if (info.with_cuda) {
+          const int v = info.cuda_runtime_version;
+          d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+        } else {
+          d["cuda_version"] = py::none();
+        }
+        d["archs"] = info.cuda_archs;
+        d["torch_version"] = info.torch_version;
+        return d;
+      },
+      "dict(with_cuda: bool, cuda_version: str | None, archs: list[int] (SM versions), torch_version: str)");
+}

@@ -1,0 +1,148 @@
+"""Build script for the ``resnet_fused._C`` extension (project metadata lives in pyproject.toml).
+
+The extension is built from ``csrc/`` with ``torch.utils.cpp_extension.BuildExtension`` (ninja):
+
+* a ``CUDAExtension`` (CPU + CUDA kernels, macro ``RESNET_FUSED_WITH_CUDA``) when a CUDA toolkit is found
+  and torch is a CUDA build;
+* a ``CppExtension`` (CPU kernels only) otherwise.
+
+Environment switches:
+
+``RESNET_FUSED_SKIP_EXT=1``        build no extension at all (the pure-Python backends still work).
+``RESNET_FUSED_FORCE_CPU_EXT=1``   build the CPU-only extension even when a toolkit is present.
+``RESNET_FUSED_CUDA_ARCHS``        semicolon-separated SM list, default ``"80;90"``; an entry may end in
+                                   ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for newer GPUs.
+``MAX_JOBS``                       parallel compile jobs (honoured by BuildExtension / ninja).
+
+Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).
+"""
+
+import os
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = "csrc"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_archs() -> list[tuple[str, bool]]:
+    """Parse RESNET_FUSED_CUDA_ARCHS into (sm, with_ptx) pairs, e.g. "80;90+PTX" -> [("80", False), ("90", True)]."""
+    spec = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90")
+    archs = []
+    for item in re.split(r"[;,\s]+", spec.strip()):
+        if not item:
+            continue
+        m = re.fullmatch(r"(?:sm_)?(\d+)([a-z]?)(\+PTX)?", item, flags=re.IGNORECASE)
+        if m is None:
+            raise ValueError(
+                f"RESNET_FUSED_CUDA_ARCHS entry {item!r} is not an SM number such as '90', '90a' or '90+PTX'"
+            )
+        archs.append((m.group(1) + m.group(2).lower(), m.group(3) is not None))
+    if not archs:
+        raise ValueError("RESNET_FUSED_CUDA_ARCHS is empty")
+    return archs
+
+
+def _gencode_flags(archs: list[tuple[str, bool]]) -> list[str]:
+    flags = []
+    for sm, ptx in archs:
+        flags.append(f"-gencode=arch=compute_{sm},code=sm_{sm}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{sm},code=compute_{sm}")
+    return flags
+
+
+def _torch_arch_list(archs: list[tuple[str, bool]]) -> str:
+    """The same list in TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX")."""
+    out = []
+    for sm, ptx in archs:
+        digits, suffix = re.fullmatch(r"(\d+)([a-z]?)", sm).groups()
+        out.append(f"{digits[:-1]}.{digits[-1]}{suffix}" + ("+PTX" if ptx else ""))
+    return ";".join(out)
+
+
+def _wheel_cuda_include_dirs() -> list[str]:
+    """Headers the CUDA toolkit may lack (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include.
+
+    CUDA wheels of torch depend on ``nvidia-*`` packages that ship them under ``site-packages/nvidia/cu<N>/include``
+    (or ``nvidia/<lib>/include`` for older layouts). They are added as *system* include dirs so the toolkit's own
+    headers keep priority.
+    """
+    import importlib.util
+
+    roots = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots.extend(Path(p) for p in spec.submodule_search_locations)
+    import torch
+
+    roots.append(Path(torch.__file__).resolve().parent.parent / "nvidia")
+    dirs = []
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for inc in sorted(root.glob("*/include")):
+            if (inc / "cusparse.h").exists() or (inc / "cublas_v2.h").exists():
+                s = str(inc)
+                if s not in dirs:
+                    dirs.append(s)
+    return dirs
+
+
+def _extensions():
+    if _env_flag("RESNET_FUSED_SKIP_EXT"):
+        print("resnet_fused: RESNET_FUSED_SKIP_EXT set, not building resnet_fused._C")
+        return [], {}
+
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = (
+        cuda_home is not None
+        and Path(cuda_home, "bin", "nvcc").exists()
+        and torch.version.cuda is not None
+        and not _env_flag("RESNET_FUSED_FORCE_CPU_EXT")
+    )
+
+    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/module.cpp"]
+    cxx_flags = ["-O3"]
+    define_macros = []
+    if with_cuda:
+        archs = _cuda_archs()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _torch_arch_list(archs)
+        sources.append(f"{CSRC}/ops_cuda.cu")
+        define_macros.append(("RESNET_FUSED_WITH_CUDA", None))
+        system_includes = []
+        for inc in _wheel_cuda_include_dirs():
+            system_includes += ["-isystem", inc]
+        nvcc_flags = ["-O3", *_gencode_flags(archs), *system_includes]
+        ext = cpp_extension.CUDAExtension(
+            name="resnet_fused._C",
+            sources=sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": nvcc_flags},
+        )
+        print(f"resnet_fused: building resnet_fused._C with CUDA ({cuda_home}), "
+              f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    else:
+        ext = cpp_extension.CppExtension(
+            name="resnet_fused._C",
+            sources=sources,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+        print("resnet_fused: building CPU-only resnet_fused._C "
+              "(no CUDA toolkit, CPU torch, or RESNET_FUSED_FORCE_CPU_EXT)")
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
