@@ -63,6 +63,22 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+@triton.jit
+def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc += a·b ([BLOCK_M, BLOCK_K]·[BLOCK_K, BLOCK_N]), or acc += bᵀ·aᵀ into a transposed accumulator
+    [BLOCK_N, BLOCK_M] when TRANSPOSED. The transposed form is used when ``a`` was computed in registers (the
+    BN+ReLU prologue): as wgmma's A operand it would have to come from registers, which serializes the
+    asynchronous MMAs on Hopper; as the B operand it is staged through shared memory."""
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if TRANSPOSED:
+        acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=INPUT_PRECISION)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS"])
 @triton.jit
 def _conv_fwd_kernel(
@@ -137,7 +153,10 @@ def _conv_fwd_kernel(
     h0 = p * STRIDE_H - PAD_H
     w0 = q * STRIDE_W - PAD_W
     num_cb = tl.cdiv(C_G, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if IN_AFFINE_RELU:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat loop over (r, s, channel block) so the compiler can software-pipeline it even when C fits
     # in a single block.
     for it in range(0, R * S * num_cb):
@@ -160,10 +179,7 @@ def _conv_fwd_kernel(
             a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
         b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_IN_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = _mma(a, b, acc, IN_AFFINE_RELU, DOT_IN_FP32, INPUT_PRECISION)
 
     if HAS_SHORTCUT:
         sx_row = n_img.to(tl.int64) * stride_sxn + (p * SC_STRIDE) * stride_sxh + (q * SC_STRIDE) * stride_sxw
@@ -174,11 +190,10 @@ def _conv_fwd_kernel(
                         mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(sw_ptr + (k * stride_swk)[None, :] + (c * stride_swc)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = _mma(a, b, acc, IN_AFFINE_RELU, DOT_IN_FP32, INPUT_PRECISION)
 
+    if IN_AFFINE_RELU:
+        acc = tl.trans(acc)
     out_mask = m_ok[:, None] & k_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
