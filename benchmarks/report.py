@@ -107,7 +107,10 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Horizontal bars of speedup vs eager, one panel per (mode, dtype), one bar per non-eager provider."""
+    """Horizontal bars of speedup vs eager, one panel per (mode, dtype), one bar per non-eager provider.
+
+    A provider keeps its color across panels; a row without a time is marked "failed" or "skipped".
+    """
     try:
         import matplotlib
 
@@ -118,35 +121,42 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
     grouped = {k: v for k, v in groups(rows).items() if any(r.get("speedup_vs_eager") for r in v)}
     if not grouped:
         return None
+    providers = list(dict.fromkeys(r["provider"] for g in grouped.values() for r in g if r["provider"] != "eager"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {p: colors[i % len(colors)] for i, p in enumerate(providers)}
     panels = []
     for key, group in grouped.items():
         workloads = list(dict.fromkeys(r["workload"] for r in group))
-        providers = list(dict.fromkeys(r["provider"] for r in group if r["provider"] != "eager"))
-        panels.append((key, group, workloads, providers))
-    heights = [max(2.0, 0.22 * len(w) * max(1, len(p)) + 1.0) for _, _, w, p in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights)), height_ratios=heights, squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, ((mode, dtype), group, workloads, providers) in zip(axes[:, 0], panels):
-        bar = 0.8 / max(1, len(providers))
-        lookup = {(r["workload"], r["provider"]): r.get("speedup_vs_eager") for r in group}
-        for j, provider in enumerate(providers):
+        present = [p for p in providers if any(r["provider"] == p for r in group)]
+        panels.append((key, group, workloads, present))
+    heights = [max(2.0, 0.16 * len(w) * max(1, len(p)) + 1.0) for _, _, w, p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.5), height_ratios=heights,
+                             squeeze=False, layout="constrained")
+    for ax, ((mode, dtype), group, workloads, present) in zip(axes[:, 0], panels):
+        bar = 0.8 / max(1, len(present))
+        lookup = {(r["workload"], r["provider"]): r for r in group}
+        for j, provider in enumerate(present):
             ys, xs = [], []
             for i, workload in enumerate(workloads):
-                value = lookup.get((workload, provider))
-                if value:
-                    ys.append(i - 0.4 + bar * (j + 0.5))
-                    xs.append(value)
-            ax.barh(ys, xs, height=bar, label=provider, color=colors[j % len(colors)])
-            for y, x in zip(ys, xs):
-                ax.text(x, y, f" {x:.2f}", va="center", fontsize=7)
+                row = lookup.get((workload, provider))
+                if row is None:
+                    continue
+                y = i - 0.4 + bar * (j + 0.5)
+                if row.get("speedup_vs_eager"):
+                    ys.append(y)
+                    xs.append(row["speedup_vs_eager"])
+                    ax.text(row["speedup_vs_eager"], y, f" {row['speedup_vs_eager']:.2f}", va="center", fontsize=7)
+                elif row.get("error"):
+                    word = "skipped" if row["error"].startswith(("skipped", "not run")) else "failed"
+                    ax.text(0.01, y, f"{provider} {word}", va="center", fontsize=7, color=color[provider])
+            ax.barh(ys, xs, height=bar, label=provider, color=color[provider])
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(workloads)), workloads, fontsize=8)
-        ax.invert_yaxis()
+        ax.set_ylim(len(workloads) - 0.5, -0.5)
         ax.set_xlabel("speedup vs eager (higher is better)")
         ax.set_title(f"{mode} {dtype}", fontsize=10)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

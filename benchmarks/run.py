@@ -187,10 +187,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 class Sweep:
     """Runs the groups of one configuration and collects rows."""
 
-    def __init__(self, config: dict, device: torch.device, log):
+    def __init__(self, config: dict, device: torch.device):
         self.config = config
         self.device = device
-        self.log = log
         self.rows: list[dict] = []
         self.start = time.perf_counter()
         self.broken: str | None = None  # set when the CUDA context is unusable
@@ -238,9 +237,10 @@ class Sweep:
                 if base is None:
                     base = workload.build()
                     inputs = P.make_inputs(workload, mode, dtype, self.device)
-                out = self.measure(row, workload, base, mode, dtype, inputs, ref)
+                first = self.measure(row, workload, base, mode, dtype, inputs, ref)
                 if row["provider"] == P.EAGER:
-                    ref = out
+                    ref = first
+                del first
             except Exception as error:  # one provider failing must not end the sweep
                 row["error"] = f"{type(error).__name__}: {error}".strip().splitlines()[0][:500]
                 row["traceback"] = traceback.format_exc()[-4000:]
@@ -253,7 +253,12 @@ class Sweep:
         P.release()
         self.finish_group(rows, workload, mode)
 
-    def measure(self, row, workload, base, mode, dtype, inputs, ref) -> torch.Tensor:
+    def measure(self, row, workload, base, mode, dtype, inputs, ref) -> torch.Tensor | None:
+        """Fill `row` for its provider; returns eager's first output (the group's reference), else None.
+
+        Exactly one output-sized tensor besides the provider's own is alive while memory is measured:
+        eager's first output (for eager itself too), so peak memory compares across providers.
+        """
         device, config = self.device, self.config
         t0 = time.perf_counter()
         step = P.prepare(row["provider"], workload, base, mode, dtype, inputs)
@@ -266,6 +271,8 @@ class Sweep:
         row["warmup_s"] = time.perf_counter() - t0
         if ref is not None and row["provider"] != P.CONVS:
             row["rel_err"] = rel_err(out, ref)
+        if row["provider"] != P.EAGER:
+            out = None
         if device.type == "cuda":
             before = torch.cuda.memory_allocated(device)
             row["peak_mem_mib"] = timing.peak_memory_mib(step, device)
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = _output_stem(meta)
     json_path = out_dir / f"{stem}.json"
     console = _console()
-    sweep = Sweep(config, device, console.print if console else print)
+    sweep = Sweep(config, device)
     plan = sweep.plan()
     total = sum(len(names) for *_, names in plan)
     print(f"{meta['device_name']}: {len(plan)} groups, {total} rows -> {out_dir}", flush=True)
