@@ -8,6 +8,9 @@ per-channel statistics. Fusion is checked with the launch counter. CPU runs use 
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,6 +324,76 @@ def test_torch_compile_fullgraph():
     dy = torch.randn_like(y)
     for g, rg in zip(torch.autograd.grad(y, [x, w, b], dy), torch.autograd.grad(ref, [x, w, b], dy)):
         torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+
+
+# Specialisation the JIT gives a channels-last ResNet layer (batch 256, 64 channels at 56x56): unit channel
+# strides become constants, strides and sizes divisible by 16 carry that hint.
+_UNIT_STRIDES = ("stride_xc", "stride_wc", "stride_rc", "stride_sxc", "stride_swc", "stride_yc")
+_HOPPER_CASES = {  # name: (dtype, R, stride, flags)
+    "basic-conv2-residual": ("bf16", 3, 1, dict(HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True)),
+    "bottleneck-tail-shortcut": ("bf16", 1, 1, dict(HAS_BIAS=True, HAS_SHORTCUT=True, RELU=True)),
+    "train-prologue-stats-s2": ("bf16", 3, 2, dict(IN_AFFINE_RELU=True, STATS=True)),
+    "stem-fp32-tf32": ("fp32", 7, 2, dict(HAS_BIAS=True, RELU=True)),
+}
+_HOPPER_SMEM = 232448
+
+
+def _hopper_compile_report() -> None:
+    """Compile the kernels for sm_90 without a GPU and print one line per case: name, shared bytes, whether
+    the PTX uses wgmma. Exit code 3 when this triton's compiler API differs from the one used here."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        target = GPUTarget("cuda", 90, 32)
+        backend = triton.compiler.make_backend(target)
+        kern = conv._conv_fwd_kernel.fn
+        kern.arg_names
+    except (AttributeError, TypeError) as err:
+        print(f"compiler API: {err}")
+        sys.exit(3)
+    cfg = next(c for c in conv._configs() if c.kwargs["BLOCK_M"] != c.kwargs["BLOCK_N"])  # catches transposes
+    for name, (dt, r, st, flags) in _HOPPER_CASES.items():
+        consts = dict(R=r, S=r, STRIDE_H=st, STRIDE_W=st, PAD_H=r // 2, PAD_W=r // 2, DIL_H=1, DIL_W=1, GROUPS=1,
+                      SC_STRIDE=2, HAS_BIAS=False, HAS_RESIDUAL=False, HAS_SHORTCUT=False, RELU=False,
+                      IN_AFFINE_RELU=False, STATS=False, STATS_ROWS=conv.STATS_ROWS,
+                      INPUT_PRECISION="tf32" if dt == "fp32" else "ieee", DOT_IN_FP32=False, **cfg.kwargs)
+        consts.update(flags)
+        consts.update({n: 1 for n in _UNIT_STRIDES})
+        signature, attrs = {}, {}
+        for i, arg in enumerate(kern.arg_names):
+            if arg in consts:
+                signature[arg] = "constexpr"
+            elif arg.endswith("_ptr"):
+                fp32 = arg in ("b_ptr", "scale_ptr", "shift_ptr") or arg.startswith("part_")
+                signature[arg] = "*fp32" if fp32 else f"*{dt}"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[arg] = "i32"
+                if arg not in ("H", "W", "P", "Q", "HS", "WS"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = triton.compiler.ASTSource(fn=kern, constexprs=consts, signature=signature, attrs=attrs)
+        opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        compiled = triton.compile(src, target=target, options=opts.__dict__)
+        print(name, compiled.metadata.shared, "wgmma" in compiled.asm["ptx"], flush=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
+def test_kernel_compiles_for_hopper():
+    """The interpreter does not compile: build a Hopper tile for sm_90 (no GPU needed) for the block
+    convolutions' flag combinations and check they use wgmma within the shared-memory budget."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", "import test_triton_conv as t; t._hopper_compile_report()"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"this triton's compiler API differs: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = dict((ln.split(" ", 1)[0], ln.split()[1:]) for ln in proc.stdout.splitlines())
+    assert set(lines) == set(_HOPPER_CASES), proc.stdout
+    for name, (shared, wgmma) in lines.items():
+        assert int(shared) <= _HOPPER_SMEM and wgmma == "True", f"{name}: shared={shared} wgmma={wgmma}"
 
 
 # ---- GPU: real ResNet shapes in half precision, autotuning ----

@@ -79,7 +79,10 @@ def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_P
     return acc
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS"])
+# Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
+# use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS",
+                                          "HAS_RESIDUAL", "IN_AFFINE_RELU", "STATS"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,            # input activations [N, C, H, W], any strides (NHWC-contiguous is the fast case)
