@@ -31,6 +31,7 @@ COMPILE = "compile"
 CONVS = "convs"
 RF_PREFIX = "rf-"
 BASE_PROVIDERS = (EAGER, COMPILE, CONVS)
+RF_BACKENDS = ("reference", "triton", "cuda")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("eval", "train")
@@ -51,13 +52,15 @@ def default_providers(device: torch.device, backends: list[str]) -> list[str]:
     return base + [RF_PREFIX + b for b in backends]
 
 
-def normalize(name: str, backends: list[str]) -> str:
+def normalize(name: str) -> str:
     """Provider name from user input: "triton" and "rf-triton" both mean the resnet_fused triton backend."""
-    if name in BASE_PROVIDERS or name.startswith(RF_PREFIX):
+    if name in BASE_PROVIDERS:
         return name
-    if name in backends or name in ("reference", "triton", "cuda"):
-        return RF_PREFIX + name
-    raise ValueError(f"unknown provider {name!r}: use one of {', '.join(BASE_PROVIDERS)} or a backend name")
+    backend = name[len(RF_PREFIX) :] if name.startswith(RF_PREFIX) else name
+    if backend in RF_BACKENDS:
+        return RF_PREFIX + backend
+    known = ", ".join(BASE_PROVIDERS + RF_BACKENDS)
+    raise ValueError(f"unknown provider {name!r}: choose from {known} (backends also as rf-<name>)")
 
 
 def unsupported(provider: str, mode: str) -> str | None:
@@ -184,7 +187,7 @@ def prepare(
         x.grad = None
         with amp:
             out = module(x)
-        out.backward(inputs.grad_out)
+        out.backward(inputs.grad_out.to(out.dtype))  # a no-op unless autocast left the output in fp32
         return out
 
     return step

@@ -69,7 +69,10 @@ def build_config(args: argparse.Namespace, device: torch.device, backends: list[
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise SystemExit(f"unknown {name} {unknown}: choose from {', '.join(known)}")
-    requested = [P.normalize(p, backends) for p in _split(args.providers)]
+    try:
+        requested = [P.normalize(p) for p in _split(args.providers)]
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     # --quick leaves out the reference backend (plain PyTorch, the oracle) unless asked for by name
     provider_list = requested or [
         p for p in P.default_providers(device, backends) if not (quick and p == P.RF_PREFIX + "reference")

@@ -22,7 +22,7 @@ GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.bfloat16 if GPU else torch.float32
 WORKLOADS = workloads() if GPU else select(workloads(SMOKE_BATCH, SMOKE_IMAGE_SIZE), list(SMOKE))
-PROVIDERS = [P.EAGER, P.COMPILE, P.CONVS] + [P.RF_PREFIX + b for b in ("reference", "triton", "cuda")]
+PROVIDERS = list(P.BASE_PROVIDERS) + [P.RF_PREFIX + b for b in P.RF_BACKENDS]
 BACKENDS, _ = P.resnet_fused_backends()
 ROUNDS = 20 if GPU else 5
 
