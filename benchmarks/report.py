@@ -129,7 +129,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
         workloads = list(dict.fromkeys(r["workload"] for r in group))
         present = [p for p in providers if any(r["provider"] == p for r in group)]
         panels.append((key, group, workloads, present))
-    heights = [max(2.0, 0.16 * len(w) * max(1, len(p)) + 1.0) for _, _, w, p in panels]
+    heights = [max(2.8, 0.16 * len(w) * max(1, len(p)) + 1.2) for _, _, w, p in panels]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.5), height_ratios=heights,
                              squeeze=False, layout="constrained")
     for ax, ((mode, dtype), group, workloads, present) in zip(axes[:, 0], panels):
@@ -151,6 +151,8 @@ def plot(rows: list[dict], path: Path, title: str) -> Path | None:
                     ax.text(0.01, y, f"{provider} {word}", va="center", fontsize=7, color=color[provider])
             ax.barh(ys, xs, height=bar, label=provider, color=color[provider])
         ax.axvline(1.0, color="black", linewidth=0.8)
+        fastest = max((r["speedup_vs_eager"] for r in group if r.get("speedup_vs_eager")), default=1.0)
+        ax.set_xlim(0, 1.15 * max(1.0, fastest))
         ax.set_yticks(range(len(workloads)), workloads, fontsize=8)
         ax.set_ylim(len(workloads) - 0.5, -0.5)
         ax.set_xlabel("speedup vs eager (higher is better)")
