@@ -250,11 +250,11 @@ class Sweep:
                 self._check_context(row["error"])
             finally:
                 P.release()
+            self.speedups(rows, mode)
             advance(row)
         del base, inputs, ref
         gc.collect()
         P.release()
-        self.finish_group(rows, workload, mode)
 
     def measure(self, row, workload, base, mode, dtype, inputs, ref) -> torch.Tensor | None:
         """Fill `row` for its provider; returns eager's first output (the group's reference), else None.
@@ -299,7 +299,8 @@ class Sweep:
             self.broken = error
 
     @staticmethod
-    def finish_group(rows: list[dict], workload: Workload, mode: str) -> None:
+    def speedups(rows: list[dict], mode: str) -> None:
+        """Fill the speedup and floor columns of a group's rows from the times measured so far."""
         by_provider = {r["provider"]: r["ms"] for r in rows}
         eager, compiled, floor = by_provider.get(P.EAGER), by_provider.get(P.COMPILE), by_provider.get(P.CONVS)
         for row in rows:
@@ -329,9 +330,9 @@ def _row_line(row: dict) -> str:
     head = f"{row['workload']} {row['mode']} {row['dtype']} {row['provider']}:"
     if row["error"]:
         return f"{head} {row['error'][:160]}"
-    vs = f" x{row['speedup_vs_eager']:.2f} eager" if row.get("speedup_vs_eager") else ""
-    err = f" rel_err {row['rel_err']:.1e}" if row["rel_err"] is not None else ""
-    return f"{head} {row['ms']:.3f} ms ({row['tflops']:.1f} TFLOP/s){err}, warm-up {row['warmup_s']:.1f}s{vs}"
+    vs = f", x{row['speedup_vs_eager']:.2f} eager" if row["speedup_vs_eager"] else ""
+    err = f", rel err {row['rel_err']:.1e}" if row["rel_err"] is not None else ""
+    return f"{head} {row['ms']:.3f} ms{vs}, {row['tflops']:.3g} TFLOP/s{err}, warm-up {row['warmup_s']:.1f}s"
 
 
 def _terminate(signum, frame):
