@@ -16,6 +16,7 @@ COLUMNS = (
     ("provider", "provider", "{}"),
     ("ms", "ms", "{:.3f}"),
     ("tflops", "TFLOP/s", "{:.3g}"),
+    ("pct_peak", "% peak", "{:.0f}"),
     ("img_per_s", "img/s", "{:,.0f}"),
     ("speedup_vs_eager", "x eager", "{:.2f}"),
     ("speedup_vs_compile", "x compile", "{:.2f}"),

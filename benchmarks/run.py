@@ -166,6 +166,7 @@ def new_row(workload: Workload, mode: str, dtype: str, provider: str) -> dict:
         "ms_p20": None,
         "ms_p80": None,
         "tflops": None,
+        "pct_peak": None,
         "img_per_s": None,
         "speedup_vs_eager": None,
         "speedup_vs_compile": None,
@@ -190,9 +191,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 class Sweep:
     """Runs the groups of one configuration and collects rows."""
 
-    def __init__(self, config: dict, device: torch.device):
+    def __init__(self, config: dict, device: torch.device, gemm_tflops: float | None):
         self.config = config
         self.device = device
+        self.gemm_tflops = gemm_tflops  # the card's measured bf16 GEMM rate (None off the GPU)
         self.rows: list[dict] = []
         self.start = time.perf_counter()
         self.broken: str | None = None  # set when the CUDA context is unusable
@@ -286,6 +288,8 @@ class Sweep:
             result = timing.bench_cpu(step, config["cpu_reps"], config["cpu_max_seconds"])
         row["ms"], row["ms_p20"], row["ms_p80"] = result.median_ms, result.p20_ms, result.p80_ms
         row["tflops"] = workload.flops(mode) / (result.median_ms * 1e-3) / 1e12
+        if self.gemm_tflops and dtype in (torch.bfloat16, torch.float16):
+            row["pct_peak"] = 100 * row["tflops"] / self.gemm_tflops
         if workload.is_model:
             row["img_per_s"] = workload.batch / (result.median_ms * 1e-3)
         return out
@@ -354,12 +358,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resnet_fused not importable, benchmarking without it: {import_error}", flush=True)
     config = build_config(args, device, backends)
     meta = environment(device, backends, import_error, config)
+    if device.type == "cuda":
+        try:
+            meta["ceilings"] = timing.ceilings(device)
+            print(f"ceilings: {meta['ceilings']['copy_gbps']:,.0f} GB/s copy, "
+                  f"{meta['ceilings']['bf16_gemm_tflops']:.0f} TFLOP/s bf16 GEMM", flush=True)
+        except Exception as error:  # the sweep does not need them
+            meta["ceilings_error"] = f"{type(error).__name__}: {error}"
     out_dir = Path(config["out"])
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _output_stem(meta)
     json_path = out_dir / f"{stem}.json"
     console = _console()
-    sweep = Sweep(config, device)
+    sweep = Sweep(config, device, meta.get("ceilings", {}).get("bf16_gemm_tflops"))
     plan = sweep.plan()
     total = sum(len(names) for *_, names in plan)
     print(f"{meta['device_name']}: {len(plan)} groups, {total} rows -> {out_dir}", flush=True)

@@ -55,3 +55,22 @@ def peak_memory_mib(step: Callable[[], object], device: torch.device) -> float |
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """This card's measured ceilings: device-to-device copy GB/s (bytes read + written, 1 GiB) and dense
+    bf16 GEMM TFLOP/s (8192^3 on random data), each a do_bench median."""
+    from triton.testing import do_bench
+
+    src = torch.randn(2**29, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy_gbps = 2 * src.numel() * src.element_size() / (copy_ms * 1e-3) / 1e9
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    gemm_ms = do_bench(lambda: a @ b, return_mode="median")
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_gbps": copy_gbps, "bf16_gemm_tflops": 2 * n**3 / (gemm_ms * 1e-3) / 1e12}
