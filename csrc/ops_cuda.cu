@@ -8,12 +8,14 @@
 // version (implicit GEMM with the epilogue and the 1x1 shortcut GEMM in the same kernel, CUTLASS) is planned
 // to replace the cuDNN call; until then the main and shortcut convolutions are separate launches.
 //
-// Both epilogues are elementwise over a dense NCHW or NHWC tensor with a per-channel term. Every operand is
-// made dense in the output's memory format, so one linear element index addresses all of them, and
+// Both epilogues are elementwise over a dense NCHW or NHWC tensor with per-channel coefficients. Every operand
+// is made dense in the output's memory format, so one linear element index addresses all of them, and
 //   NHWC: channel(e) = e % C          NCHW: channel(e) = (e / (H*W)) % C.
-// Each thread handles VEC consecutive elements with one 16-byte load per operand and one 16-byte store when
-// the layout keeps a pack inside one row of channels (NHWC: C % VEC == 0) or one channel plane (NCHW:
-// H*W % VEC == 0) and every pointer is 16-byte aligned; otherwise a scalar kernel (VEC = 1) runs.
+// Threads move VEC consecutive elements with one 16-byte load per operand and one 16-byte store when the layout
+// keeps a pack inside one row of channels (NHWC: C % VEC == 0) or one channel plane (NCHW: H*W % VEC == 0) and
+// every pointer is 16-byte aligned; otherwise a scalar kernel (VEC = 1) runs. In the NHWC vector kernel each
+// thread keeps one channel pack and walks several pixels, so its VEC channels' coefficients are loaded once
+// (loading them per pack would make the L1 traffic for coefficients exceed the DRAM traffic).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,9 +23,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "build_info.h"
 #include "ops.h"
@@ -45,8 +47,11 @@ std::vector<int> cuda_archs() {
 namespace {
 
 constexpr int kThreads = 256;
+// Rows (pixels) of an NHWC tensor each thread of the channel-stationary kernel covers: its per-channel
+// coefficients are loaded once and reused for all of them.
+constexpr int kRowsPerThread = 4;
 
-// VEC elements moved with one aligned 16-byte (or smaller, for VEC = 1) memory transaction.
+// VEC elements moved with one aligned 16-byte (or, for VEC = 1, scalar) memory transaction.
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
@@ -65,151 +70,202 @@ __device__ __forceinline__ index_t channel_of(index_t e, index_t C, index_t HW) 
 // ReLU that propagates NaN like torch.relu.
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
+// Each epilogue below is a functor with
+//   coef<VEC, PER_LANE>(k0): the per-channel coefficients of a pack whose lane j has channel k0 + j (PER_LANE,
+//                            NHWC) or k0 (NCHW);
+//   apply<VEC>(i, coef):     computes pack i (elements [i*VEC, (i+1)*VEC)) of every operand.
+// The kernels further down only decide which pack and which channels a thread handles.
+
+// scale_bias_add_relu:  out[e] = relu(c[e]*s[k] + t[k] + (idn[e]*s_d[k] + t_d[k])),  k = channel(e),
+// with s_d = 1, t_d = 0 when no idn_scale / idn_shift are given; fp32 math, one rounding at the store.
 template <typename scalar_t>
-struct ScaleBiasAddReluArgs {
-  const scalar_t* __restrict__ c;      // [N, C, H, W] dense in the launch's layout
-  const scalar_t* __restrict__ idn;    // same shape and layout as c
-  const float* __restrict__ scale;     // [C]
-  const float* __restrict__ shift;     // [C]
-  const float* __restrict__ idn_scale; // [C], or nullptr: idn is added as is
-  const float* __restrict__ idn_shift; // [C], or nullptr together with idn_scale
-  scalar_t* __restrict__ out;          // same shape and layout as c
+struct ScaleBiasAddRelu {
+  const scalar_t* __restrict__ c;       // [N, C, H, W] dense in the launch's layout
+  const scalar_t* __restrict__ idn;     // same shape and layout as c
+  const float* __restrict__ scale;      // [C]
+  const float* __restrict__ shift;      // [C]
+  const float* __restrict__ idn_scale;  // [C], or nullptr: idn is added as is
+  const float* __restrict__ idn_shift;  // [C], or nullptr together with idn_scale
+  scalar_t* __restrict__ out;           // same shape and layout as c
+
+  template <int VEC>
+  struct Coef {
+    float s[VEC], t[VEC], sd[VEC], td[VEC];
+  };
+
+  template <int VEC, bool PER_LANE, typename index_t>
+  __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
+    Coef<VEC> q;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const index_t k = PER_LANE ? k0 + j : k0;
+      q.s[j] = scale[k];
+      q.t[j] = shift[k];
+      q.sd[j] = idn_scale != nullptr ? idn_scale[k] : 1.f;
+      q.td[j] = idn_shift != nullptr ? idn_shift[k] : 0.f;
+    }
+    return q;
+  }
+
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q) const {
+    using P = Pack<scalar_t, VEC>;
+    const P cv = reinterpret_cast<const P*>(c)[i];
+    const P iv = reinterpret_cast<const P*>(idn)[i];
+    P ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float y = fmaf(static_cast<float>(cv.v[j]), q.s[j], q.t[j]);
+      const float r = fmaf(static_cast<float>(iv.v[j]), q.sd[j], q.td[j]);
+      ov.v[j] = static_cast<scalar_t>(relu(y + r));
+    }
+    reinterpret_cast<P*>(out)[i] = ov;
+  }
 };
 
-// out[e] = relu(c[e] * scale[k] + shift[k] + r),  r = idn[e] * idn_scale[k] + idn_shift[k]  (dual)  or  idn[e],
-// k = channel(e); all math in fp32, one rounding to scalar_t at the store. Thread i owns elements
-// [i*VEC, (i+1)*VEC); NHWC packs span channels k..k+VEC-1, NCHW packs share channel k.
-template <typename scalar_t, typename index_t, int VEC, bool CHANNELS_LAST>
+// conv_bias_act epilogue:  out[e] = act(y[e] + bias[k] + sc[e] + res[e])  (summed in this order; absent terms
+// skipped, bias 0 when absent), act = relu or identity, k = channel(e); fp32 math, one rounding at the store.
+// The optional-term branches are uniform across the grid.
+template <typename scalar_t>
+struct BiasAct {
+  const scalar_t* y;                  // conv output [N, K, P, Q], dense in the launch's layout (may alias out)
+  const float* __restrict__ bias;     // [K] in fp32, or nullptr
+  const scalar_t* __restrict__ sc;    // shortcut conv output, same shape and layout as y, or nullptr
+  const scalar_t* __restrict__ res;   // residual, same shape and layout as y, or nullptr
+  scalar_t* out;                      // same shape and layout as y
+  bool with_relu;                     // act = relu, else identity
+
+  template <int VEC>
+  struct Coef {
+    float b[VEC];
+  };
+
+  template <int VEC, bool PER_LANE, typename index_t>
+  __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
+    Coef<VEC> q;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      q.b[j] = bias != nullptr ? bias[PER_LANE ? k0 + j : k0] : 0.f;
+    }
+    return q;
+  }
+
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q) const {
+    using P = Pack<scalar_t, VEC>;
+    const P yv = reinterpret_cast<const P*>(y)[i];
+    float acc[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc[j] = static_cast<float>(yv.v[j]) + q.b[j];
+    }
+    if (sc != nullptr) {
+      const P sv = reinterpret_cast<const P*>(sc)[i];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc[j] += static_cast<float>(sv.v[j]);
+      }
+    }
+    if (res != nullptr) {
+      const P rv = reinterpret_cast<const P*>(res)[i];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc[j] += static_cast<float>(rv.v[j]);
+      }
+    }
+    P ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      ov.v[j] = static_cast<scalar_t>(with_relu ? relu(acc[j]) : acc[j]);
+    }
+    reinterpret_cast<P*>(out)[i] = ov;
+  }
+};
+
+// One pack per thread, channel recomputed per pack: NCHW tensors (a pack lies in one channel plane, so its
+// coefficients are warp-broadcast loads) and the scalar fallback (VEC = 1) for either layout.
+template <typename Epi, int VEC, bool CHANNELS_LAST, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-scale_bias_add_relu_kernel(ScaleBiasAddReluArgs<scalar_t> a, int64_t n_packs, index_t C, index_t HW) {
-  using P = Pack<scalar_t, VEC>;
+flat_epilogue_kernel(Epi epi, int64_t n_packs, index_t C, index_t HW) {
   const int64_t i64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i64 >= n_packs) {
     return;
   }
   const index_t i = static_cast<index_t>(i64);
   const index_t k0 = channel_of<CHANNELS_LAST>(i * VEC, C, HW);
-  const bool dual = a.idn_scale != nullptr;
-  const P cv = reinterpret_cast<const P*>(a.c)[i];
-  const P iv = reinterpret_cast<const P*>(a.idn)[i];
-  P ov;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    const index_t k = CHANNELS_LAST ? k0 + j : k0;
-    const float y = fmaf(static_cast<float>(cv.v[j]), a.scale[k], a.shift[k]);
-    float r = static_cast<float>(iv.v[j]);
-    if (dual) {
-      r = fmaf(r, a.idn_scale[k], a.idn_shift[k]);
-    }
-    ov.v[j] = static_cast<scalar_t>(relu(y + r));
-  }
-  reinterpret_cast<P*>(a.out)[i] = ov;
+  epi.template apply<VEC>(i, epi.template coef<VEC, CHANNELS_LAST>(k0));
 }
 
-template <typename scalar_t>
-struct BiasActArgs {
-  const scalar_t* y;                   // conv output [N, K, P, Q], dense in the launch's layout (may alias out)
-  const float* __restrict__ bias;      // [K] in fp32, or nullptr
-  const scalar_t* __restrict__ sc;     // shortcut conv output, same shape and layout as y, or nullptr
-  const scalar_t* __restrict__ res;    // residual, same shape and layout as y, or nullptr
-  scalar_t* out;                       // same shape and layout as y
-  bool relu;
-};
-
-// out[e] = act(y[e] + bias[k] + sc[e] + res[e]) (summed in this order), absent terms skipped,
-// act = relu or identity, k = channel(e); fp32 math, one rounding at the store. The feature branches are
-// uniform across the grid.
-template <typename scalar_t, typename index_t, int VEC, bool CHANNELS_LAST>
+// Channel-stationary NHWC kernel: the tensor is `rows` (= N*H*W) rows of `packs_per_row` (= C / VEC) packs.
+// Thread (x, y) of the 2-D grid owns channel pack cp = x, loads its VEC channels' coefficients once, and walks
+// rows y, y + gridDim.y*blockDim.y, ... Consecutive x are consecutive 16-byte packs, so loads coalesce.
+template <typename Epi, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads)
-bias_act_epilogue_kernel(BiasActArgs<scalar_t> a, int64_t n_packs, index_t C, index_t HW) {
-  using P = Pack<scalar_t, VEC>;
-  const int64_t i64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i64 >= n_packs) {
+nhwc_epilogue_kernel(Epi epi, index_t rows, index_t packs_per_row) {
+  const index_t cp = static_cast<index_t>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (cp >= packs_per_row) {
     return;
   }
-  const index_t i = static_cast<index_t>(i64);
-  float acc[VEC];
-  const P yv = reinterpret_cast<const P*>(a.y)[i];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    acc[j] = static_cast<float>(yv.v[j]);
+  const auto q = epi.template coef<VEC, true>(cp * VEC);
+  const index_t step = static_cast<index_t>(gridDim.y * blockDim.y);
+  for (index_t r = static_cast<index_t>(blockIdx.y * blockDim.y + threadIdx.y); r < rows; r += step) {
+    epi.template apply<VEC>(r * packs_per_row + cp, q);
   }
-  if (a.bias != nullptr) {
-    const index_t k0 = channel_of<CHANNELS_LAST>(i * VEC, C, HW);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      acc[j] += a.bias[CHANNELS_LAST ? k0 + j : k0];
-    }
-  }
-  if (a.sc != nullptr) {
-    const P sv = reinterpret_cast<const P*>(a.sc)[i];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      acc[j] += static_cast<float>(sv.v[j]);
-    }
-  }
-  if (a.res != nullptr) {
-    const P rv = reinterpret_cast<const P*>(a.res)[i];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      acc[j] += static_cast<float>(rv.v[j]);
-    }
-  }
-  P ov;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    ov.v[j] = static_cast<scalar_t>(a.relu ? relu(acc[j]) : acc[j]);
-  }
-  reinterpret_cast<P*>(a.out)[i] = ov;
 }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-// Compile-time kernel variant: pack width, layout and index type.
-template <int V, bool CL, typename I>
-struct Variant {
-  static constexpr int kVec = V;
-  static constexpr bool kChannelsLast = CL;
-  using index_t = I;
-};
-
-// Picks the kernel variant for a dense 4-D tensor of `sizes` in layout `mf` and calls
-// launch(Variant<...>{}, n_packs, C, HW, grid): 16-byte packs when the layout and the alignment allow it,
-// int32 indices when every element index fits.
-template <typename scalar_t, typename Launch>
-void dispatch_variant(at::IntArrayRef sizes, at::MemoryFormat mf, bool all_aligned, Launch&& launch) {
+template <typename scalar_t, typename index_t, typename Epi>
+void launch_epilogue_indexed(const Epi& epi, int64_t N, int64_t C, int64_t HW, bool channels_last, bool vec,
+                             cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const int64_t C = sizes[1], HW = sizes[2] * sizes[3];
-  const int64_t numel = sizes[0] * C * HW;
-  const bool cl = mf == at::MemoryFormat::ChannelsLast;
-  const bool vec = all_aligned && (cl ? C % kVec == 0 : HW % kVec == 0);
-  const bool i32 = numel <= std::numeric_limits<int32_t>::max();
-  const int vec_width = vec ? kVec : 1;
-  const int64_t n_packs = numel / vec_width;
-  const int64_t blocks = (n_packs + kThreads - 1) / kThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "resnet_fused: tensor too large for one launch (",
-              numel, " elements)");
-  const dim3 grid(static_cast<unsigned>(blocks));
-  auto go = [&](auto variant) { launch(variant, n_packs, C, HW, grid); };
-  auto by_index = [&](auto v, auto c) {
-    constexpr int VV = decltype(v)::value;
-    constexpr bool CC = decltype(c)::value;
-    if (i32) {
-      go(Variant<VV, CC, int32_t>{});
-    } else {
-      go(Variant<VV, CC, int64_t>{});
-    }
-  };
-  using VecT = std::integral_constant<int, kVec>;
-  using One = std::integral_constant<int, 1>;
-  if (vec) {
-    cl ? by_index(VecT{}, std::true_type{}) : by_index(VecT{}, std::false_type{});
+  if (channels_last && vec) {
+    const int64_t packs_per_row = C / kVec, rows = N * HW;
+    const int bx = static_cast<int>(std::min<int64_t>(packs_per_row, kThreads));
+    const int by = kThreads / bx;
+    const int64_t gx = ceil_div(packs_per_row, bx);
+    const int64_t gy = std::min<int64_t>(ceil_div(rows, int64_t{by} * kRowsPerThread), 65535);
+    nhwc_epilogue_kernel<Epi, kVec, index_t>
+        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(bx, by), 0, stream>>>(
+            epi, static_cast<index_t>(rows), static_cast<index_t>(packs_per_row));
   } else {
-    cl ? by_index(One{}, std::true_type{}) : by_index(One{}, std::false_type{});
+    const int64_t n_packs = N * C * HW / (vec ? kVec : 1);
+    const int64_t blocks = ceil_div(n_packs, kThreads);
+    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "resnet_fused: tensor too large for one launch (",
+                N * C * HW, " elements)");
+    const dim3 grid(static_cast<unsigned>(blocks));
+    const auto Ci = static_cast<index_t>(C), HWi = static_cast<index_t>(HW);
+    if (vec) {
+      flat_epilogue_kernel<Epi, kVec, false, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
+    } else if (channels_last) {
+      flat_epilogue_kernel<Epi, 1, true, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
+    } else {
+      flat_epilogue_kernel<Epi, 1, false, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
+    }
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs epilogue `epi` over a dense 4-D tensor of `sizes` in layout `mf`: 16-byte packs when the layout keeps a
+// pack in one channel row (NHWC: C % VEC == 0) or plane (NCHW: H*W % VEC == 0) and every operand is 16-byte
+// aligned, else scalar; int32 indices below 2^30 elements (headroom for the row loop's increments).
+template <typename scalar_t, typename Epi>
+void launch_epilogue(const Epi& epi, at::IntArrayRef sizes, at::MemoryFormat mf, bool all_aligned,
+                     cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const int64_t N = sizes[0], C = sizes[1], HW = sizes[2] * sizes[3];
+  const bool channels_last = mf == at::MemoryFormat::ChannelsLast;
+  const bool vec = all_aligned && (channels_last ? C % kVec == 0 : HW % kVec == 0);
+  if (N * C * HW < (int64_t{1} << 30)) {
+    launch_epilogue_indexed<scalar_t, int32_t>(epi, N, C, HW, channels_last, vec, stream);
+  } else {
+    launch_epilogue_indexed<scalar_t, int64_t>(epi, N, C, HW, channels_last, vec, stream);
   }
 }
 
-#define RESNET_FUSED_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                \
+#define RESNET_FUSED_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
@@ -242,7 +298,7 @@ at::Tensor scale_bias_add_relu_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   RESNET_FUSED_DISPATCH_CUDA_TYPES(c.scalar_type(), op, [&] {
-    ScaleBiasAddReluArgs<scalar_t> args{
+    const ScaleBiasAddRelu<scalar_t> epi{
         c_d.const_data_ptr<scalar_t>(),
         idn_d.const_data_ptr<scalar_t>(),
         scale_d.const_data_ptr<float>(),
@@ -250,14 +306,7 @@ at::Tensor scale_bias_add_relu_cuda(
         idn_scale_d.defined() ? idn_scale_d.const_data_ptr<float>() : nullptr,
         idn_shift_d.defined() ? idn_shift_d.const_data_ptr<float>() : nullptr,
         out.mutable_data_ptr<scalar_t>()};
-    dispatch_variant<scalar_t>(out.sizes(), mf, all_aligned, [&](auto v, int64_t n_packs, int64_t C, int64_t HW,
-                                                                 dim3 grid) {
-      using V = decltype(v);
-      using index_t = typename V::index_t;
-      scale_bias_add_relu_kernel<scalar_t, index_t, V::kVec, V::kChannelsLast>
-          <<<grid, kThreads, 0, stream>>>(args, n_packs, static_cast<index_t>(C), static_cast<index_t>(HW));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_epilogue<scalar_t>(epi, out.sizes(), mf, all_aligned, stream);
   });
   return out;
 }
@@ -295,21 +344,14 @@ at::Tensor conv_bias_act_cuda(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   RESNET_FUSED_DISPATCH_CUDA_TYPES(x.scalar_type(), op, [&] {
-    BiasActArgs<scalar_t> args{
+    const BiasAct<scalar_t> epi{
         y.const_data_ptr<scalar_t>(),
         bias_d.defined() ? bias_d.const_data_ptr<float>() : nullptr,
         sc_d.defined() ? sc_d.const_data_ptr<scalar_t>() : nullptr,
         res_d.defined() ? res_d.const_data_ptr<scalar_t>() : nullptr,
         out.mutable_data_ptr<scalar_t>(),
         relu};
-    dispatch_variant<scalar_t>(out.sizes(), mf, all_aligned, [&](auto v, int64_t n_packs, int64_t C, int64_t HW,
-                                                                 dim3 grid) {
-      using V = decltype(v);
-      using index_t = typename V::index_t;
-      bias_act_epilogue_kernel<scalar_t, index_t, V::kVec, V::kChannelsLast>
-          <<<grid, kThreads, 0, stream>>>(args, n_packs, static_cast<index_t>(C), static_cast<index_t>(HW));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_epilogue<scalar_t>(epi, out.sizes(), mf, all_aligned, stream);
   });
   return out;
 }

@@ -371,9 +371,13 @@ def _needs_cuda_build():
         pytest.fail("a GPU is present but resnet_fused._C was built without CUDA")
 
 
-# (shape, memory format, storage offset in elements): which kernel variant each case reaches.
+# (shape, memory format, storage offset in elements): which kernel variant each case reaches. NHWC vector
+# cases cover channel-pack rows narrower than a block (C=24: 3 or 6 packs), wider than one (C=4096) and
+# several rows per thread (the large case).
 SBAR_GPU_CASES = {
     "nhwc_vector": ((2, 64, 7, 7), torch.channels_last, 0),
+    "nhwc_vector_c24": ((3, 24, 5, 5), torch.channels_last, 0),
+    "nhwc_vector_wide_c": ((2, 4096, 3, 3), torch.channels_last, 0),
     "nhwc_scalar_odd_c": ((2, 5, 7, 7), torch.channels_last, 0),
     "nchw_vector": ((2, 3, 8, 8), torch.contiguous_format, 0),
     "nchw_scalar_odd_hw": ((2, 3, 7, 7), torch.contiguous_format, 0),
