@@ -1,0 +1,12 @@
+"""Test configuration: Triton kernels run under the interpreter on machines without a GPU.
+
+``TRITON_INTERPRET`` must be set before any Triton kernel is defined, so it is set here, before the test
+modules import resnet_fused.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
