@@ -10,8 +10,9 @@ Environment switches:
 
 ``RESNET_FUSED_SKIP_EXT=1``        build no extension at all (the pure-Python backends still work).
 ``RESNET_FUSED_FORCE_CPU_EXT=1``   build the CPU-only extension even when a toolkit is present.
-``RESNET_FUSED_CUDA_ARCHS``        semicolon-separated SM list, default ``"80;90"``; an entry may end in
-                                   ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for newer GPUs.
+``RESNET_FUSED_CUDA_ARCHS``        semicolon-separated SM list, default ``"80;90"`` (``"8.0;9.0"`` also works);
+                                   an entry may end in ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for
+                                   newer GPUs.
 ``MAX_JOBS``                       parallel compile jobs (honoured by BuildExtension / ninja).
 
 Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).
@@ -23,7 +24,6 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).resolve().parent
 CSRC = "csrc"
 
 
@@ -32,18 +32,18 @@ def _env_flag(name: str) -> bool:
 
 
 def _cuda_archs() -> list[tuple[str, bool]]:
-    """Parse RESNET_FUSED_CUDA_ARCHS into (sm, with_ptx) pairs, e.g. "80;90+PTX" -> [("80", False), ("90", True)]."""
+    """Parse RESNET_FUSED_CUDA_ARCHS into (sm, with_ptx) pairs, e.g. "80;9.0+PTX" -> [("80", False), ("90", True)]."""
     spec = os.environ.get("RESNET_FUSED_CUDA_ARCHS", "80;90")
     archs = []
     for item in re.split(r"[;,\s]+", spec.strip()):
         if not item:
             continue
-        m = re.fullmatch(r"(?:sm_)?(\d+)([a-z]?)(\+PTX)?", item, flags=re.IGNORECASE)
+        m = re.fullmatch(r"(?:sm_)?(\d+\.\d|\d{2,})([a-z]?)(\+PTX)?", item, flags=re.IGNORECASE)
         if m is None:
             raise ValueError(
-                f"RESNET_FUSED_CUDA_ARCHS entry {item!r} is not an SM number such as '90', '90a' or '90+PTX'"
+                f"RESNET_FUSED_CUDA_ARCHS entry {item!r} is not an SM version such as '90', '9.0', '90a' or '90+PTX'"
             )
-        archs.append((m.group(1) + m.group(2).lower(), m.group(3) is not None))
+        archs.append((m.group(1).replace(".", "") + m.group(2).lower(), m.group(3) is not None))
     if not archs:
         raise ValueError("RESNET_FUSED_CUDA_ARCHS is empty")
     return archs
