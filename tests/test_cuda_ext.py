@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
 
@@ -350,6 +351,69 @@ def test_conv_stats_delegates_to_reference():
     want = reference.conv_stats(x, w, 1, 1, in_scale=s, in_shift=t)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+BLOCK_CASES = {
+    "basic_identity": ("BasicBlock", 5, 5, 1, False),
+    "basic_down_s2": ("BasicBlock", 4, 6, 2, True),
+    "bottleneck_down_s1": ("Bottleneck", 5, 3, 1, True),
+}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
+def test_blocks_through_extension_cpu_kernels(monkeypatch, case, train):
+    """resnet_fused blocks with backend="cuda", routed to the extension's CPU kernels, match torchvision (fp64):
+    the ops' argument conventions (fp32/fp64 folded bias, shortcut fusion, dual tail) are the blocks' own."""
+    import torchvision.models.resnet as tvr
+
+    import resnet_fused
+
+    kind, inplanes, planes, stride, down = case
+    monkeypatch.setattr(cuda_backend, "unsupported", lambda x, groups=1, dilation=1: None)
+    calls = {"conv_bias_act": 0, "scale_bias_add_relu": 0}
+    for name in calls:
+        op = getattr(cuda_backend, name)
+
+        def counted(*args, _op=op, _name=name, **kwargs):
+            calls[_name] += 1
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(cuda_backend, name, counted)
+
+    torch.manual_seed(15)
+    out = planes * getattr(tvr, kind).expansion
+
+    def downsample():
+        return nn.Sequential(tvr.conv1x1(inplanes, out, stride), nn.BatchNorm2d(out)) if down else None
+
+    tv = getattr(tvr, kind)(inplanes, planes, stride, downsample()).double()
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+    fused = getattr(resnet_fused, kind)(inplanes, planes, stride, downsample(), backend="cuda").double()
+    fused.load_state_dict(tv.state_dict())
+    tv.train(train)
+    fused.train(train)
+    x = torch.randn(2, inplanes, 7, 7, dtype=torch.float64)
+    x_tv, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_tv, y_fused = tv(x_tv), fused(x_fused)
+    assert_close(y_fused, y_tv, dtype=torch.float64)
+    grad = torch.randn_like(y_tv)
+    y_tv.backward(grad)
+    y_fused.backward(grad)
+    assert_close(x_fused.grad, x_tv.grad, dtype=torch.float64)
+    fused_params = dict(fused.named_parameters())
+    for name, p in tv.named_parameters():
+        assert_close(fused_params[name].grad, p.grad, dtype=torch.float64, msg=name)
+    if train:
+        assert calls["scale_bias_add_relu"] == 1
+    else:
+        assert calls["conv_bias_act"] == len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) - down
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

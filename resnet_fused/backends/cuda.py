@@ -33,12 +33,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CHANNEL_DIMS = (0, 2, 3)
 
 _ext: ModuleType | None = None
+_ext_info: dict | None = None
 _load_error: str | None = None
 
 
 def _load() -> ModuleType | None:
     """Import ``resnet_fused._C`` once and register its fake and autograd kernels; None if it is not built."""
-    global _ext, _load_error
+    global _ext, _ext_info, _load_error
     if _ext is None and _load_error is None:
         try:
             ext = importlib.import_module("resnet_fused._C")
@@ -46,7 +47,7 @@ def _load() -> ModuleType | None:
             _load_error = f"{_NOT_BUILT} [{err}]"
             return None
         _register()
-        _ext = ext
+        _ext, _ext_info = ext, ext.build_info()
     return _ext
 
 
@@ -57,16 +58,14 @@ def is_built() -> bool:
 
 def build_info() -> dict | None:
     """``resnet_fused._C.build_info()`` (with_cuda, cuda_version, archs as SM numbers, torch_version), or None."""
-    ext = _load()
-    return None if ext is None else ext.build_info()
+    return None if _load() is None else dict(_ext_info)
 
 
 def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:
     """Why this backend cannot run input ``x`` (None when it can); groups and dilation are all supported."""
-    ext = _load()
-    if ext is None:
+    if _load() is None:
         return _load_error
-    if not ext.build_info()["with_cuda"]:
+    if not _ext_info["with_cuda"]:
         return _NO_CUDA
     if x.device.type != "cuda":
         return f"the cuda backend runs CUDA tensors only, got a tensor on {x.device}"
