@@ -133,6 +133,25 @@ def test_conv_bias_act_cpu_bf16_with_fp32_bias():
     torch.testing.assert_close(out.double(), ref, atol=2 * conv_err.item() + 5e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_conv_bias_act_mixed_layouts(device, no_tf32):
+    """channels_last x with an NCHW weight, a strided (non-dense) residual and an NCHW shortcut input: the output
+    still follows x's layout and every operand is read through its own strides."""
+    if device == "cuda":
+        _needs_cuda_build()
+    torch.manual_seed(16)
+    x = _rand(2, 8, 6, 6, device=device, mf=torch.channels_last)
+    w, b = _rand(16, 8, 3, 3, device=device), _rand(16, device=device)
+    residual = _rand(2, 16, 6, 12, device=device)[..., ::2]
+    sx, sw = _rand(2, 4, 11, 11, device=device), _rand(16, 4, 1, 1, device=device)
+    args = (x, w, b, [1, 1], [1, 1], [1, 1], 1, residual, sx, sw, [2, 2])
+    out = ops.conv_bias_act(*args, True)
+    _assert_format(out, x, (2, 16, 6, 6))
+    ref = conv_bias_act_formula(*args, True)
+    assert_close(out.double(), ref, dtype=torch.float32)
+
+
 SBAR_SHAPES = {"c3_h7": (2, 3, 7, 7), "c5_h7x5": (3, 5, 7, 5), "c16_h4": (2, 16, 4, 4)}
 
 
