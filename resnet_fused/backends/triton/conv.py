@@ -15,8 +15,10 @@ costs one launch per convolution in inference and no extra elementwise/reduction
   no atomics).
 
 Grouped convolutions run as ``groups`` independent GEMMs in one launch; dilation is a stride on the filter
-taps. ``conv2d_fused`` is the checked launcher; it is registered as ``resnet_fused::triton_conv2d_fused`` with
-``torch.library.triton_op`` so ``torch.compile`` traces through it.
+taps. ``conv2d_fused`` is the checked launcher of the op ``resnet_fused::triton_conv2d_fused``, registered with
+``torch.library.triton_op`` so ``torch.compile`` traces into the kernels (as an opaque custom op with a fake
+kernel under the interpreter). One call is one conv launch, plus two tiny merge launches with ``stats``
+(more only for very large N·P·Q), all counted by :mod:`._launch`.
 """
 
 from __future__ import annotations
@@ -289,7 +291,7 @@ MERGE_BLOCK_P = 64
 MERGE_BLOCK_C = 32
 
 
-def merge_partial_stats(cnt: Tensor, mean: Tensor, m2: Tensor, rows_per_prog: int = 16 * MERGE_BLOCK_P
+def merge_partial_stats(cnt: Tensor, mean: Tensor, m2: Tensor, rows_per_prog: int = 8 * MERGE_BLOCK_P
                         ) -> Tuple[Tensor, Tensor]:
     """Per-channel (mean, biased variance) from partial statistics ``cnt[ROWS]``, ``mean/m2[ROWS, K]``
     (fp32, contiguous). Many rows are first merged in parallel chunks of ``rows_per_prog``, then once more
@@ -369,7 +371,9 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
     sw = shortcut_weight.contiguous(memory_format=torch.channels_last) if has_sc else wc
-    res = residual if residual is not None else y
+    # Absent operands are stood in for by read-only inputs the kernel never dereferences (never by an
+    # output, which would make the kernel look like it aliased a mutated buffer when traced).
+    res = residual if residual is not None else xc
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
     k_g = k // groups
 
@@ -377,8 +381,8 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"]),)
 
     _wrap(_conv_fwd_kernel)[grid](
-        xc, wc, bias if bias is not None else y, res, sx, sw,
-        in_scale if in_scale is not None else part_cnt, in_shift if in_shift is not None else part_cnt,
+        xc, wc, bias if bias is not None else wc, res, sx, sw,
+        in_scale if in_scale is not None else wc, in_shift if in_shift is not None else wc,
         y, part_cnt, part_mean, part_m2,
         n, c, h, w, k, p, q, cs, hs, ws,
         xc.stride(0), xc.stride(1), xc.stride(2), xc.stride(3),
