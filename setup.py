@@ -68,11 +68,12 @@ def _torch_arch_list(archs: list[tuple[str, bool]]) -> str:
 
 
 def _wheel_cuda_include_dirs() -> list[str]:
-    """Headers the CUDA toolkit may lack (cusparse.h, cublas_v2.h, ...) that torch's CUDA headers include.
+    """Headers the CUDA toolkit may lack (cusparse.h, cublas_v2.h, cusolverDn.h, ...) that torch's CUDA headers
+    include.
 
     CUDA wheels of torch depend on ``nvidia-*`` packages that ship them under ``site-packages/nvidia/cu<N>/include``
-    (or ``nvidia/<lib>/include`` for older layouts). They are added as *system* include dirs so the toolkit's own
-    headers keep priority.
+    (or one ``nvidia/<lib>/include`` per library in older layouts). They are added as *system* include dirs, which
+    the compilers search after every ``-I`` dir, so the toolkit's own headers keep priority.
     """
     import importlib.util
 
@@ -88,10 +89,8 @@ def _wheel_cuda_include_dirs() -> list[str]:
         if not root.is_dir():
             continue
         for inc in sorted(root.glob("*/include")):
-            if (inc / "cusparse.h").exists() or (inc / "cublas_v2.h").exists():
-                s = str(inc)
-                if s not in dirs:
-                    dirs.append(s)
+            if str(inc) not in dirs:
+                dirs.append(str(inc))
     return dirs
 
 

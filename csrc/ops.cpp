@@ -7,12 +7,15 @@
 // The first is a ResNet block's inference tail (BN folded into W / bias, identity or downsample shortcut
 // added before the ReLU), the second its training tail (BN2 applied from batch statistics, plus the identity
 // or the downsample branch's own BN). The CPU versions run at::convolution and then the epilogue in the op-math
-// type (fp32 for fp32/fp16/bf16, fp64 for fp64), so they are an exact reference for the fused CUDA kernels.
+// type (fp32 for fp32/fp16/bf16, fp64 for fp64) with one rounding to the output dtype, the same math as the fused
+// CUDA kernels (which differ only by using fused multiply-adds).
 // Autograd and fake (meta) kernels are registered from Python (resnet_fused/backends/cuda.py).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 #include <torch/version.h>
+
+#include <algorithm>
 
 #include "build_info.h"
 #include "ops.h"
@@ -30,7 +33,7 @@ void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min
   TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, op, ": ", name, " must be >= ", min_value, ", got ", v);
 }
 
-// Checks an optional tensor that must match x's dtype and device.
+// Checks that `t` has the dtype and the device of `x`.
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const char* x_name) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of ", x_name, " (",
               x.scalar_type(), "), got ", t.scalar_type());
