@@ -81,17 +81,19 @@ def _is_cl(t):
 
 
 # (N, C, H, W, K, R, S, stride, padding, dilation, groups): ResNet kernel/stride combinations at odd sizes
-# that leave partial M, N and C tiles (the interpreter's tile is 64x16x16).
+# that leave partial M, N and C tiles (the interpreter's tile is 128x64x64; "wide" cases have several N and C
+# tiles, per group too).
 SHAPES = {
-    "1x1": (2, 20, 5, 5, 20, 1, 1, 1, 0, 1, 1),
+    "1x1-wide": (2, 72, 5, 5, 70, 1, 1, 1, 0, 1, 1),
     "1x1-s2": (3, 5, 9, 9, 7, 1, 1, 2, 0, 1, 1),
     "3x3": (3, 5, 7, 7, 6, 3, 3, 1, 1, 1, 1),
     "3x3-s2-rect": (2, 6, 9, 8, 5, 3, 3, 2, 1, 1, 1),
-    "3x3-nopad": (2, 17, 6, 7, 18, 3, 3, 1, 0, 1, 1),
+    "3x3-nopad-wide": (3, 66, 10, 9, 65, 3, 3, 1, 0, 1, 1),
     "7x7-s2-stem": (2, 3, 11, 11, 8, 7, 7, 2, 3, 1, 1),
     "3x3-dil2": (2, 4, 7, 7, 4, 3, 3, 1, 2, 2, 1),
     "3x3-groups4": (2, 16, 5, 5, 16, 3, 3, 1, 1, 1, 4),
     "3x3-s2-groups2": (2, 6, 7, 7, 10, 3, 3, 2, 1, 1, 2),
+    "1x1-groups2-wide": (2, 140, 5, 5, 136, 1, 1, 1, 0, 1, 2),
 }
 
 
@@ -130,10 +132,10 @@ def test_shortcut_conv_in_same_accumulator(main, dtype):
     """Block tail with downsample: relu(conv(h) + b + conv1x1_s2(x, W_d)) in one launch."""
     r = 1 if main == "1x1" else 3
     h = _rand(3, 6, 5, 5, dtype=dtype, channels_last=True)
-    weight = _weight(18, 6, r, r, dtype)
-    bias = _rand(18, dtype=dtype)
-    sx = _rand(3, 19, 9, 10, dtype=dtype)
-    sw = _weight(18, 19, 1, 1, dtype)
+    weight = _weight(66, 6, r, r, dtype)
+    bias = _rand(66, dtype=dtype)
+    sx = _rand(3, 70, 9, 10, dtype=dtype)
+    sw = _weight(66, 70, 1, 1, dtype)
     _launch.reset_launch_count()
     y = conv.conv2d_fused(h, weight, bias, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2,
                           relu=True)
@@ -158,13 +160,14 @@ def test_affine_relu_prologue_keeps_padding_zero(stride, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
 def test_stats_epilogue(prologue, dtype):
-    """mean and biased var of the stored output over N·P·Q = 243 rows (4 row tiles, the last one partial)."""
+    """mean and biased var of the stored output over N·P·Q = 243 rows (two row tiles, the last partial) and
+    70 channels (two channel tiles)."""
     x = _rand(3, 5, 9, 9, dtype=dtype)
-    weight = _weight(20, 5, 3, 3, dtype)
+    weight = _weight(70, 5, 3, 3, dtype)
     kw = dict(in_scale=_rand(5) + 1.0, in_shift=_rand(5)) if prologue else {}
     y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, stats=True, **kw)
     _close(y, _ref(x, weight, None, 1, 1, **kw), dtype)
-    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (20,)
+    assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (70,)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
     torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
