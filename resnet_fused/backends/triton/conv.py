@@ -220,9 +220,8 @@ def _conv_fwd_kernel(
         mean = tl.sum(v, axis=0) / cnt
         d = tl.where(out_mask, v - mean[None, :], 0.0)
         m2 = tl.sum(d * d, axis=0)
-        RATIO: tl.constexpr = BLOCK_M // STATS_ROWS
-        sub = tl.arange(0, RATIO)
-        slot = pid_m * RATIO + sub
+        sub = tl.arange(0, BLOCK_M // STATS_ROWS)
+        slot = pid_m * (BLOCK_M // STATS_ROWS) + sub
         slot_ok = slot < tl.cdiv(M, STATS_ROWS)
         first = sub == 0
         tl.store(part_cnt_ptr + slot, tl.where(first, cnt, 0.0), mask=slot_ok)
