@@ -27,7 +27,7 @@ PY="$VENV/bin/python"
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
     top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
     if [ -n "$top" ] && [ -d "$top" ]; then
-        CUDA_HOME=$(cd "$top/.." && pwd)
+        CUDA_HOME=$(cd "$top" && pwd)
         export CUDA_HOME
     fi
 fi
