@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import Tensor
+
+from .. import reference
 
 NAME = "triton"
 
@@ -53,26 +54,12 @@ def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:
     return None
 
 
-def _pair(v) -> list[int]:
-    return list(v) if isinstance(v, (tuple, list)) else [v, v]
-
-
-def _conv_grads(g: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
-                need_input: bool, need_weight: bool):
-    if not (need_input or need_weight):
-        return None, None
-    gi, gw, _ = torch.ops.aten.convolution_backward(
-        g, inp, weight, None, _pair(stride), _pair(padding), _pair(dilation), False, [0, 0], groups,
-        [need_input, need_weight, False])
-    return gi, gw
-
-
-class ConvBiasActFunction(torch.autograd.Function):
+class ConvBiasActFunction(reference.ConvBiasActFunction):
     """``y = act(conv(x, W) + b + residual + conv1x1(shortcut_x, W_d))`` in one kernel launch.
 
-    Backward, with ``g = dy·[y > 0]`` (ReLU) or ``dy``: ``db = Σ_{n,p,q} g``, ``dresidual = g``,
-    ``(dx, dW) = conv_backward(g, x, W)``, ``(dshortcut_x, dW_d) = conv_backward(g, shortcut_x, W_d)``.
-    Saves x, W, shortcut_x, W_d and y.
+    Backward is the reference backend's: with ``g = dy·[y > 0]`` (ReLU) or ``dy``: ``db = Σ_{n,p,q} g``,
+    ``dresidual = g``, ``(dx, dW) = conv_backward(g, x, W)``, ``(dshortcut_x, dW_d) = conv_backward(g,
+    shortcut_x, W_d)``. Saves x, W, shortcut_x, W_d and y.
     """
 
     @staticmethod
@@ -84,20 +71,6 @@ class ConvBiasActFunction(torch.autograd.Function):
         ctx.conf = (stride, padding, dilation, groups, shortcut_stride, relu)
         ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, y)
         return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, shortcut_x, shortcut_weight, y = ctx.saved_tensors
-        stride, padding, dilation, groups, shortcut_stride, relu = ctx.conf
-        need = ctx.needs_input_grad
-        g = grad_y * (y > 0) if relu else grad_y
-        grad_bias = g.sum((0, 2, 3), dtype=torch.float32) if need[2] else None
-        grad_residual = g if need[3] else None
-        gx, gw = _conv_grads(g, x, weight, stride, padding, dilation, groups, need[0], need[1])
-        gsx = gsw = None
-        if shortcut_x is not None:
-            gsx, gsw = _conv_grads(g, shortcut_x, shortcut_weight, shortcut_stride, 0, 1, 1, need[4], need[5])
-        return gx, gw, grad_bias, grad_residual, gsx, gsw, None, None, None, None, None, None
 
 
 def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation=1, groups: int = 1,
