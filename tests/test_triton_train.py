@@ -8,7 +8,9 @@ checked with the launch counter. CPU runs use the Triton interpreter (TRITON_INT
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+import resnet_fused
 from resnet_fused.backends import reference
 from resnet_fused.backends.triton import _launch, elementwise, train
 from tolerances import assert_close
@@ -307,6 +309,7 @@ def test_many_rows_multi_program_reduction():
     assert programs > 1
     dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x, scale, shift)
     g = grad_a * (x * _chan(scale) + _chan(shift) > 0)
+    assert_close(dx, g * _chan(scale))
     assert_close(dscale, (g * x).sum((0, 2, 3)), scale=SUM_SCALE)
     assert_close(dshift, g.sum((0, 2, 3)), scale=SUM_SCALE)
 
@@ -318,8 +321,9 @@ def test_empty_batch():
     assert elementwise.tail_fwd(c, scale, shift, c).shape == c.shape
     dc, didn, dscale, dshift, didn_scale = elementwise.tail_bwd(c, c, scale, shift, c)
     assert _launch.launch_count() == 0
-    assert dc.shape == c.shape and didn_scale is None
+    assert dc.shape == didn.shape == c.shape and didn_scale is None
     assert_close(dscale, torch.zeros(4, device=DEVICE))
+    assert_close(dshift, torch.zeros(4, device=DEVICE))
 
 
 def test_bad_inputs():
@@ -339,3 +343,28 @@ def test_bad_inputs():
         train.scale_bias_add_relu(c, scale, shift, c, idn_scale=scale)
     with pytest.raises(ValueError, match="given together"):
         train.conv_stats(c, torch.randn(4, 4, 1, 1, device=DEVICE), 1, 0, in_scale=scale)
+
+
+@pytest.mark.parametrize("kind,inplanes,planes,stride,downsample",
+                         [("BasicBlock", 5, 5, 1, False), ("Bottleneck", 5, 3, 2, True)],
+                         ids=["basic", "bottleneck_down"])
+def test_training_block_launch_counts(kind, inplanes, planes, stride, downsample):
+    """A training block is its conv_stats launches plus ONE tail kernel forward; backward is one tail
+    kernel, one statistics-backward kernel per conv, and for each conv with the BN+ReLU prologue its
+    recompute and its one-pass backward."""
+    torch.manual_seed(9)
+    out = planes * getattr(resnet_fused, kind).expansion
+    ds = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out)) if downsample else None
+    block = getattr(resnet_fused, kind)(inplanes, planes, stride, ds, backend="triton").to(DEVICE)
+    x = torch.randn(2, inplanes, 5, 5, device=DEVICE, requires_grad=True)
+    _launch.reset_launch_count()
+    train.conv_stats(x.detach(), block.conv1.weight.detach(), 1, 0)
+    per_conv_stats = _launch.launch_count()
+
+    convs = 2 if kind == "BasicBlock" else 3
+    _launch.reset_launch_count()
+    y = block(x)
+    assert _launch.launch_count() == (convs + downsample) * per_conv_stats + 1
+    _launch.reset_launch_count()
+    y.sum().backward()
+    assert _launch.launch_count() == 1 + (convs + downsample) + 2 * (convs - 1)
