@@ -314,6 +314,17 @@ def test_many_rows_multi_program_reduction():
     assert_close(dshift, g.sum((0, 2, 3)), scale=SUM_SCALE)
 
 
+def test_relu_propagates_nan():
+    """A NaN reaching a ReLU stays NaN as in torch.relu, so a diverging run shows in its loss."""
+    c = torch.randn(2, 3, 4, 4, device=DEVICE)
+    c[1, 2, 3, 0] = float("nan")
+    scale, shift = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    expected = torch.relu(c * _chan(scale) + _chan(shift))
+    assert expected.isnan().sum() == 1
+    torch.testing.assert_close(elementwise.affine_relu_fwd(c, scale, shift), expected, equal_nan=True)
+    torch.testing.assert_close(elementwise.tail_fwd(c, scale, shift, torch.zeros_like(c)), expected, equal_nan=True)
+
+
 def test_empty_batch():
     c = torch.randn(0, 4, 3, 3, device=DEVICE)
     scale, shift = torch.ones(4, device=DEVICE), torch.zeros(4, device=DEVICE)

@@ -80,7 +80,8 @@ def _tail_fwd_kernel(
         if HAS_IDN_AFFINE:
             idn = idn * sd + td
         z = c * s + t + idn
-        tl.store(out_ptr + offs, tl.maximum(z, 0.0).to(out_ptr.dtype.element_ty), mask=mask)
+        out = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -174,7 +175,7 @@ def _affine_relu_fwd_kernel(
         mask = (rows < R)[:, None] & cmask[None, :]
         offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a = tl.maximum(x * s + t, 0.0)
+        a = tl.maximum(x * s + t, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -309,7 +310,7 @@ def _launch_geometry(rows: int, channels: int) -> tuple[int, int, int, int]:
     """
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     block_c = min(triton.next_power_of_2(channels), 128 if interpret else 64)
-    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if interpret else 4096) // block_c)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if interpret else 2048) // block_c)
     target_programs = 4 if interpret else 1024
     steps = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs))
     rows_per_prog = steps * block_r
