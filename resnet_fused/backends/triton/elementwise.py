@@ -24,6 +24,7 @@ per-program partials ``[programs, C]`` summed afterwards in a fixed order, so re
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -228,10 +229,10 @@ def _stats_bwd_kernel(
     dvar_ptr,  # [C] fp32 gradient of the biased variance, read when HAS_DVAR
     out_ptr,  # [N, C, H, W] out: total gradient of c, dtype of c
     R,  # rows = N*H*W (= M, elements per channel)
-    inv_m,  # 1/M
     C,  # channels
     HW,  # H*W (NCHW addressing)
     ROWS_PER_PROG,  # rows handled by one program (multiple of BLOCK_R)
+    inv_m,  # 1/M
     HAS_DC: tl.constexpr,
     HAS_DMEAN: tl.constexpr,
     HAS_DVAR: tl.constexpr,
@@ -302,51 +303,69 @@ def _check_vec(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device}, expected {like.device}")
 
 
-def _launch_geometry(rows: int, channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, ROWS_PER_PROG, programs along rows) for a rows × channels pass.
+class _Plan(NamedTuple):
+    """How a rows × channels pass over one [N, C, H, W] layout is launched."""
+
+    grid: tuple[int, int]  # (programs along rows, programs along channels)
+    sizes: tuple[int, int, int, int]  # kernel arguments R, C, HW, ROWS_PER_PROG
+    meta: dict  # kernel constexprs CHANNELS_LAST, BLOCK_R, BLOCK_C
+
+
+def _plan(t: torch.Tensor, fmt: torch.memory_format) -> _Plan:
+    """Launch plan for a pass over t (in memory format fmt).
 
     On a GPU a program walks ROWS_PER_PROG rows in BLOCK_R steps so that a few programs per SM carry the
     reduction partials; the interpreter runs each program serially, so there a few big tiles win.
     """
+    n, channels, h, w = t.shape
+    rows = n * h * w
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     block_c = min(triton.next_power_of_2(channels), 128 if interpret else 64)
     block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if interpret else 2048) // block_c)
     target_programs = 4 if interpret else 1024
-    steps = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs))
-    rows_per_prog = steps * block_r
-    return block_r, block_c, rows_per_prog, triton.cdiv(rows, rows_per_prog)
+    rows_per_prog = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs)) * block_r
+    return _Plan(
+        grid=(triton.cdiv(rows, rows_per_prog), triton.cdiv(channels, block_c)),
+        sizes=(rows, channels, h * w, rows_per_prog),
+        meta={"CHANNELS_LAST": fmt == torch.channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
+    )
 
 
-def _geometry(t: torch.Tensor) -> tuple[int, int, int]:
-    n, c, h, w = t.shape
-    return n * h * w, c, h * w
-
-
-def tail_fwd(c, scale, shift, idn, idn_scale=None, idn_shift=None):
-    """relu(c*scale + shift + idn) or, with idn_scale/idn_shift, relu(c*scale + shift + idn*idn_scale +
-    idn_shift); fp32 math, result in c's dtype and memory format."""
+def _check_tail(c, scale, shift, idn, idn_scale, idn_shift) -> bool:
+    """Validates the operands of the tail; returns whether idn carries its own scale/shift."""
     _check_act("c", c)
     _check_act("idn", idn, c)
     _check_vec("scale", scale, c)
     _check_vec("shift", shift, c)
     if (idn_scale is None) != (idn_shift is None):
         raise ValueError("idn_scale and idn_shift must be given together")
-    dual = idn_scale is not None
-    if dual:
-        _check_vec("idn_scale", idn_scale, c)
-        _check_vec("idn_shift", idn_shift, c)
+    if idn_scale is None:
+        return False
+    _check_vec("idn_scale", idn_scale, c)
+    _check_vec("idn_shift", idn_shift, c)
+    return True
+
+
+def _check_affine(x, scale, shift) -> None:
+    _check_act("x", x)
+    _check_vec("scale", scale, x)
+    _check_vec("shift", shift, x)
+
+
+def tail_fwd(c, scale, shift, idn, idn_scale=None, idn_shift=None):
+    """relu(c*scale + shift + idn) or, with idn_scale/idn_shift, relu(c*scale + shift + idn*idn_scale +
+    idn_shift); fp32 math, result in c's dtype and memory format."""
+    dual = _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
     fmt = _memory_format(c)
     c, idn = _dense(c, fmt), _dense(idn, fmt)
     out = torch.empty_like(c)
-    rows, channels, hw = _geometry(c)
     if out.numel() == 0:
         return out
-    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    plan = _plan(c, fmt)
     _launch.record()
-    _tail_fwd_kernel[(progs, triton.cdiv(channels, block_c))](
+    _tail_fwd_kernel[plan.grid](
         c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift, out,
-        rows, channels, hw, rows_per_prog,
-        HAS_IDN_AFFINE=dual, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+        *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
     )
     return out
 
@@ -358,30 +377,19 @@ def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
     memory format), fp32 [C] sums; ``didn_scale`` is None without idn_scale, and the gradient of idn_shift
     equals ``dshift``.
     """
-    _check_act("c", c)
+    dual = _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
     _check_act("dout", dout, c)
-    _check_act("idn", idn, c)
-    _check_vec("scale", scale, c)
-    _check_vec("shift", shift, c)
-    if (idn_scale is None) != (idn_shift is None):
-        raise ValueError("idn_scale and idn_shift must be given together")
-    dual = idn_scale is not None
-    if dual:
-        _check_vec("idn_scale", idn_scale, c)
-        _check_vec("idn_shift", idn_shift, c)
     fmt = _memory_format(c)
     c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
     dc, didn = torch.empty_like(c), torch.empty_like(idn)
-    rows, channels, hw = _geometry(c)
-    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
-    psums = torch.zeros((3 if dual else 2, progs, channels), dtype=torch.float32, device=c.device)
+    plan = _plan(c, fmt)
+    psums = torch.zeros((3 if dual else 2, plan.grid[0], c.shape[1]), dtype=torch.float32, device=c.device)
     if c.numel():
         _launch.record()
-        _tail_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
+        _tail_bwd_kernel[plan.grid](
             dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
             dc, didn, psums[0], psums[1], psums[2] if dual else psums[1],
-            rows, channels, hw, rows_per_prog,
-            HAS_IDN_AFFINE=dual, CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+            *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
         )
     sums = psums.sum(dim=1)
     return dc, didn, sums[1], sums[0], sums[2] if dual else None
@@ -389,43 +397,32 @@ def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
 
 def affine_relu_fwd(x, scale, shift):
     """relu(x*scale + shift) per channel, fp32 math, result in x's dtype and memory format."""
-    _check_act("x", x)
-    _check_vec("scale", scale, x)
-    _check_vec("shift", shift, x)
+    _check_affine(x, scale, shift)
     fmt = _memory_format(x)
     x = _dense(x, fmt)
     a = torch.empty_like(x)
-    rows, channels, hw = _geometry(x)
     if a.numel() == 0:
         return a
-    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    plan = _plan(x, fmt)
     _launch.record()
-    _affine_relu_fwd_kernel[(progs, triton.cdiv(channels, block_c))](
-        x, scale, shift, a, rows, channels, hw, rows_per_prog,
-        CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
-    )
+    _affine_relu_fwd_kernel[plan.grid](x, scale, shift, a, *plan.sizes, **plan.meta)
     return a
 
 
 def affine_relu_bwd(grad_a, x, scale, shift):
     """One-pass backward of ``affine_relu_fwd``: returns ``(dx, dscale, dshift)``, dx in x's dtype and
     memory format, dscale/dshift fp32 [C]."""
-    _check_act("x", x)
+    _check_affine(x, scale, shift)
     _check_act("grad_a", grad_a, x)
-    _check_vec("scale", scale, x)
-    _check_vec("shift", shift, x)
     fmt = _memory_format(x)
     x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
     dx = torch.empty_like(x)
-    rows, channels, hw = _geometry(x)
-    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
-    psums = torch.zeros((2, progs, channels), dtype=torch.float32, device=x.device)
+    plan = _plan(x, fmt)
+    psums = torch.zeros((2, plan.grid[0], x.shape[1]), dtype=torch.float32, device=x.device)
     if x.numel():
         _launch.record()
-        _affine_relu_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
-            grad_a, x, scale, shift, dx, psums[0], psums[1], rows, channels, hw, rows_per_prog,
-            CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
-        )
+        _affine_relu_bwd_kernel[plan.grid](grad_a, x, scale, shift, dx, psums[0], psums[1], *plan.sizes,
+                                           **plan.meta)
     sums = psums.sum(dim=1)
     return dx, sums[0], sums[1]
 
@@ -448,15 +445,13 @@ def stats_bwd(c, mean, dc=None, dmean=None, dvar=None):
     c = _dense(c, fmt)
     dc = _dense(dc, fmt) if dc is not None else None
     out = torch.empty_like(c)
-    rows, channels, hw = _geometry(c)
     if out.numel() == 0:
         return out
-    block_r, block_c, rows_per_prog, progs = _launch_geometry(rows, channels)
+    plan = _plan(c, fmt)
     _launch.record()
-    _stats_bwd_kernel[(progs, triton.cdiv(channels, block_c))](
+    _stats_bwd_kernel[plan.grid](
         c, mean, dc if dc is not None else c, dmean if dmean is not None else mean,
-        dvar if dvar is not None else mean, out, rows, 1.0 / rows, channels, hw, rows_per_prog,
-        HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None,
-        CHANNELS_LAST=fmt == torch.channels_last, BLOCK_R=block_r, BLOCK_C=block_c,
+        dvar if dvar is not None else mean, out, *plan.sizes, 1.0 / plan.sizes[0],
+        HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, **plan.meta,
     )
     return out
