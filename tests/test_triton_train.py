@@ -378,3 +378,51 @@ def test_training_block_launch_counts(kind, inplanes, planes, stride, downsample
     _launch.reset_launch_count()
     y.sum().backward()
     assert _launch.launch_count() == 1 + (convs + downsample) + 2 * (convs - 1)
+
+
+def _opcheck_cases():
+    torch.manual_seed(10)
+    x = torch.randn(2, 5, 4, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    y = torch.randn(2, 5, 4, 3, device=DEVICE)
+    s, t = torch.rand(5, device=DEVICE) + 0.5, torch.randn(5, device=DEVICE)
+    ops = torch.ops.resnet_fused
+    return {
+        "tail_fwd": (ops.triton_tail_fwd, (x, s, t, y, None, None)),
+        "tail_fwd_dual": (ops.triton_tail_fwd, (x, s, t, y, s, t)),
+        "tail_bwd": (ops.triton_tail_bwd, (y, x, s, t, y, None, None)),
+        "tail_bwd_dual": (ops.triton_tail_bwd, (y, x, s, t, y, s, t)),
+        "affine_relu_fwd": (ops.triton_affine_relu_fwd, (y, s, t)),
+        "affine_relu_bwd": (ops.triton_affine_relu_bwd, (x, x, s, t)),
+        "stats_bwd": (ops.triton_stats_bwd, (x, s, y, t, s)),
+        "stats_bwd_mean_only": (ops.triton_stats_bwd, (y, s, None, t, None)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_opcheck_cases()))
+def test_registered_ops_pass_opcheck(case):
+    """Schema, fake kernel (shapes, dtypes, memory format) and AOT dispatch of each registered op."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op.default, args)
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces a training block's ops (conv_stats with the BN+ReLU prologue, the
+    dual tail) forward and backward without graph breaks, and computes what eager computes."""
+    torch.manual_seed(11)
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, device=DEVICE, requires_grad=True)
+    s, t = _vec(4, True), _vec(4)
+    cd = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+
+    def block_tail(x, w, s, t, cd):
+        c, mean, var = train.conv_stats(x, w, 1, 1, in_scale=s, in_shift=t)
+        scale = torch.rsqrt(var + 1e-5)
+        return train.scale_bias_add_relu(c, scale, -mean * scale, cd, s, t)
+
+    inputs = [x, w, s, t, cd]
+    out = torch.compile(block_tail, fullgraph=True)(*inputs)
+    expected = block_tail(*inputs)
+    assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for g, e in zip(_grads([out], inputs, [grad]), _grads([expected], inputs, [grad])):
+        assert_close(g, e, scale=SUM_SCALE)

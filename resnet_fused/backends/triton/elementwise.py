@@ -21,16 +21,22 @@ plain row-major [rows, C] matrix; NCHW tensors through ``(row // HW)·C·HW + ch
 of one call are brought to the memory format of the first tensor argument. Math is fp32; outputs take the
 dtype of the tensor they are the value or gradient of; per-channel results are fp32. Reductions write
 per-program partials ``[programs, C]`` summed afterwards in a fixed order, so results are deterministic.
+
+Each pass is a registered torch op (``resnet_fused::triton_*``) so ``torch.compile`` traces the training
+path without graph breaks; the public functions check their operands and call those ops.
 """
 
-import os
-from typing import NamedTuple
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from . import _launch
+from .conv import INTERPRET, _wrap
 
 
 @triton.jit
@@ -264,20 +270,28 @@ def _stats_bwd_kernel(
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
+def _memory_format(t: Tensor) -> torch.memory_format:
     """channels_last when t is laid out that way, else contiguous (NCHW)."""
     if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
 
 
-def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
 
-def _check_act(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+def _like(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    return torch.empty_like(t, memory_format=fmt)
+
+
+def _channel_vec(t: Tensor) -> Tensor:
+    return t.new_empty((t.shape[1],), dtype=torch.float32)
+
+
+def _check_act(name: str, t: Tensor, like: Optional[Tensor] = None) -> None:
     """An activation operand: a floating [N, C, H, W] tensor (same shape/device as ``like`` when given)."""
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(t.shape)}")
@@ -290,9 +304,9 @@ def _check_act(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> 
             raise ValueError(f"{name} is on {t.device}, expected {like.device}")
 
 
-def _check_vec(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+def _check_vec(name: str, t: Tensor, like: Tensor) -> None:
     """A per-channel parameter: fp32 [C] on the device of ``like``."""
-    if not isinstance(t, torch.Tensor):
+    if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     channels = like.shape[1]
     if t.shape != (channels,):
@@ -301,34 +315,6 @@ def _check_vec(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, got {t.dtype}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device}, expected {like.device}")
-
-
-class _Plan(NamedTuple):
-    """How a rows × channels pass over one [N, C, H, W] layout is launched."""
-
-    grid: tuple[int, int]  # (programs along rows, programs along channels)
-    sizes: tuple[int, int, int, int]  # kernel arguments R, C, HW, ROWS_PER_PROG
-    meta: dict  # kernel constexprs CHANNELS_LAST, BLOCK_R, BLOCK_C
-
-
-def _plan(t: torch.Tensor, fmt: torch.memory_format) -> _Plan:
-    """Launch plan for a pass over t (in memory format fmt).
-
-    On a GPU a program walks ROWS_PER_PROG rows in BLOCK_R steps so that a few programs per SM carry the
-    reduction partials; the interpreter runs each program serially, so there a few big tiles win.
-    """
-    n, channels, h, w = t.shape
-    rows = n * h * w
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    block_c = min(triton.next_power_of_2(channels), 128 if interpret else 64)
-    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if interpret else 2048) // block_c)
-    target_programs = 4 if interpret else 1024
-    rows_per_prog = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs)) * block_r
-    return _Plan(
-        grid=(triton.cdiv(rows, rows_per_prog), triton.cdiv(channels, block_c)),
-        sizes=(rows, channels, h * w, rows_per_prog),
-        meta={"CHANNELS_LAST": fmt == torch.channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
-    )
 
 
 def _check_tail(c, scale, shift, idn, idn_scale, idn_shift) -> bool:
@@ -352,22 +338,173 @@ def _check_affine(x, scale, shift) -> None:
     _check_vec("shift", shift, x)
 
 
+class _Plan(NamedTuple):
+    """How a rows × channels pass over one [N, C, H, W] layout is launched."""
+
+    grid: Tuple[int, int]  # (programs along rows, programs along channels)
+    sizes: Tuple[int, int, int, int]  # kernel arguments R, C, HW, ROWS_PER_PROG
+    meta: dict  # kernel constexprs CHANNELS_LAST, BLOCK_R, BLOCK_C
+
+
+def _plan(t: Tensor, fmt: torch.memory_format) -> _Plan:
+    """Launch plan for a pass over t (in memory format fmt).
+
+    On a GPU a program walks ROWS_PER_PROG rows in BLOCK_R steps so that a few programs per SM carry the
+    reduction partials; the interpreter runs each program serially, so there a few big tiles win.
+    """
+    n, channels, h, w = t.shape
+    rows = n * h * w
+    block_c = min(triton.next_power_of_2(channels), 128 if INTERPRET else 64)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if INTERPRET else 2048) // block_c)
+    target_programs = 4 if INTERPRET else 1024
+    rows_per_prog = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs)) * block_r
+    return _Plan(
+        grid=(triton.cdiv(rows, rows_per_prog), triton.cdiv(channels, block_c)),
+        sizes=(rows, channels, h * w, rows_per_prog),
+        meta={"CHANNELS_LAST": fmt == torch.channels_last, "BLOCK_R": block_r, "BLOCK_C": block_c},
+    )
+
+
+def _partials(t: Tensor, plan: _Plan, count: int) -> list[Tensor]:
+    """``count`` zeroed fp32 [programs along rows, C] buffers of per-program partial sums (separate tensors:
+    the per-channel results summed from them must not alias each other)."""
+    return [torch.zeros((plan.grid[0], t.shape[1]), dtype=torch.float32, device=t.device) for _ in range(count)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registered ops: allocation and launch only (the public functions below check the operands first).
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _tail_fwd_impl(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Optional[Tensor],
+                   idn_shift: Optional[Tensor]) -> Tensor:
+    dual = idn_scale is not None
+    fmt = _memory_format(c)
+    c, idn = _dense(c, fmt), _dense(idn, fmt)
+    out = _like(c, fmt)
+    if out.numel():
+        plan = _plan(c, fmt)
+        _launch.record()
+        _wrap(_tail_fwd_kernel)[plan.grid](
+            c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift, out,
+            *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
+        )
+    return out
+
+
+def _tail_fwd_fake(c, scale, shift, idn, idn_scale, idn_shift):
+    return _like(c, _memory_format(c))
+
+
+def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Optional[Tensor],
+                   idn_shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dual = idn_scale is not None
+    fmt = _memory_format(c)
+    c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
+    dc, didn = _like(c, fmt), _like(idn, fmt)
+    plan = _plan(c, fmt)
+    partials = _partials(c, plan, 3 if dual else 2)
+    psum_g, psum_gc = partials[:2]
+    psum_gidn = partials[2] if dual else psum_gc  # not written without idn_scale
+    if c.numel():
+        _launch.record()
+        _wrap(_tail_bwd_kernel)[plan.grid](
+            dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
+            dc, didn, psum_g, psum_gc, psum_gidn,
+            *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
+        )
+    return dc, didn, psum_gc.sum(0), psum_g.sum(0), psum_gidn.sum(0) if dual else psum_g.new_empty((0,))
+
+
+def _tail_bwd_fake(dout, c, scale, shift, idn, idn_scale, idn_shift):
+    fmt = _memory_format(c)
+    didn_scale = _channel_vec(c) if idn_scale is not None else c.new_empty((0,), dtype=torch.float32)
+    return _like(c, fmt), _like(idn, fmt), _channel_vec(c), _channel_vec(c), didn_scale
+
+
+def _affine_relu_fwd_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    fmt = _memory_format(x)
+    x = _dense(x, fmt)
+    a = _like(x, fmt)
+    if a.numel():
+        plan = _plan(x, fmt)
+        _launch.record()
+        _wrap(_affine_relu_fwd_kernel)[plan.grid](x, scale, shift, a, *plan.sizes, **plan.meta)
+    return a
+
+
+def _affine_relu_fwd_fake(x, scale, shift):
+    return _like(x, _memory_format(x))
+
+
+def _affine_relu_bwd_impl(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    fmt = _memory_format(x)
+    x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
+    dx = _like(x, fmt)
+    plan = _plan(x, fmt)
+    psum_gx, psum_g = _partials(x, plan, 2)
+    if x.numel():
+        _launch.record()
+        _wrap(_affine_relu_bwd_kernel)[plan.grid](grad_a, x, scale, shift, dx, psum_gx, psum_g, *plan.sizes,
+                                                  **plan.meta)
+    return dx, psum_gx.sum(0), psum_g.sum(0)
+
+
+def _affine_relu_bwd_fake(grad_a, x, scale, shift):
+    return _like(x, _memory_format(x)), _channel_vec(x), _channel_vec(x)
+
+
+def _stats_bwd_impl(c: Tensor, mean: Tensor, dc: Optional[Tensor], dmean: Optional[Tensor],
+                    dvar: Optional[Tensor]) -> Tensor:
+    fmt = _memory_format(c)
+    c = _dense(c, fmt)
+    dc = _dense(dc, fmt) if dc is not None else None
+    out = _like(c, fmt)
+    if out.numel():
+        plan = _plan(c, fmt)
+        _launch.record()
+        _wrap(_stats_bwd_kernel)[plan.grid](
+            c, mean, dc if dc is not None else c, dmean if dmean is not None else mean,
+            dvar if dvar is not None else mean, out, *plan.sizes, 1.0 / plan.sizes[0],
+            HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, **plan.meta,
+        )
+    return out
+
+
+def _stats_bwd_fake(c, mean, dc, dmean, dvar):
+    return _like(c, _memory_format(c))
+
+
+def _register(name: str, impl, fake):
+    """``resnet_fused::<name>`` as a torch op that torch.compile traces: a ``triton_op`` on GPUs; under the
+    interpreter (whose kernels ``wrap_triton`` cannot trace) an opaque ``custom_op`` with a fake kernel."""
+    qualname = f"resnet_fused::{name}"
+    if INTERPRET:
+        op = torch.library.custom_op(qualname, mutates_args=())(impl)
+        op.register_fake(fake)
+        return op
+    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+        return torch.library.triton_op(qualname, mutates_args=())(impl)
+    return impl
+
+
+_tail_fwd_op = _register("triton_tail_fwd", _tail_fwd_impl, _tail_fwd_fake)
+_tail_bwd_op = _register("triton_tail_bwd", _tail_bwd_impl, _tail_bwd_fake)
+_affine_relu_fwd_op = _register("triton_affine_relu_fwd", _affine_relu_fwd_impl, _affine_relu_fwd_fake)
+_affine_relu_bwd_op = _register("triton_affine_relu_bwd", _affine_relu_bwd_impl, _affine_relu_bwd_fake)
+_stats_bwd_op = _register("triton_stats_bwd", _stats_bwd_impl, _stats_bwd_fake)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------------------
+
+
 def tail_fwd(c, scale, shift, idn, idn_scale=None, idn_shift=None):
     """relu(c*scale + shift + idn) or, with idn_scale/idn_shift, relu(c*scale + shift + idn*idn_scale +
     idn_shift); fp32 math, result in c's dtype and memory format."""
-    dual = _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
-    fmt = _memory_format(c)
-    c, idn = _dense(c, fmt), _dense(idn, fmt)
-    out = torch.empty_like(c)
-    if out.numel() == 0:
-        return out
-    plan = _plan(c, fmt)
-    _launch.record()
-    _tail_fwd_kernel[plan.grid](
-        c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift, out,
-        *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
-    )
-    return out
+    _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
+    return _tail_fwd_op(c, scale, shift, idn, idn_scale, idn_shift)
 
 
 def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
@@ -379,34 +516,14 @@ def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
     """
     dual = _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
     _check_act("dout", dout, c)
-    fmt = _memory_format(c)
-    c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
-    dc, didn = torch.empty_like(c), torch.empty_like(idn)
-    plan = _plan(c, fmt)
-    psums = torch.zeros((3 if dual else 2, plan.grid[0], c.shape[1]), dtype=torch.float32, device=c.device)
-    if c.numel():
-        _launch.record()
-        _tail_bwd_kernel[plan.grid](
-            dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
-            dc, didn, psums[0], psums[1], psums[2] if dual else psums[1],
-            *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
-        )
-    sums = psums.sum(dim=1)
-    return dc, didn, sums[1], sums[0], sums[2] if dual else None
+    dc, didn, dscale, dshift, didn_scale = _tail_bwd_op(dout, c, scale, shift, idn, idn_scale, idn_shift)
+    return dc, didn, dscale, dshift, didn_scale if dual else None
 
 
 def affine_relu_fwd(x, scale, shift):
     """relu(x*scale + shift) per channel, fp32 math, result in x's dtype and memory format."""
     _check_affine(x, scale, shift)
-    fmt = _memory_format(x)
-    x = _dense(x, fmt)
-    a = torch.empty_like(x)
-    if a.numel() == 0:
-        return a
-    plan = _plan(x, fmt)
-    _launch.record()
-    _affine_relu_fwd_kernel[plan.grid](x, scale, shift, a, *plan.sizes, **plan.meta)
-    return a
+    return _affine_relu_fwd_op(x, scale, shift)
 
 
 def affine_relu_bwd(grad_a, x, scale, shift):
@@ -414,17 +531,7 @@ def affine_relu_bwd(grad_a, x, scale, shift):
     memory format, dscale/dshift fp32 [C]."""
     _check_affine(x, scale, shift)
     _check_act("grad_a", grad_a, x)
-    fmt = _memory_format(x)
-    x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
-    dx = torch.empty_like(x)
-    plan = _plan(x, fmt)
-    psums = torch.zeros((2, plan.grid[0], x.shape[1]), dtype=torch.float32, device=x.device)
-    if x.numel():
-        _launch.record()
-        _affine_relu_bwd_kernel[plan.grid](grad_a, x, scale, shift, dx, psums[0], psums[1], *plan.sizes,
-                                           **plan.meta)
-    sums = psums.sum(dim=1)
-    return dx, sums[0], sums[1]
+    return _affine_relu_bwd_op(grad_a, x, scale, shift)
 
 
 def stats_bwd(c, mean, dc=None, dmean=None, dvar=None):
@@ -441,17 +548,4 @@ def stats_bwd(c, mean, dc=None, dmean=None, dvar=None):
         _check_vec("dmean", dmean, c)
     if dvar is not None:
         _check_vec("dvar", dvar, c)
-    fmt = _memory_format(c)
-    c = _dense(c, fmt)
-    dc = _dense(dc, fmt) if dc is not None else None
-    out = torch.empty_like(c)
-    if out.numel() == 0:
-        return out
-    plan = _plan(c, fmt)
-    _launch.record()
-    _stats_bwd_kernel[plan.grid](
-        c, mean, dc if dc is not None else c, dmean if dmean is not None else mean,
-        dvar if dvar is not None else mean, out, *plan.sizes, 1.0 / plan.sizes[0],
-        HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, **plan.meta,
-    )
-    return out
+    return _stats_bwd_op(c, mean, dc, dmean, dvar)
