@@ -239,6 +239,24 @@ def test_conv_stats_partial_outputs(conv_impl, used):
         assert_close(g, e, scale=SUM_SCALE)
 
 
+def test_conv_stats_frozen_weight(conv_impl):
+    """Without a weight gradient the prologue activation is not recomputed; the other gradients are exact."""
+    torch.manual_seed(12)
+    x = (_act((2, 4, 5, 5), "nhwc").detach() * 2).requires_grad_()
+    weight = torch.randn(3, 4, 3, 3, device=DEVICE)
+    scale, shift = _vec(4, True), _vec(4)
+    inputs = [x, scale, shift]
+    outs = train.conv_stats(x, weight, 1, 1, in_scale=scale, in_shift=shift)
+    grad_out = [torch.randn_like(t) for t in outs]
+    _launch.reset_launch_count()
+    grads = _grads(outs, inputs, grad_out)
+    assert _launch.launch_count() == 2  # stats backward, prologue backward
+    expected_inputs = _clone_leaves(inputs)
+    expected = _conv_stats_formula(expected_inputs[0], weight, 1, 1, *expected_inputs[1:])
+    for g, e in zip(grads, _grads(expected, expected_inputs, grad_out)):
+        assert_close(g, e, scale=SUM_SCALE)
+
+
 def test_conv_stats_low_precision(conv_impl):
     """bf16 activations and weights with fp32 prologue vectors: c in bf16, statistics and their grads fp32."""
     torch.manual_seed(5)

@@ -42,7 +42,8 @@ class ConvStatsFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         prologue = in_scale is not None
         need_a = ctx.needs_input_grad[0] or (prologue and any(ctx.needs_input_grad[2:4]))
-        a = affine_relu_fwd(x, in_scale, in_shift) if prologue else x
+        # the weight gradient needs the activated input; the input gradient only its shape
+        a = affine_relu_fwd(x, in_scale, in_shift) if prologue and ctx.needs_input_grad[1] else x
         da, dweight, _ = torch.ops.aten.convolution_backward(
             dc, a, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
             [need_a, ctx.needs_input_grad[1], False],
