@@ -1,8 +1,8 @@
 """Training-path ops of the Triton backend: NormConv ``conv_stats`` and the BN-add-ReLU tail.
 
 ``conv_stats`` runs a convolution whose input may carry the previous BN+ReLU as a prologue and whose epilogue
-produces the output's per-channel batch mean and biased variance: ONE conv launch (``conv2d_fused(...,
-stats=True)``) instead of conv + normalize + activate + reduce. ``scale_bias_add_relu`` is the block tail
+produces the output's per-channel batch mean and biased variance: one conv launch (``conv2d_fused(...,
+stats=True)``, plus its tiny merge of per-tile statistics) instead of conv + normalize + activate + reduce. ``scale_bias_add_relu`` is the block tail
 ``relu(c*scale + shift + idn)`` (or with a normalized downsample branch) in one pass.
 
 Memory is where training gains most: backward keeps only the op inputs, the raw conv output c and its mean
