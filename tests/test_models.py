@@ -39,15 +39,20 @@ def _step(model, x, opt):
 
 
 def _assert_models_match(ref, fused, dtype, scale=1.0):
+    """Parameters, their gradients and buffers agree; bounds scale with each tensor's magnitude (gradients of
+    deep models reach 1e3 and more, where an absolute bound on entries near zero means nothing)."""
+    def close(b, a, msg):
+        assert_close(b, a, dtype, scale * max(1.0, a.abs().max().item()), msg=msg)
+
     for (name, a), b in zip(ref.named_parameters(), fused.parameters()):
-        assert_close(b, a, dtype, scale, msg=name)
+        close(b, a, name)
         if a.grad is not None:
-            assert_close(b.grad, a.grad, dtype, scale, msg=f"grad of {name}")
+            close(b.grad, a.grad, f"grad of {name}")
     for (name, a), b in zip(ref.named_buffers(), fused.buffers()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), name
         else:
-            assert_close(b, a, dtype, scale, msg=name)
+            close(b, a, name)
 
 
 @pytest.mark.parametrize("name", CONSTRUCTORS)
@@ -58,14 +63,14 @@ def test_constructor_matches_torchvision(name):
         assert torch.equal(value, fused.state_dict()[key]), key
     ref.double()
     fused.double()
-    # Small models see 64x64 inputs; the deep ones 32x32 (cheaper), where layer4's BatchNorms normalize 2
-    # values per channel and their gradients lose more digits.
-    size, steps, scale = (64, 3, 100.0) if name in SMALL else (32, 1, 1e4)
-    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    # layer4's BatchNorms must see more than 2 values per channel: over 2, x̂ = ±1 and the gradient through
+    # the variance is ill-conditioned (digits lost in torchvision as much as here).
+    batch, size, steps = (2, 64, 3) if name in SMALL else (4, 32, 1)
+    x = torch.randn(batch, 3, size, size, dtype=torch.float64)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
     opt_fused = torch.optim.SGD(fused.parameters(), lr=0.01, momentum=0.9)
     assert_close(_step(fused, x, opt_fused), _step(ref, x, opt_ref), torch.float64)
-    _assert_models_match(ref, fused, torch.float64, scale=scale)
+    _assert_models_match(ref, fused, torch.float64, scale=100.0)
     # Later SGD steps amplify round-off (the two models diverge chaotically, slowly): looser bounds.
     for _ in range(steps - 1):
         assert_close(_step(fused, x, opt_fused), _step(ref, x, opt_ref), torch.float64, scale=1e4)
