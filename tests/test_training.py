@@ -449,18 +449,11 @@ def test_gpu_amp_block_real_shapes(backend_name, config):
     tv, fused = _block_pair(kind, inplanes, planes, stride, downsample, backend_name, torch.float32)
     tv, fused = tv.to(memory_format=torch.channels_last), fused.to(memory_format=torch.channels_last)
     x = torch.randn(32, inplanes, 56, 56, device=DEVICE).to(memory_format=torch.channels_last)
-    x_tv, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        y_tv, y_fused = tv(x_tv), fused(x_fused)
-    grad_y = torch.randn_like(y_tv)
-    y_tv.backward(grad_y)
-    y_fused.backward(grad_y)
-    assert y_fused.is_contiguous(memory_format=torch.channels_last)
-    _check(y_fused.float(), y_tv.float(), torch.bfloat16, 2.0)
-    _check(x_fused.grad, x_tv.grad, torch.bfloat16, 2.0)
-    fused_params = dict(fused.named_parameters())
-    for name, p in tv.named_parameters():
-        _check(fused_params[name].grad, p.grad, torch.bfloat16, 2.0, msg=name)
+        y = fused(x)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    fused.load_state_dict(tv.state_dict())  # undo this forward's running-statistics update
+    _check_amp(fused, tv, x, torch.randn(y.shape, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend_name", ["triton"])
@@ -477,7 +470,8 @@ def test_gpu_resnet18_200_steps(backend_name):
     fused.load_state_dict(tv.state_dict())
     gen = torch.Generator(device="cuda").manual_seed(13)
     # a fixed pool of 8 batches the models can fit, so the curve falls well below its start
-    data = torch.randn(8, 64, 3, 64, 64, device="cuda", generator=gen).to(memory_format=torch.channels_last)
+    data = [torch.randn(64, 3, 64, 64, device="cuda", generator=gen).to(memory_format=torch.channels_last)
+            for _ in range(8)]
     labels = torch.randint(0, 10, (8, 64), device="cuda", generator=gen)
     curves = []
     for model in (tv, fused):
