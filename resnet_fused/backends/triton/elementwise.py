@@ -52,6 +52,27 @@ def _tile_offsets(rows, chans, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def _channel_block(C, BLOCK_C: tl.constexpr):
+    """This program's channel indices and their in-bounds mask."""
+    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return chans, chans < C
+
+
+@triton.jit
+def _per_channel(ptr, chans, cmask):
+    """A per-channel fp32 vector as a [1, BLOCK_C] row that broadcasts over a tile."""
+    return tl.load(ptr + chans, mask=cmask, other=0.0)[None, :]
+
+
+@triton.jit
+def _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Offsets and mask of the tile at row r0 of this program's ROWS_PER_PROG rows × chans."""
+    rows = tl.program_id(0) * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+    mask = (rows < R)[:, None] & cmask[None, :]
+    return _tile_offsets(rows, chans, C, HW, CHANNELS_LAST), mask
+
+
+@triton.jit
 def _tail_fwd_kernel(
     c_ptr,  # [N, C, H, W] main-branch conv output
     scale_ptr,  # [C] fp32
@@ -70,18 +91,14 @@ def _tail_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """out = relu(c*scale + shift + idn'), idn' = idn*idn_scale + idn_shift if HAS_IDN_AFFINE else idn (fp32)."""
-    pid_r = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chans < C
-    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    chans, cmask = _channel_block(C, BLOCK_C)
+    s = _per_channel(scale_ptr, chans, cmask)
+    t = _per_channel(shift_ptr, chans, cmask)
     if HAS_IDN_AFFINE:
-        sd = tl.load(idn_scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-        td = tl.load(idn_shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+        sd = _per_channel(idn_scale_ptr, chans, cmask)
+        td = _per_channel(idn_shift_ptr, chans, cmask)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_IDN_AFFINE:
@@ -119,21 +136,17 @@ def _tail_bwd_kernel(
     z = c*s + t + idn' is recomputed, g = dout·[z > 0]; dc = g*s; d(idn) = g, or dcd = g*sd for
     idn' = cd*sd + td; per-channel partial sums Σg (= dt = dtd), Σg·c (= ds), Σg·cd (= dsd).
     """
-    pid_r = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chans < C
-    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    chans, cmask = _channel_block(C, BLOCK_C)
+    s = _per_channel(scale_ptr, chans, cmask)
+    t = _per_channel(shift_ptr, chans, cmask)
     if HAS_IDN_AFFINE:
-        sd = tl.load(idn_scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-        td = tl.load(idn_shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+        sd = _per_channel(idn_scale_ptr, chans, cmask)
+        td = _per_channel(idn_shift_ptr, chans, cmask)
     acc_g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_gc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_gidn = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -150,7 +163,7 @@ def _tail_bwd_kernel(
             tl.store(didn_ptr + offs, g.to(didn_ptr.dtype.element_ty), mask=mask)
         acc_g += g
         acc_gc += g * c
-    poffs = pid_r * C + chans
+    poffs = tl.program_id(0) * C + chans
     tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
     tl.store(psum_gc_ptr + poffs, tl.sum(acc_gc, axis=0), mask=cmask)
     if HAS_IDN_AFFINE:
@@ -172,15 +185,11 @@ def _affine_relu_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """a = relu(x*scale + shift), fp32 math, stored in x's dtype."""
-    pid_r = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chans < C
-    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    chans, cmask = _channel_block(C, BLOCK_C)
+    s = _per_channel(scale_ptr, chans, cmask)
+    t = _per_channel(shift_ptr, chans, cmask)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.maximum(x * s + t, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -204,24 +213,20 @@ def _affine_relu_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """g = grad_a·[x*scale + shift > 0]; dx = g*scale; partial sums Σg·x (= dscale) and Σg (= dshift)."""
-    pid_r = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chans < C
-    s = tl.load(scale_ptr + chans, mask=cmask, other=0.0)[None, :]
-    t = tl.load(shift_ptr + chans, mask=cmask, other=0.0)[None, :]
+    chans, cmask = _channel_block(C, BLOCK_C)
+    s = _per_channel(scale_ptr, chans, cmask)
+    t = _per_channel(shift_ptr, chans, cmask)
     acc_gx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_a = tl.load(grad_a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.where(x * s + t > 0.0, grad_a, 0.0)
         tl.store(dx_ptr + offs, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
         acc_gx += g * x
         acc_g += g
-    poffs = pid_r * C + chans
+    poffs = tl.program_id(0) * C + chans
     tl.store(psum_gx_ptr + poffs, tl.sum(acc_gx, axis=0), mask=cmask)
     tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
 
@@ -247,18 +252,14 @@ def _stats_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dc_total = dc + dmean/M + dvar·2(c − mean)/M, each term present only when its gradient is."""
-    pid_r = tl.program_id(0)
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = chans < C
+    chans, cmask = _channel_block(C, BLOCK_C)
     if HAS_DMEAN:
-        dmean = tl.load(dmean_ptr + chans, mask=cmask, other=0.0)[None, :] * inv_m
+        dmean = _per_channel(dmean_ptr, chans, cmask) * inv_m
     if HAS_DVAR:
-        mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)[None, :]
-        dvar2 = tl.load(dvar_ptr + chans, mask=cmask, other=0.0)[None, :] * (2.0 * inv_m)
+        mean = _per_channel(mean_ptr, chans, cmask)
+        dvar2 = _per_channel(dvar_ptr, chans, cmask) * (2.0 * inv_m)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & cmask[None, :]
-        offs = _tile_offsets(rows, chans, C, HW, CHANNELS_LAST)
+        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if HAS_DC:
             acc += tl.load(dc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
