@@ -101,3 +101,17 @@ def test_triton_fold_follows_weight_updates():
         fused.downsample[1].running_mean.add_(0.3)
         ref.load_state_dict(fused.state_dict())
         assert_close(fused(x), ref(x), torch.float32)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_nan_input_propagates_like_torchvision(training):
+    """A NaN must surface in the output as it does in torchvision, never be clipped away by a fused ReLU."""
+    ref, fused = _pair("basic", 5, 8, 2, True)
+    ref.train(training)
+    fused.train(training)
+    x = torch.randn(2, 5, 7, 7, device=DEVICE)
+    x[0, 1, 3, 3] = float("nan")
+    with torch.no_grad():
+        expected, out = ref(x), fused(x)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out.isnan().any()

@@ -181,7 +181,7 @@ def _conv_fwd_kernel(
         if IN_AFFINE_RELU:
             sc = tl.load(scale_ptr + g * C_G + c, mask=c_ok, other=0.0)
             sh = tl.load(shift_ptr + g * C_G + c, mask=c_ok, other=0.0)
-            act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+            act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
             a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
         b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
         b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
@@ -208,7 +208,7 @@ def _conv_fwd_kernel(
                   + (k * stride_rc)[None, :])
         acc += tl.load(r_ptrs, mask=out_mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     out = acc.to(y_ptr.dtype.element_ty)
     y_ptrs = (y_ptr + (n_img.to(tl.int64) * stride_yn + p * stride_yh + q * stride_yw)[:, None]
               + (k * stride_yc)[None, :])
