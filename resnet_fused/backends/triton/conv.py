@@ -23,7 +23,6 @@ kernel under the interpreter). One call is one conv launch, plus two tiny merge 
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from . import _launch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = _launch.INTERPRET
 
 # Rows of output pixels per statistics slot: every BLOCK_M is a multiple of it, so the size of the partial
 # statistics buffers does not depend on the tile the autotuner picks.
@@ -281,12 +280,6 @@ def _stats_merge_kernel(
         tl.store(out_m2_ptr + pid_r * K + offs_c, m2_run, mask=c_ok)
 
 
-def _wrap(kernel):
-    """The kernel wrapped for ``torch.compile`` tracing where this torch has ``wrap_triton``."""
-    wrap = getattr(torch.library, "wrap_triton", None)
-    return wrap(kernel) if wrap is not None else kernel
-
-
 MERGE_BLOCK_P = 64
 MERGE_BLOCK_C = 32
 
@@ -303,14 +296,14 @@ def merge_partial_stats(cnt: Tensor, mean: Tensor, m2: Tensor, rows_per_prog: in
         n_cnt = torch.empty(chunks, device=mean.device, dtype=torch.float32)
         n_mean = torch.empty(chunks, k, device=mean.device, dtype=torch.float32)
         n_m2 = torch.empty(chunks, k, device=mean.device, dtype=torch.float32)
-        _wrap(_stats_merge_kernel)[(grid_c, chunks)](
+        _launch.wrap(_stats_merge_kernel)[(grid_c, chunks)](
             cnt, mean, m2, n_cnt, n_mean, n_m2, rows, k, rows_per_prog,
             FINAL=False, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C)
         _launch.record()
         cnt, mean, m2, rows = n_cnt, n_mean, n_m2, chunks
     out_mean = torch.empty(k, device=mean.device, dtype=torch.float32)
     out_var = torch.empty(k, device=mean.device, dtype=torch.float32)
-    _wrap(_stats_merge_kernel)[(grid_c, 1)](
+    _launch.wrap(_stats_merge_kernel)[(grid_c, 1)](
         cnt, mean, m2, cnt, out_mean, out_var, rows, k, max(rows, 1),
         FINAL=True, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C)
     _launch.record()
@@ -380,7 +373,7 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     def grid(meta):
         return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"]),)
 
-    _wrap(_conv_fwd_kernel)[grid](
+    _launch.wrap(_conv_fwd_kernel)[grid](
         xc, wc, bias if bias is not None else wc, res, sx, sw,
         in_scale if in_scale is not None else wc, in_shift if in_shift is not None else wc,
         y, part_cnt, part_mean, part_m2,
@@ -417,17 +410,7 @@ def _conv2d_fused_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
             x.new_empty(stat_shape, dtype=torch.float32), x.new_empty(stat_shape, dtype=torch.float32))
 
 
-_OP_NAME = "resnet_fused::triton_conv2d_fused"
-if INTERPRET:
-    # torch.library.wrap_triton hands interpreted kernels back unwrapped, so a triton_op's derived fake
-    # kernel would run the interpreter on fake tensors; an opaque custom op with an explicit fake kernel
-    # keeps torch.compile and opcheck working on CPU.
-    _conv2d_fused_op = torch.library.custom_op(_OP_NAME, mutates_args=())(_conv2d_fused_impl)
-    _conv2d_fused_op.register_fake(_conv2d_fused_fake)
-elif hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-    _conv2d_fused_op = torch.library.triton_op(_OP_NAME, mutates_args=())(_conv2d_fused_impl)
-else:
-    _conv2d_fused_op = _conv2d_fused_impl
+_conv2d_fused_op = _launch.register_op("triton_conv2d_fused", _conv2d_fused_impl, _conv2d_fused_fake)
 
 
 def _check_device(name: str, t: Tensor, x: Tensor) -> None:

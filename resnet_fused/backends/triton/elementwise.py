@@ -36,7 +36,6 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _launch
-from .conv import INTERPRET, _wrap
 
 
 @triton.jit
@@ -355,9 +354,9 @@ def _plan(t: Tensor, fmt: torch.memory_format) -> _Plan:
     """
     n, channels, h, w = t.shape
     rows = n * h * w
-    block_c = min(triton.next_power_of_2(channels), 128 if INTERPRET else 64)
-    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if INTERPRET else 2048) // block_c)
-    target_programs = 4 if INTERPRET else 1024
+    block_c = min(triton.next_power_of_2(channels), 128 if _launch.INTERPRET else 64)
+    block_r = min(triton.next_power_of_2(max(rows, 1)), (16384 if _launch.INTERPRET else 2048) // block_c)
+    target_programs = 4 if _launch.INTERPRET else 1024
     rows_per_prog = max(1, triton.cdiv(triton.cdiv(rows, block_r), target_programs)) * block_r
     return _Plan(
         grid=(triton.cdiv(rows, rows_per_prog), triton.cdiv(channels, block_c)),
@@ -386,7 +385,7 @@ def _tail_fwd_impl(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_sca
     if out.numel():
         plan = _plan(c, fmt)
         _launch.record()
-        _wrap(_tail_fwd_kernel)[plan.grid](
+        _launch.wrap(_tail_fwd_kernel)[plan.grid](
             c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift, out,
             *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
         )
@@ -409,7 +408,7 @@ def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: T
     psum_gidn = partials[2] if dual else psum_gc  # not written without idn_scale
     if c.numel():
         _launch.record()
-        _wrap(_tail_bwd_kernel)[plan.grid](
+        _launch.wrap(_tail_bwd_kernel)[plan.grid](
             dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
             dc, didn, psum_g, psum_gc, psum_gidn,
             *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
@@ -430,7 +429,7 @@ def _affine_relu_fwd_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     if a.numel():
         plan = _plan(x, fmt)
         _launch.record()
-        _wrap(_affine_relu_fwd_kernel)[plan.grid](x, scale, shift, a, *plan.sizes, **plan.meta)
+        _launch.wrap(_affine_relu_fwd_kernel)[plan.grid](x, scale, shift, a, *plan.sizes, **plan.meta)
     return a
 
 
@@ -446,8 +445,8 @@ def _affine_relu_bwd_impl(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tenso
     psum_gx, psum_g = _partials(x, plan, 2)
     if x.numel():
         _launch.record()
-        _wrap(_affine_relu_bwd_kernel)[plan.grid](grad_a, x, scale, shift, dx, psum_gx, psum_g, *plan.sizes,
-                                                  **plan.meta)
+        _launch.wrap(_affine_relu_bwd_kernel)[plan.grid](grad_a, x, scale, shift, dx, psum_gx, psum_g,
+                                                         *plan.sizes, **plan.meta)
     return dx, psum_gx.sum(0), psum_g.sum(0)
 
 
@@ -464,7 +463,7 @@ def _stats_bwd_impl(c: Tensor, mean: Tensor, dc: Optional[Tensor], dmean: Option
     if out.numel():
         plan = _plan(c, fmt)
         _launch.record()
-        _wrap(_stats_bwd_kernel)[plan.grid](
+        _launch.wrap(_stats_bwd_kernel)[plan.grid](
             c, mean, dc if dc is not None else c, dmean if dmean is not None else mean,
             dvar if dvar is not None else mean, out, *plan.sizes, 1.0 / plan.sizes[0],
             HAS_DC=dc is not None, HAS_DMEAN=dmean is not None, HAS_DVAR=dvar is not None, **plan.meta,
@@ -476,24 +475,11 @@ def _stats_bwd_fake(c, mean, dc, dmean, dvar):
     return _like(c, _memory_format(c))
 
 
-def _register(name: str, impl, fake):
-    """``resnet_fused::<name>`` as a torch op that torch.compile traces: a ``triton_op`` on GPUs; under the
-    interpreter (whose kernels ``wrap_triton`` cannot trace) an opaque ``custom_op`` with a fake kernel."""
-    qualname = f"resnet_fused::{name}"
-    if INTERPRET:
-        op = torch.library.custom_op(qualname, mutates_args=())(impl)
-        op.register_fake(fake)
-        return op
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-        return torch.library.triton_op(qualname, mutates_args=())(impl)
-    return impl
-
-
-_tail_fwd_op = _register("triton_tail_fwd", _tail_fwd_impl, _tail_fwd_fake)
-_tail_bwd_op = _register("triton_tail_bwd", _tail_bwd_impl, _tail_bwd_fake)
-_affine_relu_fwd_op = _register("triton_affine_relu_fwd", _affine_relu_fwd_impl, _affine_relu_fwd_fake)
-_affine_relu_bwd_op = _register("triton_affine_relu_bwd", _affine_relu_bwd_impl, _affine_relu_bwd_fake)
-_stats_bwd_op = _register("triton_stats_bwd", _stats_bwd_impl, _stats_bwd_fake)
+_tail_fwd_op = _launch.register_op("triton_tail_fwd", _tail_fwd_impl, _tail_fwd_fake)
+_tail_bwd_op = _launch.register_op("triton_tail_bwd", _tail_bwd_impl, _tail_bwd_fake)
+_affine_relu_fwd_op = _launch.register_op("triton_affine_relu_fwd", _affine_relu_fwd_impl, _affine_relu_fwd_fake)
+_affine_relu_bwd_op = _launch.register_op("triton_affine_relu_bwd", _affine_relu_bwd_impl, _affine_relu_bwd_fake)
+_stats_bwd_op = _launch.register_op("triton_stats_bwd", _stats_bwd_impl, _stats_bwd_fake)
 
 
 # ------------------------------------------------------------------------------------------------------------
