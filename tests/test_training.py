@@ -25,7 +25,7 @@ from resnet_fused.backends import reference
 from tolerances import TOL, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", "triton", "cuda"]
 # Gradients go through BN backward (two per-channel reductions) and up to three convolutions: compared with
 # the table's tolerance scaled by this factor.
 GRAD_SCALE = 4.0

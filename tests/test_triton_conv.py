@@ -16,11 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import resnet_fused.backends.triton as tb  # noqa: E402
-from resnet_fused.backends.triton import _launch, conv  # noqa: E402
+import resnet_fused.backends.triton as tb
+from resnet_fused.backends.triton import _launch, conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
