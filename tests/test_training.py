@@ -437,7 +437,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.mark.parametrize("config", [("BasicBlock", 64, 64, 1, False), ("BasicBlock", 64, 128, 2, True),
                                     ("Bottleneck", 256, 64, 1, False), ("Bottleneck", 256, 128, 2, True)],
                          ids=["basic64", "basic64to128_s2", "bottleneck256", "bottleneck256to512_s2"])
-@pytest.mark.parametrize("backend_name", ["triton"])
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_amp_block_real_shapes(backend_name, config):
@@ -456,7 +456,7 @@ def test_gpu_amp_block_real_shapes(backend_name, config):
     _check_amp(fused, tv, x, torch.randn(y.shape, device=DEVICE))
 
 
-@pytest.mark.parametrize("backend_name", ["triton"])
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
 @pytest.mark.gpu
 @requires_cuda
 def test_gpu_resnet18_200_steps(backend_name):
