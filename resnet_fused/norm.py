@@ -145,8 +145,9 @@ class FoldCache:
         self._entries.clear()
 
     def get(self, slot: int, weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (dtype, bn.eps, tuple(_version_key(t) for t in
-                                    (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)))
+        # A fold made under inference_mode is an inference tensor, which autograd may not save.
+        key = (dtype, bn.eps, torch.is_inference_mode_enabled(),
+               tuple(_version_key(t) for t in (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)))
         hit = self._entries.get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]

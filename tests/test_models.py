@@ -282,6 +282,19 @@ def test_fold_cache_is_never_stale():
         assert_close(block(x), expected())
 
 
+def test_fold_cached_under_inference_mode_serves_autograd_later():
+    ref, fused = _block_pair("basic", 8, 16, 2, True, torch.float32)
+    for m in (ref, fused):
+        m.eval().requires_grad_(False)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.inference_mode():
+        fused(x)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    fused(xf).sum().backward()  # input gradients with frozen weights, as adversarial attacks take them
+    assert_close(xf.grad, xr.grad)
+
+
 def test_eval_gradients_flow_through_the_fold():
     ref, fused = _block_pair("basic", 8, 16, 2, True, torch.float64)
     ref.eval()
