@@ -72,15 +72,19 @@ class ConvBiasActFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
                 groups, shortcut_stride, relu):
         acc = acc_dtype(x.dtype)
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc)
-        if bias is not None:
-            y = y + _chan(bias.to(acc))
+        if acc == x.dtype and (bias is None or bias.dtype == acc):
+            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        else:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc)
+            if bias is not None:
+                y += _chan(bias.to(acc))
+        # y is this op's own buffer: the epilogue runs in place on it.
         if shortcut_x is not None:
-            y = y + F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride).to(acc)
+            y += F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride)
         if residual is not None:
-            y = y + residual.to(acc)
+            y += residual
         if relu:
-            y = torch.relu(y)
+            y.relu_()
         y = y.to(x.dtype)
         ctx.conf = (stride, padding, dilation, groups, shortcut_stride, relu)
         ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, y)
