@@ -110,7 +110,8 @@ class _FusedForward:
             return norm.fold(conv.weight, bn, dtype)
         return self.owner._fold_cache.get(slot, conv.weight, bn, dtype)
 
-    def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None, final_relu: bool) -> Tensor:
+    def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None) -> Tensor:
+        """One ``conv_bias_act`` (+ReLU) per stage, BN folded in; the last takes the shortcut or identity."""
         h = x
         last = len(self.stages) - 1
         for i, (conv, bn) in enumerate(self.stages):
@@ -123,11 +124,12 @@ class _FusedForward:
             elif i == last and identity is not None:
                 extra = dict(residual=identity)
             h = be.conv_bias_act(h, w, b, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups,
-                                 relu=final_relu or i != last, **extra)
+                                 relu=True, **extra)
         return h
 
     def train(self, be, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Every stage but the tail: returns the last raw conv output with its BN scale/shift."""
+        """Every stage as ``conv_stats`` + finalize, each applying the previous BN+ReLU on load; returns the
+        last raw conv output with its BN scale/shift, which the caller's tail applies."""
         h, scale, shift = x, None, None
         for conv, bn in self.stages:
             stats = be.conv_stats(h, _cast(conv.weight, dtype), conv.stride[0], conv.padding[0], conv.dilation[0],
@@ -153,7 +155,7 @@ def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn
         identity = _cast(generic, dtype) if generic is not None else (xc if shortcut is None else None)
         bns = [bn for _, bn in stages] + ([shortcut[1]] if shortcut is not None else [])
         if not any(norm.uses_batch_stats(bn) for bn in bns):
-            return run.eval(be, xc, dtype, shortcut, identity, final_relu=True)
+            return run.eval(be, xc, dtype, shortcut, identity)
         c, scale, shift = run.train(be, xc, dtype)
         if shortcut is None:
             return be.scale_bias_add_relu(c, scale, shift, identity)
@@ -354,7 +356,7 @@ class ResNet(_Fused):
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
             if not norm.uses_batch_stats(self.bn1):
-                return run.eval(be, xc, dtype, None, None, final_relu=True)
+                return run.eval(be, xc, dtype, None, None)
             c, scale, shift = run.train(be, xc, dtype)
             return affine_relu(c, scale, shift)
 
