@@ -115,3 +115,13 @@ def test_nan_input_propagates_like_torchvision(training):
         expected, out = ref(x), fused(x)
     assert torch.equal(out.isnan(), expected.isnan())
     assert out.isnan().any()
+
+
+def test_compile_fullgraph_over_triton_eval_model():
+    """torch.compile traces the fused eval model (stem, blocks, head) with no graph break."""
+    torch.manual_seed(0)
+    ref = tv.resnet18(num_classes=4).to(DEVICE).eval()
+    fused = resnet_fused.fuse(copy.deepcopy(ref), backend="triton")
+    x = torch.randn(1, 3, 20, 20, device=DEVICE)
+    with torch.no_grad():
+        assert_close(torch.compile(fused, fullgraph=True)(x), ref(x), torch.float32, scale=10)
