@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, norm
-from .backends.reference import affine_relu
+from .backends.reference import affine_relu, memory_format
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
            "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -103,22 +103,24 @@ class _FusedForward:
         self.owner = owner
         self.stages = stages
 
-    def _fold(self, slot: int, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _fold(self, slot: int, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
+              memory_format: torch.memory_format) -> tuple[Tensor, Tensor]:
         differentiable = torch.is_grad_enabled() and any(
             p is not None and p.requires_grad for p in (conv.weight, bn.weight, bn.bias))
         if differentiable or torch.compiler.is_compiling():
-            return norm.fold(conv.weight, bn, dtype)
-        return self.owner._fold_cache.get(slot, conv.weight, bn, dtype)
+            return norm.fold(conv.weight, bn, dtype, memory_format)
+        return self.owner._fold_cache.get(slot, conv.weight, bn, dtype, memory_format)
 
     def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None) -> Tensor:
         """One ``conv_bias_act`` (+ReLU) per stage, BN folded in; the last takes the shortcut or identity."""
         h = x
         last = len(self.stages) - 1
+        fmt = memory_format(x)
         for i, (conv, bn) in enumerate(self.stages):
-            w, b = self._fold(i, conv, bn, dtype)
+            w, b = self._fold(i, conv, bn, dtype, fmt)
             extra: dict[str, Any] = {}
             if i == last and shortcut is not None:
-                wd, bd = self._fold(len(self.stages), shortcut[0], shortcut[1], dtype)
+                wd, bd = self._fold(len(self.stages), shortcut[0], shortcut[1], dtype, fmt)
                 b = b + bd
                 extra = dict(shortcut_x=x, shortcut_weight=wd, shortcut_stride=shortcut[0].stride[0])
             elif i == last and identity is not None:

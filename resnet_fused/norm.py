@@ -118,11 +118,14 @@ def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor]) -> tup
     return running_scale_shift(bn, mean.dtype)
 
 
-def fold(weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Fold eval-mode ``bn`` into the preceding conv: ``(W·scale in dtype, shift in the accumulation dtype)``."""
+def fold(weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype,
+         memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
+    """Fold eval-mode ``bn`` into the preceding conv: ``(W·scale in dtype, shift in the accumulation dtype)``.
+
+    ``W·scale`` is laid out in ``memory_format``: the activations' layout, so no kernel has to convert it."""
     acc = acc_dtype(dtype)
     scale, shift = running_scale_shift(bn, acc)
-    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype), shift
+    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype, memory_format=memory_format), shift
 
 
 def _version_key(t: Tensor | None):
@@ -144,14 +147,15 @@ class FoldCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def get(self, slot: int, weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def get(self, slot: int, weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype,
+            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
         # A fold made under inference_mode is an inference tensor, which autograd may not save.
-        key = (dtype, bn.eps, torch.is_inference_mode_enabled(),
+        key = (dtype, memory_format, bn.eps, torch.is_inference_mode_enabled(),
                tuple(_version_key(t) for t in (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)))
         hit = self._entries.get(slot)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            folded = fold(weight, bn, dtype)
+            folded = fold(weight, bn, dtype, memory_format)
         self._entries[slot] = (key, folded)
         return folded

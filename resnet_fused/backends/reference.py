@@ -34,6 +34,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last when ``t`` is laid out so (and not also plain contiguous), else contiguous NCHW: the
+    layout every fused op gives its output, as PyTorch's convolutions do."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:
     """The reference backend runs every floating-point input on every device."""
     if not x.is_floating_point():

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import memory_format
 from . import _launch
 
 INTERPRET = _launch.INTERPRET
@@ -326,20 +327,21 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def output_memory_format(x: Tensor) -> torch.memory_format:
-    """Channels-last when x is (unambiguously) channels-last, else contiguous NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]
+               ) -> Tuple[int, int]:
+    """The convolution's output height and width (P, Q)."""
+    _, _, h, w = x.shape
+    _, _, r, s = weight.shape
+    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
 
 
 def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
     """Uninitialised output [N, K, P, Q] in x's dtype and memory format."""
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=output_memory_format(x))
+    n, k = x.shape[0], weight.shape[0]
+    p, q = _output_hw(x, weight, stride, padding, dilation)
+    return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
 
 
 def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
@@ -459,8 +461,7 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     if c_g != c // groups:
         raise ValueError(f"weight expects {c_g * groups} input channels (shape {tuple(weight.shape)}, "
                          f"groups={groups}) but x has {c}")
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    p, q = _output_hw(x, weight, stride, padding, dilation)
     if p < 1 or q < 1:
         raise ValueError(f"the {r}x{s} kernel (dilation {dilation}, padding {padding}) does not fit the "
                          f"{h}x{w} input")

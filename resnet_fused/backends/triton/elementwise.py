@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference import memory_format
 from . import _launch
 
 
@@ -270,13 +271,6 @@ def _stats_bwd_kernel(
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last when t is laid out that way, else contiguous (NCHW)."""
-    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
@@ -379,7 +373,7 @@ def _partials(t: Tensor, plan: _Plan, count: int) -> list[Tensor]:
 def _tail_fwd_impl(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Optional[Tensor],
                    idn_shift: Optional[Tensor]) -> Tensor:
     dual = idn_scale is not None
-    fmt = _memory_format(c)
+    fmt = memory_format(c)
     c, idn = _dense(c, fmt), _dense(idn, fmt)
     out = _like(c, fmt)
     if out.numel():
@@ -393,13 +387,13 @@ def _tail_fwd_impl(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_sca
 
 
 def _tail_fwd_fake(c, scale, shift, idn, idn_scale, idn_shift):
-    return _like(c, _memory_format(c))
+    return _like(c, memory_format(c))
 
 
 def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Optional[Tensor],
                    idn_shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dual = idn_scale is not None
-    fmt = _memory_format(c)
+    fmt = memory_format(c)
     c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
     dc, didn = _like(c, fmt), _like(idn, fmt)
     plan = _plan(c, fmt)
@@ -417,13 +411,13 @@ def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: T
 
 
 def _tail_bwd_fake(dout, c, scale, shift, idn, idn_scale, idn_shift):
-    fmt = _memory_format(c)
+    fmt = memory_format(c)
     didn_scale = _channel_vec(c) if idn_scale is not None else c.new_empty((0,), dtype=torch.float32)
     return _like(c, fmt), _like(idn, fmt), _channel_vec(c), _channel_vec(c), didn_scale
 
 
 def _affine_relu_fwd_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     x = _dense(x, fmt)
     a = _like(x, fmt)
     if a.numel():
@@ -434,11 +428,11 @@ def _affine_relu_fwd_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 
 def _affine_relu_fwd_fake(x, scale, shift):
-    return _like(x, _memory_format(x))
+    return _like(x, memory_format(x))
 
 
 def _affine_relu_bwd_impl(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
     dx = _like(x, fmt)
     plan = _plan(x, fmt)
@@ -451,12 +445,12 @@ def _affine_relu_bwd_impl(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tenso
 
 
 def _affine_relu_bwd_fake(grad_a, x, scale, shift):
-    return _like(x, _memory_format(x)), _channel_vec(x), _channel_vec(x)
+    return _like(x, memory_format(x)), _channel_vec(x), _channel_vec(x)
 
 
 def _stats_bwd_impl(c: Tensor, mean: Tensor, dc: Optional[Tensor], dmean: Optional[Tensor],
                     dvar: Optional[Tensor]) -> Tensor:
-    fmt = _memory_format(c)
+    fmt = memory_format(c)
     c = _dense(c, fmt)
     dc = _dense(dc, fmt) if dc is not None else None
     out = _like(c, fmt)
@@ -472,7 +466,7 @@ def _stats_bwd_impl(c: Tensor, mean: Tensor, dc: Optional[Tensor], dmean: Option
 
 
 def _stats_bwd_fake(c, mean, dc, dmean, dvar):
-    return _like(c, _memory_format(c))
+    return _like(c, memory_format(c))
 
 
 _tail_fwd_op = _launch.register_op("triton_tail_fwd", _tail_fwd_impl, _tail_fwd_fake)
