@@ -77,11 +77,14 @@ def test_eval_gradients_through_triton_blocks():
         assert_close(b.grad, a.grad, torch.float32, scale=10, msg=name)
 
 
-def test_resnet_eval_stem_and_blocks_on_triton():
+def _resnet18_pair():
     torch.manual_seed(0)
     ref = tv.resnet18(num_classes=4).to(DEVICE).eval()
-    fused = resnet_fused.fuse(copy.deepcopy(ref), backend="triton")
-    x = torch.randn(1, 3, 20, 20, device=DEVICE)
+    return ref, resnet_fused.fuse(copy.deepcopy(ref), backend="triton"), torch.randn(1, 3, 20, 20, device=DEVICE)
+
+
+def test_resnet_eval_stem_and_blocks_on_triton():
+    ref, fused, x = _resnet18_pair()
     with torch.no_grad():
         expected = ref(x)
         _triton.reset_launch_count()
@@ -119,9 +122,6 @@ def test_nan_input_propagates_like_torchvision(training):
 
 def test_compile_fullgraph_over_triton_eval_model():
     """torch.compile traces the fused eval model (stem, blocks, head) with no graph break."""
-    torch.manual_seed(0)
-    ref = tv.resnet18(num_classes=4).to(DEVICE).eval()
-    fused = resnet_fused.fuse(copy.deepcopy(ref), backend="triton")
-    x = torch.randn(1, 3, 20, 20, device=DEVICE)
+    ref, fused, x = _resnet18_pair()
     with torch.no_grad():
         assert_close(torch.compile(fused, fullgraph=True)(x), ref(x), torch.float32, scale=10)
