@@ -110,14 +110,15 @@ def _extensions():
         and not _env_flag("RESNET_FUSED_FORCE_CPU_EXT")
     )
 
-    sources = [f"{CSRC}/ops.cpp", f"{CSRC}/module.cpp"]
+    # Every C++ unit in csrc/ builds into the extension; the .cu units only when CUDA is on.
+    sources = sorted(str(p) for p in Path(CSRC).glob("*.cpp"))
     # -g0: Python's default CFLAGS carry -g, and debug info for torch-header-heavy units costs ~40% build time.
     cxx_flags = ["-O3", "-g0"]
     define_macros = []
     if with_cuda:
         archs = _cuda_archs()
         os.environ["TORCH_CUDA_ARCH_LIST"] = _torch_arch_list(archs)
-        sources.append(f"{CSRC}/ops_cuda.cu")
+        sources += sorted(str(p) for p in Path(CSRC).glob("*.cu"))
         define_macros.append(("RESNET_FUSED_WITH_CUDA", None))
         system_includes = []
         for inc in _wheel_cuda_include_dirs():
