@@ -151,6 +151,22 @@ def environment(device: torch.device, backends: list[str], import_error: str | N
     }
 
 
+def auto_choices(device: torch.device, dtypes: list[str]) -> dict:
+    """The backend ``auto`` runs first for each benchmark dtype, with the probe timings it was chosen by."""
+    from resnet_fused import backends
+
+    choices = {}
+    for name in dtypes:
+        x = torch.empty(1, 8, 1, 1, device=device, dtype=P.DTYPES[name])
+        try:
+            chosen = backends.resolve("auto", x).NAME
+            entry = backends.autoselect.stored(device, x.dtype) or {}
+            choices[name] = {"backend": chosen, **{k: v for k, v in entry.items() if k != "backend"}}
+        except Exception as error:  # the sweep does not need it
+            choices[name] = {"error": f"{type(error).__name__}: {error}"}
+    return choices
+
+
 def new_row(workload: Workload, mode: str, dtype: str, provider: str) -> dict:
     return {
         "workload": workload.name,
@@ -365,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{meta['ceilings']['bf16_gemm_tflops']:.0f} TFLOP/s bf16 GEMM", flush=True)
         except Exception as error:  # the sweep does not need them
             meta["ceilings_error"] = f"{type(error).__name__}: {error}"
+        if not import_error:
+            meta["auto_backend"] = auto_choices(device, config["dtypes"])
     out_dir = Path(config["out"])
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = _output_stem(meta)

@@ -7,8 +7,9 @@ Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> st
 * ``triton``    — Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
 * ``cuda``      — the C++/CUDA extension ``resnet_fused._C``.
 
-``auto`` takes the first backend of :data:`AUTO_ORDER` for the input's device that can run it; CPU tensors
-always use ``reference``. When ``auto`` has to fall back because a preferred backend cannot run a config
+``auto`` takes the first backend that can run the input, in an order per device: CPU tensors always use
+``reference``; CUDA tensors try the faster of ``triton`` and ``cuda`` first — measured once per GPU and dtype
+and cached (:mod:`.autoselect`) — then the other, then ``reference``. When ``auto`` has to fall back because a preferred backend cannot run a config
 (grouped convolution, an odd dtype), it warns once per reason. A backend named explicitly that cannot run
 raises a ``RuntimeError`` that says why.
 """
@@ -21,13 +22,11 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from . import autoselect, reference
 
 BACKENDS = ("reference", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 
-# Preference of ``auto`` per device type.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "reference")}
 
 _modules: dict[str, ModuleType | str] = {"reference": reference}
 _warned: set[str] = set()
@@ -61,8 +60,7 @@ def available_backends() -> list[str]:
     probe = _probe()
     names = []
     for name in BACKENDS:
-        mod = load(name)
-        if not isinstance(mod, str) and mod.unsupported(probe, 1, 1) is None:
+        if _why_not(load(name), probe, 1, 1) is None:
             names.append(name)
     return names
 
@@ -72,17 +70,33 @@ def resolve(name: str, x: torch.Tensor, groups: int = 1, dilation: int = 1) -> M
     check_name(name)
     if name != "auto":
         mod = load(name)
-        reason = mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
+        reason = _why_not(mod, x, groups, dilation)
         if reason is not None:
             raise RuntimeError(f"resnet_fused backend {name!r} cannot run this input: {reason}")
         return mod
-    for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+    order = _auto_order(x, groups, dilation)
+    for candidate in order:
         mod = load(candidate)
-        reason = mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
+        reason = _why_not(mod, x, groups, dilation)
         if reason is None:
             return mod
-        if candidate == AUTO_ORDER[x.device.type][0] and reason not in _warned:
+        if candidate == order[0] and reason not in _warned:
             _warned.add(reason)
             warnings.warn(f"resnet_fused: backend {candidate!r} cannot run this input ({reason}); "
                           f"falling back", RuntimeWarning, stacklevel=3)
     return reference
+
+
+def _why_not(mod: ModuleType | str, x: torch.Tensor, groups: int, dilation: int) -> str | None:
+    return mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
+
+
+def _auto_order(x: torch.Tensor, groups: int, dilation: int) -> tuple[str, ...]:
+    if x.device.type != "cuda":
+        return ("reference",)
+    runnable = {}
+    for name in autoselect.CANDIDATES:
+        mod = load(name)
+        if _why_not(mod, x, groups, dilation) is None:
+            runnable[name] = mod
+    return autoselect.order(x.device, x.dtype, runnable)
