@@ -57,7 +57,9 @@ def is_built() -> bool:
 
 
 def build_info() -> dict | None:
-    """``resnet_fused._C.build_info()`` (with_cuda, cuda_version, archs as SM numbers, torch_version), or None."""
+    """``resnet_fused._C.build_info()`` (with_cuda, cuda_version, archs as SM numbers, torch_version, and cutlass:
+    the CUTLASS version of the tensor-core conv kernels, e.g. "4.2.0", or None when built without them), or None
+    when the extension is not built."""
     return None if _load() is None else dict(_ext_info)
 
 
