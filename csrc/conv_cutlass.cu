@@ -24,9 +24,7 @@
 
 #include <atomic>
 #include <cstdint>
-#include <limits>
 #include <string>
-#include <vector>
 
 #include "build_info.h"
 
@@ -39,6 +37,8 @@
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/numeric_types.h"
 #include "cutlass/version.h"
+
+#include "conv_cutlass_common.h"
 #endif
 
 namespace resnet_fused {
@@ -138,7 +138,7 @@ class BiasResidualAct {
   bool relu_;
 };
 
-// The one fprop kernel per dtype (cutlass::half_t, cutlass::bfloat16_t).
+// The one fprop kernel per dtype (cutlass::half_t, cutlass::bfloat16_t); tiles in conv_cutlass_common.h.
 template <typename Element>
 struct Fprop {
   static constexpr int kAccess = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements = 16 bytes
@@ -148,35 +148,17 @@ struct Fprop {
       Element, cutlass::layout::TensorNHWC,  // B: filters w, KRSC
       Element, cutlass::layout::TensorNHWC,  // C (residual) and D (out)
       float,                                 // accumulator
-      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, 64>,  // threadblock tile
-      cutlass::gemm::GemmShape<64, 64, 64>,    // warp tile
-      cutlass::gemm::GemmShape<16, 8, 16>,     // mma instruction
-      OutputOp, cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>,
-      3,  // pipeline stages
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass_conv::ThreadblockShape,
+      cutlass_conv::WarpShape, cutlass_conv::InstructionShape, OutputOp,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, cutlass_conv::kStages,
       cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
   using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
 // Bias loads are 8 fp32 values (32 bytes) at column offsets that are multiples of 8.
 constexpr std::uintptr_t kBiasAlignment = 32;
-constexpr std::uintptr_t kTensorAlignment = 16;
-constexpr int kChannelMultiple = 8;
 
 std::atomic<int64_t> g_launches{0};
-
-bool aligned(const void* p, std::uintptr_t bytes) { return reinterpret_cast<std::uintptr_t>(p) % bytes == 0; }
-
-bool dense_nhwc(const at::Tensor& t) { return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast); }
-
-bool fits_int(int64_t v) { return v >= 0 && v <= std::numeric_limits<int>::max(); }
-
-bool under_2gb(const at::Tensor& t) { return t.numel() < (int64_t{1} << 31) / static_cast<int64_t>(t.element_size()); }
-
-bool compute_capability_8_plus(c10::DeviceIndex device) {
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
-}
 
 // One call's problem in CUTLASS's terms, filled by prepare() when the call is covered.
 struct Call {
@@ -184,81 +166,35 @@ struct Call {
   void* x;
   void* w;
   void* residual;  // nullptr when absent
-  void* out;
+  void* out;       // set only when launching (a mutable pointer)
   float* bias;     // nullptr when absent
   bool relu;
 };
-
-// The shape rules every caller must keep (errors, not coverage questions).
-void check_shapes(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual, const at::Tensor& out,
-                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  constexpr const char* fn = "resnet_fused::cutlass_conv_fprop";
-  TORCH_CHECK(x.dim() == 4 && w.dim() == 4 && out.dim() == 4, fn, ": x, w and out must be 4-D, got ", x.sizes(),
-              ", ", w.sizes(), ", ", out.sizes());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, fn,
-              ": stride, padding and dilation must have 2 elements");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
-                  padding[1] >= 0,
-              fn, ": invalid stride ", stride, ", padding ", padding, " or dilation ", dilation);
-  const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (w.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t Q = (x.size(3) + 2 * padding[1] - dilation[1] * (w.size(3) - 1) - 1) / stride[1] + 1;
-  const std::vector<int64_t> want{x.size(0), w.size(0), P, Q};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(want), fn, ": out must have shape ", at::IntArrayRef(want), ", got ",
-              out.sizes());
-  TORCH_CHECK(!residual.defined() || residual.sizes() == out.sizes(), fn, ": residual must have out's shape ",
-              out.sizes(), ", got ", residual.sizes());
-}
 
 // Fills `call` and returns true when the kernels cover the arguments (rules in conv_cutlass.h).
 bool prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
              const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
              int64_t groups, bool relu, Call& call) {
-  check_shapes(x, w, residual, out, stride, padding, dilation);
-  const auto dtype = x.scalar_type();
-  if (!x.is_cuda() || (dtype != at::kHalf && dtype != at::kBFloat16) || groups != 1) {
+  constexpr const char* fn = "resnet_fused::cutlass_conv_fprop";
+  if (!cutlass_conv::conv_problem(fn, x, w, out, stride, padding, dilation, groups, call.problem)) {
     return false;
   }
-  for (const at::Tensor* t : {&w, &out, &residual}) {
-    if (t->defined() && (t->device() != x.device() || t->scalar_type() != dtype || !dense_nhwc(*t) ||
-                         !aligned(t->const_data_ptr(), kTensorAlignment))) {
+  if (residual.defined()) {
+    TORCH_CHECK(residual.sizes() == out.sizes(), fn, ": residual must have out's shape ", out.sizes(), ", got ",
+                residual.sizes());
+    if (!cutlass_conv::like_x(residual, x)) {
       return false;
     }
-  }
-  if (!dense_nhwc(x) || !aligned(x.const_data_ptr(), kTensorAlignment)) {
-    return false;
-  }
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = w.size(0), R = w.size(2), S = w.size(3), P = out.size(2), Q = out.size(3);
-  if (w.size(1) != C || C % kChannelMultiple != 0 || K % kChannelMultiple != 0 || x.numel() == 0 ||
-      w.numel() == 0 || out.numel() == 0) {
-    return false;
   }
   if (bias.defined() && (bias.device() != x.device() || bias.scalar_type() != at::kFloat || bias.dim() != 1 ||
-                         bias.size(0) != K || !bias.is_contiguous() ||
-                         !aligned(bias.const_data_ptr(), kBiasAlignment))) {
+                         bias.size(0) != w.size(0) || !bias.is_contiguous() ||
+                         !cutlass_conv::aligned(bias.const_data_ptr(), kBiasAlignment))) {
     return false;
   }
-  if (!under_2gb(x) || !under_2gb(w) || !under_2gb(out)) {
-    return false;
-  }
-  for (int64_t v : {stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1]}) {
-    if (!fits_int(v)) {
-      return false;
-    }
-  }
-  if (!compute_capability_8_plus(x.get_device())) {
-    return false;
-  }
-  call.problem = cutlass::conv::Conv2dProblemSize(
-      static_cast<int>(N), static_cast<int>(H), static_cast<int>(W), static_cast<int>(C), static_cast<int>(K),
-      static_cast<int>(R), static_cast<int>(S), static_cast<int>(P), static_cast<int>(Q),
-      static_cast<int>(padding[0]), static_cast<int>(padding[1]), static_cast<int>(stride[0]),
-      static_cast<int>(stride[1]), static_cast<int>(dilation[0]), static_cast<int>(dilation[1]),
-      cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1, /*groups=*/1);
   call.x = const_cast<void*>(x.const_data_ptr());
   call.w = const_cast<void*>(w.const_data_ptr());
   call.residual = residual.defined() ? const_cast<void*>(residual.const_data_ptr()) : nullptr;
-  call.out = nullptr;  // set by the launching caller (a mutable pointer)
+  call.out = nullptr;
   call.bias = bias.defined() ? static_cast<float*>(const_cast<void*>(bias.const_data_ptr())) : nullptr;
   call.relu = relu;
   return true;
@@ -334,7 +270,7 @@ bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tens
   } else {
     run<cutlass::bfloat16_t>(call, x.get_device());
   }
-  g_launches.fetch_add(1, std::memory_order_relaxed);
+  cutlass_conv::count_launch();
   return true;
 }
 
@@ -343,6 +279,8 @@ std::string cutlass_version() {
 }
 
 int64_t cutlass_conv_launches() { return g_launches.load(std::memory_order_relaxed); }
+
+void cutlass_conv::count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
 
 #endif  // RESNET_FUSED_WITH_CUTLASS
 

@@ -16,7 +16,7 @@ namespace resnet_fused {
 // propagates NaN like torch.relu), one rounding to the output dtype at the store.
 //   x         [N, C, H, W] activations           w    [K, C, R, S] filters
 //   bias      undefined, or fp32 [K]              residual  undefined, or of out's shape
-//   out       [N, K, P, Q], preallocated (written, never read)
+//   out       [N, K, P, Q], preallocated (written, never read; must not overlap the inputs)
 // Returns false, launching nothing, when the kernels do not cover the call; the caller then uses its cuDNN
 // path. Covered: CUDA tensors on one device of compute capability >= 8.0; x, w, out, residual all float16 or
 // all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data; bias contiguous and 32-byte
