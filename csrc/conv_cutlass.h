@@ -1,4 +1,4 @@
-// CUTLASS implicit-GEMM convolutions on tensor cores (defined in conv_cutlass.cu).
+// CUTLASS implicit-GEMM convolutions on tensor cores (defined in conv_cutlass.cu and conv_cutlass_stats.cu).
 //
 // Built with CUTLASS when setup.py finds its headers (macro RESNET_FUSED_WITH_CUTLASS); without them these
 // functions exist but always return false, so callers keep their cuDNN path.
@@ -31,5 +31,15 @@ bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tens
 bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
                                   const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Training-path conv: c = conv2d(x, w), and mean / var: per-output-channel mean and biased variance of the
+// stored c over its N*P*Q pixels (fp32 [K], preallocated, overwritten). The epilogue writes per-tile Σ / Σ²
+// to a workspace, and two small kernels merge them in a fixed order (deterministic; conv_cutlass_stats.cu).
+// Launches on the current CUDA stream. Coverage as cutlass_conv_fprop for x, w and c (c takes out's place),
+// plus mean / var contiguous on x's device. The BN+ReLU prologue on load is not implemented: returns false,
+// launching nothing, when in_scale or in_shift is given (they would be fp32 [C]), as for any call not covered.
+bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                        const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
 }  // namespace resnet_fused
