@@ -32,6 +32,7 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "build_info.h"
 #include "conv_cutlass.h"
@@ -403,11 +404,46 @@ at::Tensor conv_bias_act_cuda(
   return out;
 }
 
+// Test hook for cutlass_conv_stats (conv_cutlass.h), which no op of the package calls yet: runs it on fresh
+// outputs (c dense channels_last) and returns (c, mean, var, ran); when ran is false nothing was launched and
+// the tensors are uninitialized. Registered in the separate library resnet_fused_debug.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "resnet_fused_debug::cutlass_conv_stats";
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
+                  stride[1] >= 1,
+              op, ": stride, padding and dilation must have 2 elements, stride >= 1");
+  const int64_t K = weight.size(0);
+  const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t Q = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(P >= 1 && Q >= 1, op, ": empty output");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor c = empty_in_format({x.size(0), K, P, Q}, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor mean = at::empty({K}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty({K}, x.options().dtype(at::kFloat));
+  const bool ran = cutlass_conv_stats(x, weight, in_scale.value_or(at::Tensor()), in_shift.value_or(at::Tensor()),
+                                      c, mean, var, stride, padding, dilation, groups);
+  return {c, mean, var, ran};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bias_act", &conv_bias_act_cuda);
   m.impl("scale_bias_add_relu", &scale_bias_add_relu_cuda);
+}
+
+TORCH_LIBRARY(resnet_fused_debug, m) {
+  m.def(
+      "cutlass_conv_stats(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor, bool)");
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused_debug, CUDA, m) {
+  m.impl("cutlass_conv_stats", &cutlass_conv_stats_debug);
 }
 
 }  // namespace resnet_fused

@@ -6,7 +6,10 @@ channels_last ``conv_bias_act`` against the reference backend on the same inputs
 CUTLASS kernels cover (3x3 / 1x1 / 7x7, strides 1 and 2, dilation, odd N/H/W and channel counts that leave
 partial tiles, each optional epilogue term, a downsample shortcut) and on shapes they do not (C=3, groups=2,
 NCHW, a misaligned input, float32), which must stay correct through the cuDNN path. Which path ran is read from
-``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched.
+``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched. The training-path ``cutlass_conv_stats``
+(no op calls it yet) is reached through the test hook ``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its
+output against the reference conv, its mean / biased variance against fp64 statistics of that output, bitwise
+reproducibility, and the calls it declines (BN+ReLU prologue, C=3, float32).
 """
 
 from __future__ import annotations
@@ -198,3 +201,64 @@ def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
             assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------- cutlass_conv_stats (training path)
+
+# name: (N, C, K, H, W, kernel, stride, padding): partial row and column tiles, two column tiles (K=256), and
+# more tile rows (130) than the merge's chunk count.
+STATS_SHAPES = {
+    "3x3_c64_k64": (2, 64, 64, 14, 14, 3, 1, 1),
+    "3x3_s2_k40": (3, 24, 40, 15, 11, 3, 2, 1),
+    "1x1_k256": (2, 64, 256, 7, 7, 1, 1, 0),
+    "3x3_130_tiles": (4, 16, 32, 64, 65, 3, 1, 1),
+}
+
+
+def _conv_stats(*args):
+    if not hasattr(_C, "cutlass_conv_launches"):
+        pytest.skip("resnet_fused._C was built without CUTLASS")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+    return torch.ops.resnet_fused_debug.cutlass_conv_stats(*args)
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES.values(), ids=STATS_SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats(dtype, shape):
+    """c against the reference conv; mean / biased variance against fp64 statistics of the c it stored; the
+    same bits on a second run (fixed-order merge)."""
+    torch.manual_seed(3)
+    N, C, K, H, W, k, s, p = shape
+    x, w = _rand(N, C, H, W, dtype=dtype), _weight(K, C, k, k, dtype)
+    # Channel offsets, so the variance is not computed around a zero mean.
+    x = (x + torch.linspace(-1, 2, C, device="cuda").view(1, -1, 1, 1).to(dtype)).contiguous(
+        memory_format=torch.channels_last)
+    before = _launches()
+    c, mean, var, ran = _conv_stats(x, w, None, None, [s, s], [p, p], [1, 1], 1)
+    assert ran and _launches() == before + 1
+    ref_c, _, _ = reference.conv_stats(x, w, s, p)
+    assert c.is_contiguous(memory_format=torch.channels_last)
+    assert_close(c.double(), ref_c.double(), dtype=dtype)
+    ref_var, ref_mean = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+    c2, mean2, var2, _ = _conv_stats(x, w, None, None, [s, s], [p, p], [1, 1], 1)
+    assert torch.equal(c2, c) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats_declines_prologue_and_uncovered_calls():
+    torch.manual_seed(4)
+    x, w = _rand(2, 16, 8, 8, dtype=torch.bfloat16), _weight(32, 16, 3, 3, torch.bfloat16)
+    scale, shift = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    before = _launches()
+    assert not _conv_stats(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1)[3]  # BN+ReLU prologue: not implemented
+    x3, w3 = _rand(2, 3, 8, 8, dtype=torch.bfloat16), _weight(32, 3, 3, 3, torch.bfloat16)
+    assert not _conv_stats(x3, w3, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # C = 3
+    xf, wf = x.float(), w.float()
+    assert not _conv_stats(xf, wf, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # float32
+    assert _launches() == before
