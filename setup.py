@@ -14,6 +14,13 @@ Environment switches:
                                    an entry may end in ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for
                                    newer GPUs.
 ``MAX_JOBS``                       parallel compile jobs (honoured by BuildExtension / ninja).
+``CUTLASS_PATH``                   a CUTLASS checkout whose ``include/`` holds the headers of the tensor-core conv
+                                   kernels (csrc/conv_cutlass.cu). Unset: the headers of the ``nvidia-cutlass``
+                                   wheel (package ``cutlass_library``, ``source/include``) when it is installed
+                                   (``pip install --no-deps nvidia-cutlass==4.2.0.0``, headers only). With CUDA
+                                   and CUTLASS headers the extension is built with ``RESNET_FUSED_WITH_CUTLASS``;
+                                   without the headers it still builds, and conv_bias_act keeps its cuDNN path
+                                   (``build_info()["cutlass"]`` is None).
 
 Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).
 """
@@ -94,6 +101,25 @@ def _wheel_cuda_include_dirs() -> list[str]:
     return dirs
 
 
+def _cutlass_include_dir() -> str | None:
+    """The CUTLASS include dir: ``$CUTLASS_PATH/include``, else ``source/include`` of the ``cutlass_library``
+    package (nvidia-cutlass wheel), located with ``find_spec`` without importing it; None when neither exists."""
+    import importlib.util
+
+    root = os.environ.get("CUTLASS_PATH", "").strip()
+    if root:
+        inc = Path(root, "include")
+        if not Path(inc, "cutlass", "cutlass.h").is_file():
+            raise ValueError(f"CUTLASS_PATH={root!r}: {inc}/cutlass/cutlass.h does not exist")
+        return str(inc)
+    spec = importlib.util.find_spec("cutlass_library")
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        inc = Path(loc, "source", "include")
+        if Path(inc, "cutlass", "cutlass.h").is_file():
+            return str(inc)
+    return None
+
+
 def _extensions():
     if _env_flag("RESNET_FUSED_SKIP_EXT"):
         print("resnet_fused: RESNET_FUSED_SKIP_EXT set, not building resnet_fused._C")
@@ -123,8 +149,18 @@ def _extensions():
         system_includes = []
         for inc in _wheel_cuda_include_dirs():
             system_includes += ["-isystem", inc]
-        # --threads: nvcc compiles the per-arch device code of the one .cu file in parallel.
+        # --threads: nvcc compiles the per-arch device code of each .cu file in parallel.
         nvcc_flags = ["-O3", f"--threads={min(len(archs), 4)}", *_gencode_flags(archs), *system_includes]
+        cutlass_inc = _cutlass_include_dir()
+        if cutlass_inc is not None:
+            define_macros.append(("RESNET_FUSED_WITH_CUTLASS", None))
+            # CUTLASS needs constexpr host functions in device code (torch adds this flag too) and C++17 or
+            # later (torch's -std=c++20 covers it).
+            nvcc_flags += ["-isystem", cutlass_inc, "--expt-relaxed-constexpr"]
+            print(f"resnet_fused: CUTLASS tensor-core convolutions on (headers: {cutlass_inc})")
+        else:
+            print("resnet_fused: no CUTLASS headers (set CUTLASS_PATH or pip install --no-deps "
+                  "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bias_act uses cuDNN)")
         ext = cpp_extension.CUDAExtension(
             name="resnet_fused._C",
             sources=sources,

@@ -1,6 +1,7 @@
 // Build facts of resnet_fused._C, in plain C++ types so the pybind11 translation unit needs no torch headers.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@ struct BuildInfo {
   int cuda_runtime_version;      // CUDART_VERSION compiled against (e.g. 13000), 0 without CUDA
   std::vector<int> cuda_archs;   // SM versions with device code (e.g. {80, 90}), empty without CUDA
   std::string torch_version;     // TORCH_VERSION of the headers compiled against
+  std::string cutlass_version;   // CUTLASS version compiled against (e.g. "4.2.0"), empty without CUTLASS
 };
 
 // Defined in ops.cpp.
@@ -20,6 +22,13 @@ BuildInfo build_info();
 // Defined in ops_cuda.cu (what nvcc actually compiled).
 int cuda_runtime_version();
 std::vector<int> cuda_archs();
+#endif
+
+#ifdef RESNET_FUSED_WITH_CUTLASS
+// Defined in conv_cutlass.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), and how many
+// CUTLASS convolution kernels this process has launched (a test hook: it shows which path an op took).
+std::string cutlass_version();
+int64_t cutlass_conv_launches();
 #endif
 
 }  // namespace resnet_fused

@@ -23,7 +23,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         }
         d["archs"] = info.cuda_archs;
         d["torch_version"] = info.torch_version;
+        if (info.cutlass_version.empty()) {
+          d["cutlass"] = py::none();
+        } else {
+          d["cutlass"] = info.cutlass_version;
+        }
         return d;
       },
-      "dict(with_cuda: bool, cuda_version: str | None, archs: list[int] (SM versions), torch_version: str)");
+      "dict(with_cuda: bool, cuda_version: str | None, archs: list[int] (SM versions), torch_version: str, "
+      "cutlass: str | None (CUTLASS version of the tensor-core conv kernels, None when built without them))");
+#ifdef RESNET_FUSED_WITH_CUTLASS
+  m.def("cutlass_conv_launches", &resnet_fused::cutlass_conv_launches,
+        "Number of CUTLASS convolution kernels launched by this process (test hook: which path an op took)");
+#endif
 }

@@ -235,6 +235,9 @@ BuildInfo build_info() {
   info.cuda_runtime_version = 0;
 #endif
   info.torch_version = TORCH_VERSION;
+#ifdef RESNET_FUSED_WITH_CUTLASS
+  info.cutlass_version = cutlass_version();
+#endif
   return info;
 }
 

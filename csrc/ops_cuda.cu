@@ -3,10 +3,15 @@
 // scale_bias_add_relu is one memory-bound pass: it reads c and idn once and writes out once, instead of the
 // four to six elementwise passes eager PyTorch makes for BN-apply + (BN-apply) + add + ReLU.
 //
-// conv_bias_act runs the convolution(s) with at::convolution (cuDNN) and then ONE fused epilogue kernel for
-// bias + shortcut-conv output + residual + ReLU, instead of separate bias, add and ReLU passes. The single-launch
-// version (implicit GEMM with the epilogue and the 1x1 shortcut GEMM in the same kernel, CUTLASS) is planned
-// to replace the cuDNN call; until then the main and shortcut convolutions are separate launches.
+// conv_bias_act on float16 / bfloat16 channels_last tensors that the CUTLASS kernels cover (conv_cutlass.h:
+// groups 1, C and K multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension
+// built with the CUTLASS headers) runs each convolution as an implicit GEMM on tensor cores with bias, residual
+// and ReLU in its epilogue: one launch, or two with a downsample shortcut (the 1x1 shortcut conv plus the
+// residual into a temporary, then the main conv plus bias plus that temporary, then ReLU). Sharing one
+// accumulator between the two (DESIGN.md's single-launch tail) is not done yet.
+// Everything else (float32, NCHW, other channel counts, groups > 1, a call that any of its launches does not
+// cover) runs the convolution(s) with at::convolution (cuDNN) and then ONE fused epilogue kernel for bias +
+// shortcut-conv output + residual + ReLU, instead of separate bias, add and ReLU passes.
 //
 // Both epilogues are elementwise over a dense NCHW or NHWC tensor with per-channel coefficients. Every operand
 // is made dense in the output's memory format, so one linear element index addresses all of them, and
@@ -24,10 +29,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "build_info.h"
+#include "conv_cutlass.h"
 #include "ops.h"
 
 namespace resnet_fused {
@@ -311,6 +319,39 @@ at::Tensor scale_bias_add_relu_cuda(
   return out;
 }
 
+// conv_bias_act on the CUTLASS kernels (conv_cutlass.h): one launch, or with a downsample shortcut two (the 1x1
+// shortcut conv plus the residual into a temporary, then the main conv plus bias plus that temporary, then
+// ReLU). `bias_f32` is the bias in fp32 (or undefined). Returns an undefined tensor, having launched nothing
+// (apart from copying a misaligned bias), when any of the launches is not covered.
+at::Tensor conv_bias_act_cutlass(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_f32, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& shortcut_x, const std::optional<at::Tensor>& shortcut_weight,
+    at::IntArrayRef shortcut_stride, bool relu, at::IntArrayRef out_sizes, at::MemoryFormat mf) {
+  // The kernels read the bias as 32-byte vectors.
+  const at::Tensor bias_d =
+      bias_f32.defined() && reinterpret_cast<std::uintptr_t>(bias_f32.data_ptr()) % 32 != 0 ? bias_f32.clone()
+                                                                                            : bias_f32;
+  const at::Tensor res = residual.has_value() ? *residual : at::Tensor();
+  at::Tensor out = empty_in_format(out_sizes, x.options(), mf);
+  if (!shortcut_x.has_value()) {
+    const bool ran = cutlass_conv_fprop(x, weight, bias_d, res, out, stride, padding, dilation, groups, relu);
+    return ran ? out : at::Tensor();
+  }
+  at::Tensor sc = empty_in_format(out_sizes, x.options(), mf);
+  const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
+  if (!cutlass_conv_fprop_supported(*shortcut_x, *shortcut_weight, at::Tensor(), res, sc, shortcut_stride,
+                                    no_padding, no_dilation, 1) ||
+      !cutlass_conv_fprop_supported(x, weight, bias_d, sc, out, stride, padding, dilation, groups)) {
+    return at::Tensor();
+  }
+  const bool ran = cutlass_conv_fprop(*shortcut_x, *shortcut_weight, at::Tensor(), res, sc, shortcut_stride,
+                                      no_padding, no_dilation, 1, /*relu=*/false) &&
+                   cutlass_conv_fprop(x, weight, bias_d, sc, out, stride, padding, dilation, groups, relu);
+  TORCH_CHECK(ran, "resnet_fused::conv_bias_act: a CUTLASS convolution checked as supported did not run");
+  return out;
+}
+
 at::Tensor conv_bias_act_cuda(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& residual,
@@ -322,6 +363,14 @@ at::Tensor conv_bias_act_cuda(
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
+  const at::Tensor bias_d = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (mf == at::MemoryFormat::ChannelsLast && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
+    at::Tensor out = conv_bias_act_cutlass(x, weight, bias_d, stride, padding, dilation, groups, residual,
+                                           shortcut_x, shortcut_weight, shortcut_stride, relu, out_sizes, mf);
+    if (out.defined()) {
+      return out;
+    }
+  }
   const ConvParts parts = conv_parts(x, weight, stride, padding, dilation, groups, shortcut_x, shortcut_weight,
                                      shortcut_stride, mf);
   const at::Tensor& y = parts.main;
@@ -335,7 +384,6 @@ at::Tensor conv_bias_act_cuda(
   if (out.numel() == 0) {
     return out;
   }
-  const at::Tensor bias_d = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor res_d = residual.has_value() ? residual->contiguous(mf) : at::Tensor();
   const at::Tensor& sc_d = parts.shortcut;
   const bool all_aligned = aligned16(y.data_ptr()) && aligned16(out.data_ptr()) &&
@@ -356,11 +404,46 @@ at::Tensor conv_bias_act_cuda(
   return out;
 }
 
+// Test hook for cutlass_conv_stats (conv_cutlass.h), which no op of the package calls yet: runs it on fresh
+// outputs (c dense channels_last) and returns (c, mean, var, ran); when ran is false nothing was launched and
+// the tensors are uninitialized. Registered in the separate library resnet_fused_debug.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "resnet_fused_debug::cutlass_conv_stats";
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
+                  stride[1] >= 1,
+              op, ": stride, padding and dilation must have 2 elements, stride >= 1");
+  const int64_t K = weight.size(0);
+  const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
+  const int64_t Q = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(P >= 1 && Q >= 1, op, ": empty output");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor c = empty_in_format({x.size(0), K, P, Q}, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor mean = at::empty({K}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty({K}, x.options().dtype(at::kFloat));
+  const bool ran = cutlass_conv_stats(x, weight, in_scale.value_or(at::Tensor()), in_shift.value_or(at::Tensor()),
+                                      c, mean, var, stride, padding, dilation, groups);
+  return {c, mean, var, ran};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bias_act", &conv_bias_act_cuda);
   m.impl("scale_bias_add_relu", &scale_bias_add_relu_cuda);
+}
+
+TORCH_LIBRARY(resnet_fused_debug, m) {
+  m.def(
+      "cutlass_conv_stats(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor, bool)");
+}
+
+TORCH_LIBRARY_IMPL(resnet_fused_debug, CUDA, m) {
+  m.impl("cutlass_conv_stats", &cutlass_conv_stats_debug);
 }
 
 }  // namespace resnet_fused

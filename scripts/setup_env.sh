@@ -22,6 +22,9 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
 "$PY" -m pip install -q setuptools wheel ninja pybind11
+# CUTLASS headers for the tensor-core convolutions (csrc/conv_cutlass.cu): the nvidia-cutlass wheel, pinned, without
+# its Python dependencies (only its headers are used). setup.py finds them, or the checkout named by CUTLASS_PATH.
+"$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
 
 # The nvcc on PATH may be a wrapper script: ask nvcc itself where its toolkit lives.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then

@@ -4,9 +4,13 @@ What is fused, and why:
 
 * ``scale_bias_add_relu`` — the training tail ``relu(c*s + t + idn)`` (or ``+ idn*s_d + t_d`` with a downsample
   branch) is one vectorized memory pass over c and idn instead of eager's chain of elementwise kernels.
-* ``conv_bias_act`` — the inference conv: cuDNN (``at::convolution``) for the main and the 1x1 shortcut
-  convolution, then ONE epilogue kernel for bias + shortcut + residual + ReLU (instead of separate bias, add and
-  ReLU passes). A single-launch implicit-GEMM version is planned.
+* ``conv_bias_act`` — the inference conv. float16 / bfloat16 channels_last calls that the CUTLASS kernels cover
+  (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute capability >= 8.0, extension built
+  with the CUTLASS headers: ``build_info()["cutlass"]``): an implicit-GEMM conv on tensor cores with bias +
+  residual + ReLU in its epilogue, one launch (two with a downsample shortcut: the 1x1 shortcut conv plus the
+  residual into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts,
+  groups > 1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE epilogue kernel
+  for bias + shortcut + residual + ReLU (instead of separate bias, add and ReLU passes).
 * ``conv_stats`` — no CUDA version yet: delegates to the reference backend.
 
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
@@ -57,7 +61,9 @@ def is_built() -> bool:
 
 
 def build_info() -> dict | None:
-    """``resnet_fused._C.build_info()`` (with_cuda, cuda_version, archs as SM numbers, torch_version), or None."""
+    """``resnet_fused._C.build_info()`` (with_cuda, cuda_version, archs as SM numbers, torch_version, and cutlass:
+    the CUTLASS version of the tensor-core conv kernels, e.g. "4.2.0", or None when built without them), or None
+    when the extension is not built."""
     return None if _load() is None else dict(_ext_info)
 
 

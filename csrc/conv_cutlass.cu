@@ -1,0 +1,287 @@
+// CUTLASS 2.x implicit-GEMM convolutions on tensor cores for the resnet_fused CUDA ops (interface and coverage
+// rules in conv_cutlass.h).
+//
+// cutlass_conv_fprop:  out = act(conv2d(x, W) + bias[k] + residual)
+//   Implicit GEMM on NHWC: M = N*P*Q output pixels, N = K output channels, K = R*S*C, fp16 or bf16 operands,
+//   fp32 accumulators. Kernel: cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast with the sm80 tensor-op
+//   mainloop (mma.sync m16n8k16; the same code runs on sm90), optimized activation / filter iterators, a 3-stage
+//   cp.async pipeline, threadblock tile 128x128x64, warp tile 64x64x64 (4 warps, 96 KiB of shared memory).
+//   The epilogue with broadcast hands each output vector its slice of the broadcast vector (the fp32 bias;
+//   zeros, with no load, when the bias pointer is null) and, only when the output op asks for it, the
+//   matching vector of the source tensor C (the residual). One output op, BiasResidualAct, takes "residual
+//   given" and "ReLU" as runtime flags, so each dtype has exactly one kernel.
+//
+// Only the CUTLASS and CUDA runtime headers plus ATen's Tensor and c10's stream / allocator headers are
+// included here: every nvcc device pass parses this file, so it stays away from <ATen/ATen.h>.
+#include "conv_cutlass.h"
+
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "build_info.h"
+
+#ifdef RESNET_FUSED_WITH_CUTLASS
+#include "cutlass/array.h"
+#include "cutlass/conv/conv2d_problem_size.h"
+#include "cutlass/conv/device/implicit_gemm_convolution.h"
+#include "cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h"
+#include "cutlass/cutlass.h"
+#include "cutlass/numeric_conversion.h"
+#include "cutlass/numeric_types.h"
+#include "cutlass/version.h"
+
+#include "conv_cutlass_common.h"
+#endif
+
+namespace resnet_fused {
+
+#ifndef RESNET_FUSED_WITH_CUTLASS
+
+bool cutlass_conv_fprop_supported(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return false;
+}
+
+bool cutlass_conv_fprop(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool) {
+  return false;
+}
+
+#else
+
+namespace {
+
+// Epilogue output op of the fprop kernel, in the form cutlass::epilogue::threadblock::EpilogueWithBroadcast
+// expects (single source: the residual is tensor C; the broadcast vector V is the bias):
+//   Z = act(AB + V + C)   (C only when the residual is given; act = ReLU or identity), fp32, rounded once.
+// The auxiliary output T of that epilogue is not stored (kStoreT = false).
+template <typename Element, int kN>
+class BiasResidualAct {
+ public:
+  using ElementOutput = Element;
+  using ElementC = Element;
+  using ElementZ = Element;
+  using ElementT = Element;
+  using ElementAccumulator = float;
+  using ElementCompute = float;
+  using ElementVector = float;
+  static int const kCount = kN;  // elements per call (one 16-byte vector of the output)
+
+  static bool const kIsSingleSource = true;
+  static bool const kStoreZ = true;
+  static bool const kStoreT = false;
+
+  using FragmentAccumulator = cutlass::Array<ElementAccumulator, kN>;
+  using FragmentCompute = cutlass::Array<ElementCompute, kN>;
+  using FragmentC = cutlass::Array<ElementC, kN>;
+  using FragmentZ = cutlass::Array<ElementZ, kN>;
+  using FragmentT = cutlass::Array<ElementT, kN>;
+  using FragmentOutput = FragmentZ;
+
+  struct Params {
+    bool with_residual = false;  // read tensor C and add it
+    bool relu = false;           // act = ReLU, else identity
+  };
+
+  CUTLASS_HOST_DEVICE
+  explicit BiasResidualAct(Params const& params) : with_residual_(params.with_residual), relu_(params.relu) {}
+
+  // The epilogue loads tensor C only when this is true.
+  CUTLASS_HOST_DEVICE
+  bool is_source_needed() const { return with_residual_; }
+
+  // Serial split-K is never used (split_k_slices = 1): there is no partial-sum state to track.
+  CUTLASS_HOST_DEVICE
+  void set_k_partition(int, int) {}
+
+  // Z = act(AB + V + C).
+  CUTLASS_HOST_DEVICE
+  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentC const& frag_C,
+                  FragmentCompute const& V) const {
+    cutlass::NumericArrayConverter<ElementCompute, ElementC, kN> to_compute;
+    const FragmentCompute c = to_compute(frag_C);
+    FragmentCompute z;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kN; ++i) {
+      z[i] = act(AB[i] + V[i] + c[i]);
+    }
+    cutlass::NumericArrayConverter<ElementZ, ElementCompute, kN> to_output;
+    frag_Z = to_output(z);
+  }
+
+  // Z = act(AB + V)  (is_source_needed() == false).
+  CUTLASS_HOST_DEVICE
+  void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentCompute const& V) const {
+    FragmentCompute z;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kN; ++i) {
+      z[i] = act(AB[i] + V[i]);
+    }
+    cutlass::NumericArrayConverter<ElementZ, ElementCompute, kN> to_output;
+    frag_Z = to_output(z);
+  }
+
+ private:
+  // ReLU that propagates NaN like torch.relu (NaN < 0 is false).
+  CUTLASS_HOST_DEVICE
+  float act(float v) const { return relu_ && v < 0.f ? 0.f : v; }
+
+  bool with_residual_;
+  bool relu_;
+};
+
+// The one fprop kernel per dtype (cutlass::half_t, cutlass::bfloat16_t); tiles in conv_cutlass_common.h.
+template <typename Element>
+struct Fprop {
+  static constexpr int kAccess = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements = 16 bytes
+  using OutputOp = BiasResidualAct<Element, kAccess>;
+  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+      Element, cutlass::layout::TensorNHWC,  // A: activations x
+      Element, cutlass::layout::TensorNHWC,  // B: filters w, KRSC
+      Element, cutlass::layout::TensorNHWC,  // C (residual) and D (out)
+      float,                                 // accumulator
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80, cutlass_conv::ThreadblockShape,
+      cutlass_conv::WarpShape, cutlass_conv::InstructionShape, OutputOp,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>, cutlass_conv::kStages,
+      cutlass::arch::OpMultiplyAdd, cutlass::conv::IteratorAlgorithm::kOptimized>::Kernel;
+  using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
+};
+
+// Bias loads are 8 fp32 values (32 bytes) at column offsets that are multiples of 8.
+constexpr std::uintptr_t kBiasAlignment = 32;
+
+std::atomic<int64_t> g_launches{0};
+
+// One call's problem in CUTLASS's terms, filled by prepare() when the call is covered.
+struct Call {
+  cutlass::conv::Conv2dProblemSize problem;
+  void* x;
+  void* w;
+  void* residual;  // nullptr when absent
+  void* out;       // set only when launching (a mutable pointer)
+  float* bias;     // nullptr when absent
+  bool relu;
+};
+
+// Fills `call` and returns true when the kernels cover the arguments (rules in conv_cutlass.h).
+bool prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+             const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+             int64_t groups, bool relu, Call& call) {
+  constexpr const char* fn = "resnet_fused::cutlass_conv_fprop";
+  if (!cutlass_conv::conv_problem(fn, x, w, out, stride, padding, dilation, groups, call.problem)) {
+    return false;
+  }
+  if (residual.defined()) {
+    TORCH_CHECK(residual.sizes() == out.sizes(), fn, ": residual must have out's shape ", out.sizes(), ", got ",
+                residual.sizes());
+    if (!cutlass_conv::like_x(residual, x)) {
+      return false;
+    }
+  }
+  if (bias.defined() && (bias.device() != x.device() || bias.scalar_type() != at::kFloat || bias.dim() != 1 ||
+                         bias.size(0) != w.size(0) || !bias.is_contiguous() ||
+                         !cutlass_conv::aligned(bias.const_data_ptr(), kBiasAlignment))) {
+    return false;
+  }
+  call.x = const_cast<void*>(x.const_data_ptr());
+  call.w = const_cast<void*>(w.const_data_ptr());
+  call.residual = residual.defined() ? const_cast<void*>(residual.const_data_ptr()) : nullptr;
+  call.out = nullptr;
+  call.bias = bias.defined() ? static_cast<float*>(const_cast<void*>(bias.const_data_ptr())) : nullptr;
+  call.relu = relu;
+  return true;
+}
+
+template <typename Element>
+typename Fprop<Element>::Conv::Arguments arguments(const Call& c) {
+  using Layout = cutlass::layout::TensorNHWC;
+  const auto& p = c.problem;
+  const Layout x_layout = Layout::packed({p.N, p.H, p.W, p.C});
+  const Layout w_layout = Layout::packed({p.K, p.R, p.S, p.C});
+  const Layout out_layout = Layout::packed({p.N, p.P, p.Q, p.K});
+  auto* out = static_cast<Element*>(c.out);
+  // Without a residual the source tensor is never read (is_source_needed() is false): point it at out.
+  auto* source = c.residual != nullptr ? static_cast<Element*>(c.residual) : out;
+  typename Fprop<Element>::OutputOp::Params op;
+  op.with_residual = c.residual != nullptr;
+  op.relu = c.relu;
+  return typename Fprop<Element>::Conv::Arguments(
+      p, {static_cast<Element*>(c.x), x_layout}, {static_cast<Element*>(c.w), w_layout}, {source, out_layout},
+      {out, out_layout}, op, cutlass::conv::SplitKMode::kSerial,
+      /*ptr_Vector=*/c.bias, /*ptr_Tensor=*/nullptr, /*ldr=*/0, /*ldt=*/0);
+}
+
+template <typename Element>
+bool can_implement(const Call& c) {
+  return Fprop<Element>::Conv::can_implement(arguments<Element>(c)) == cutlass::Status::kSuccess;
+}
+
+template <typename Element>
+void run(const Call& c, c10::DeviceIndex device) {
+  using Conv = typename Fprop<Element>::Conv;
+  const auto args = arguments<Element>(c);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const size_t workspace_bytes = Conv::get_workspace_size(args);
+  const c10::DataPtr workspace =
+      workspace_bytes > 0 ? c10::cuda::CUDACachingAllocator::get()->allocate(workspace_bytes) : c10::DataPtr();
+  Conv conv;
+  cutlass::Status status = conv.initialize(args, workspace.get(), stream);
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv fprop initialize failed: ",
+              cutlass::cutlassGetStatusString(status));
+  status = conv.run(stream);
+  TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv fprop launch failed: ",
+              cutlass::cutlassGetStatusString(status));
+}
+
+bool supported(const Call& c, at::ScalarType dtype) {
+  return dtype == at::kHalf ? can_implement<cutlass::half_t>(c) : can_implement<cutlass::bfloat16_t>(c);
+}
+
+}  // namespace
+
+bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                                  const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  Call call;
+  return prepare(x, w, bias, residual, out, stride, padding, dilation, groups, false, call) &&
+         supported(call, x.scalar_type());
+}
+
+bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                        const at::Tensor& residual, at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool relu) {
+  Call call;
+  if (!prepare(x, w, bias, residual, out, stride, padding, dilation, groups, relu, call) ||
+      !supported(call, x.scalar_type())) {
+    return false;
+  }
+  call.out = out.mutable_data_ptr();
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.scalar_type() == at::kHalf) {
+    run<cutlass::half_t>(call, x.get_device());
+  } else {
+    run<cutlass::bfloat16_t>(call, x.get_device());
+  }
+  cutlass_conv::count_launch();
+  return true;
+}
+
+std::string cutlass_version() {
+  return std::to_string(CUTLASS_MAJOR) + "." + std::to_string(CUTLASS_MINOR) + "." + std::to_string(CUTLASS_PATCH);
+}
+
+int64_t cutlass_conv_launches() { return g_launches.load(std::memory_order_relaxed); }
+
+void cutlass_conv::count_launch() { g_launches.fetch_add(1, std::memory_order_relaxed); }
+
+#endif  // RESNET_FUSED_WITH_CUTLASS
+
+}  // namespace resnet_fused

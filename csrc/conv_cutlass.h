@@ -1,0 +1,45 @@
+// CUTLASS implicit-GEMM convolutions on tensor cores (defined in conv_cutlass.cu and conv_cutlass_stats.cu).
+//
+// Built with CUTLASS when setup.py finds its headers (macro RESNET_FUSED_WITH_CUTLASS); without them these
+// functions exist but always return false, so callers keep their cuDNN path.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+
+namespace resnet_fused {
+
+// out = act(conv2d(x, w) + bias + residual) on tensor cores, in one launch on the current CUDA stream:
+// fp32 accumulation, the epilogue in fp32 (summed in that order, act = ReLU when `relu`, else identity; ReLU
+// propagates NaN like torch.relu), one rounding to the output dtype at the store.
+//   x         [N, C, H, W] activations           w    [K, C, R, S] filters
+//   bias      undefined, or fp32 [K]              residual  undefined, or of out's shape
+//   out       [N, K, P, Q], preallocated (written, never read; must not overlap the inputs)
+// Returns false, launching nothing, when the kernels do not cover the call; the caller then uses its cuDNN
+// path. Covered: CUDA tensors on one device of compute capability >= 8.0; x, w, out, residual all float16 or
+// all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data; bias contiguous and 32-byte
+// aligned; groups == 1; C and K multiples of 8 (16-byte vectors); no empty tensor; each of x, w, out under
+// 2^31 bytes (the kernels' 32-bit offsets). Shapes that contradict each other are errors (TORCH_CHECK).
+bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                        const at::Tensor& residual, at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups, bool relu);
+
+// Whether cutlass_conv_fprop would run these arguments (same rules; launches nothing). Lets a caller that
+// needs several launches decide for all of them before starting any.
+bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+                                  const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Training-path conv: c = conv2d(x, w), and mean / var: per-output-channel mean and biased variance of the
+// stored c over its N*P*Q pixels (fp32 [K], preallocated, overwritten). The epilogue writes per-tile Σ / Σ²
+// to a workspace, and two small kernels merge them in a fixed order (deterministic; conv_cutlass_stats.cu).
+// Launches on the current CUDA stream. Coverage as cutlass_conv_fprop for x, w and c (c takes out's place),
+// plus mean / var contiguous on x's device. The BN+ReLU prologue on load is not implemented: returns false,
+// launching nothing, when in_scale or in_shift is given (they would be fp32 [C]), as for any call not covered.
+bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                        const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+}  // namespace resnet_fused

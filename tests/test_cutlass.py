@@ -1,0 +1,264 @@
+"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bias_act`` (csrc/conv_cutlass.cu).
+
+CPU: the extension reports the CUTLASS version it was compiled against when setup.py's header lookup
+(``CUTLASS_PATH``, else the ``cutlass_library`` package) finds headers. GPU (``gpu`` mark): float16 / bfloat16
+channels_last ``conv_bias_act`` against the reference backend on the same inputs (tolerances.py), on shapes the
+CUTLASS kernels cover (3x3 / 1x1 / 7x7, strides 1 and 2, dilation, odd N/H/W and channel counts that leave
+partial tiles, each optional epilogue term, a downsample shortcut) and on shapes they do not (C=3, groups=2,
+NCHW, a misaligned input, float32), which must stay correct through the cuDNN path. Which path ran is read from
+``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched. The training-path ``cutlass_conv_stats``
+(no op calls it yet) is reached through the test hook ``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its
+output against the reference conv, its mean / biased variance against fp64 statistics of that output, bitwise
+reproducibility, and the calls it declines (BN+ReLU prologue, C=3, float32).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
+
+from tolerances import assert_close
+
+from resnet_fused import _C
+from resnet_fused.backends import cuda as cuda_backend
+from resnet_fused.backends import reference
+
+assert cuda_backend.is_built()
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _cutlass_headers() -> Path | None:
+    """The include dir setup.py would use (same lookup), or None."""
+    root = os.environ.get("CUTLASS_PATH", "").strip()
+    if root:
+        return Path(root, "include")
+    spec = importlib.util.find_spec("cutlass_library")
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        inc = Path(loc, "source", "include")
+        if Path(inc, "cutlass", "cutlass.h").is_file():
+            return inc
+    return None
+
+
+def test_build_info_reports_cutlass():
+    info = cuda_backend.build_info()
+    assert "cutlass" in info
+    headers = _cutlass_headers()
+    if not info["with_cuda"] or headers is None:
+        pytest.skip("no CUDA build or no CUTLASS headers here: the extension has no CUTLASS kernels")
+    assert info["cutlass"] is not None, f"CUTLASS headers at {headers}, but the extension was built without them"
+    text = Path(headers, "cutlass", "version.h").read_text()
+    version = ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1)
+                       for part in ("MAJOR", "MINOR", "PATCH"))
+    assert info["cutlass"] == version
+    assert isinstance(_C.cutlass_conv_launches(), int)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+def _launches() -> int | None:
+    """CUTLASS kernels launched so far; None when the build has none or this GPU cannot run them (sm < 80)."""
+    if not hasattr(_C, "cutlass_conv_launches") or torch.cuda.get_device_capability()[0] < 8:
+        return None
+    return _C.cutlass_conv_launches()
+
+
+def _rand(*shape, dtype, scale=1.0, channels_last=True):
+    t = (torch.randn(*shape, device="cuda") * scale).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and len(shape) == 4 else t
+
+
+def _weight(k, c, r, s, dtype, channels_last=True):
+    """Weights scaled by 1/sqrt(fan-in), so conv outputs are of order 1."""
+    return _rand(k, c, r, s, dtype=dtype, scale=(c * r * s) ** -0.5, channels_last=channels_last)
+
+
+def _out_hw(h, w, k, stride, padding, dilation):
+    return ((h + 2 * padding - dilation * (k - 1) - 1) // stride + 1,
+            (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
+
+
+def _check(out, args, relu, dtype):
+    """Output dtype, layout, and values against the reference backend on the same inputs."""
+    x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss = args
+    ref = reference.conv_bias_act(x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss, relu)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.stride() == torch.empty(ref.shape, memory_format=reference.memory_format(x)).stride()
+    assert_close(out.double(), ref.double(), dtype=dtype)
+
+
+# name: (N, C, K, H, W, kernel, stride, padding, dilation)
+COVERED = {
+    "3x3_s1": (2, 64, 64, 14, 14, 3, 1, 1, 1),
+    "3x3_s2_odd_hw": (2, 32, 64, 15, 13, 3, 2, 1, 1),
+    "1x1_s1": (2, 64, 256, 7, 7, 1, 1, 0, 1),
+    "1x1_s2": (2, 128, 256, 14, 14, 1, 2, 0, 1),
+    "3x3_c24_k40_n3": (3, 24, 40, 11, 9, 3, 1, 1, 1),
+    "3x3_dilation2": (2, 16, 24, 13, 13, 3, 1, 2, 2),
+    "7x7_s2_c8": (2, 8, 64, 20, 20, 7, 2, 3, 1),
+}
+# (bias, residual, relu)
+TERMS = {
+    "plain": (False, False, False),
+    "bias_relu": (True, False, True),
+    "bias_residual": (True, True, False),
+    "bias_residual_relu": (True, True, True),
+    "residual_relu": (False, True, True),
+}
+
+
+@pytest.mark.parametrize("terms", TERMS.values(), ids=TERMS.keys())
+@pytest.mark.parametrize("shape", COVERED.values(), ids=COVERED.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_covered_shapes_run_cutlass(dtype, shape, terms):
+    torch.manual_seed(0)
+    N, C, K, H, W, k, s, p, d = shape
+    with_bias, with_residual, relu = terms
+    P, Q = _out_hw(H, W, k, s, p, d)
+    x, w = _rand(N, C, H, W, dtype=dtype), _weight(K, C, k, k, dtype)
+    b = torch.randn(K, device="cuda") if with_bias else None
+    residual = _rand(N, K, P, Q, dtype=dtype) if with_residual else None
+    args = (x, w, b, s, p, d, 1, residual, None, None, 1)
+    before = _launches()
+    out = cuda_backend.conv_bias_act(*args, relu=relu)
+    _check(out, args, relu, dtype)
+    if before is not None:
+        assert _launches() == before + 1, "a covered conv_bias_act must be one CUTLASS launch"
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["shortcut", "shortcut_residual"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_downsample_shortcut_runs_two_cutlass_launches(dtype, with_residual):
+    """BasicBlock 64 -> 128, stride 2 tail: relu(conv3x3(h) + b + conv1x1_s2(x_in) [+ residual])."""
+    torch.manual_seed(1)
+    N = 2
+    h, w = _rand(N, 128, 7, 7, dtype=dtype), _weight(128, 128, 3, 3, dtype)
+    sx, sw = _rand(N, 64, 14, 14, dtype=dtype), _weight(128, 64, 1, 1, dtype)
+    b = torch.randn(128, device="cuda")
+    residual = _rand(N, 128, 7, 7, dtype=dtype) if with_residual else None
+    args = (h, w, b, 1, 1, 1, 1, residual, sx, sw, 2)
+    before = _launches()
+    out = cuda_backend.conv_bias_act(*args, relu=True)
+    _check(out, args, True, dtype)
+    if before is not None:
+        assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
+
+
+def _misaligned(t):
+    """A channels_last copy of `t` whose data starts 2 bytes past a 16-byte boundary."""
+    N, C, H, W = t.shape
+    base = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    view = base[1:].view(N, H, W, C).permute(0, 3, 1, 2)
+    view.copy_(t)
+    return view
+
+
+def _fallback_case(name, dtype):
+    """conv_bias_act arguments (all epilogue terms) for a call the CUTLASS kernels do not cover."""
+    cl = name != "nchw"
+    C, K, groups, Cs = {"c3_stem": (3, 64, 1, 8), "groups2": (16, 32, 2, 8), "shortcut_c3": (16, 32, 1, 3)}.get(
+        name, (16, 32, 1, 8))
+    x = _rand(2, C, 9, 9, dtype=dtype, channels_last=cl)
+    w = _weight(K, C // groups, 3, 3, dtype, channels_last=cl and name != "weight_nchw")
+    if name == "misaligned":
+        x = _misaligned(x)
+    b = torch.randn(K, device="cuda")
+    residual = _rand(2, K, 9, 9, dtype=dtype, channels_last=cl)
+    sx, sw = _rand(2, Cs, 17, 17, dtype=dtype, channels_last=cl), _weight(K, Cs, 1, 1, dtype, channels_last=cl)
+    return (x, w, b, 1, 1, 1, groups, residual, sx, sw, 2)
+
+
+FALLBACK = ["c3_stem", "groups2", "nchw", "weight_nchw", "misaligned", "shortcut_c3"]
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.gpu
+@needs_gpu
+def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
+    torch.manual_seed(2)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        args = _fallback_case(name, dtype)
+        before = _launches()
+        out = cuda_backend.conv_bias_act(*args, relu=True)
+        _check(out, args, True, dtype)
+        if before is not None:
+            assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+# ------------------------------------------------------------------------- cutlass_conv_stats (training path)
+
+# name: (N, C, K, H, W, kernel, stride, padding): partial row and column tiles, two column tiles (K=256), and
+# more tile rows (130) than the merge's chunk count.
+STATS_SHAPES = {
+    "3x3_c64_k64": (2, 64, 64, 14, 14, 3, 1, 1),
+    "3x3_s2_k40": (3, 24, 40, 15, 11, 3, 2, 1),
+    "1x1_k256": (2, 64, 256, 7, 7, 1, 1, 0),
+    "3x3_130_tiles": (4, 16, 32, 64, 65, 3, 1, 1),
+}
+
+
+def _conv_stats(*args):
+    if not hasattr(_C, "cutlass_conv_launches"):
+        pytest.skip("resnet_fused._C was built without CUTLASS")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+    return torch.ops.resnet_fused_debug.cutlass_conv_stats(*args)
+
+
+@pytest.mark.parametrize("shape", STATS_SHAPES.values(), ids=STATS_SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats(dtype, shape):
+    """c against the reference conv; mean / biased variance against fp64 statistics of the c it stored; the
+    same bits on a second run (fixed-order merge)."""
+    torch.manual_seed(3)
+    N, C, K, H, W, k, s, p = shape
+    x, w = _rand(N, C, H, W, dtype=dtype), _weight(K, C, k, k, dtype)
+    # Channel offsets, so the variance is not computed around a zero mean.
+    x = (x + torch.linspace(-1, 2, C, device="cuda").view(1, -1, 1, 1).to(dtype)).contiguous(
+        memory_format=torch.channels_last)
+    before = _launches()
+    c, mean, var, ran = _conv_stats(x, w, None, None, [s, s], [p, p], [1, 1], 1)
+    assert ran and _launches() == before + 1
+    ref_c, _, _ = reference.conv_stats(x, w, s, p)
+    assert c.is_contiguous(memory_format=torch.channels_last)
+    assert_close(c.double(), ref_c.double(), dtype=dtype)
+    ref_var, ref_mean = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+    c2, mean2, var2, _ = _conv_stats(x, w, None, None, [s, s], [p, p], [1, 1], 1)
+    assert torch.equal(c2, c) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats_declines_prologue_and_uncovered_calls():
+    torch.manual_seed(4)
+    x, w = _rand(2, 16, 8, 8, dtype=torch.bfloat16), _weight(32, 16, 3, 3, torch.bfloat16)
+    scale, shift = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    before = _launches()
+    assert not _conv_stats(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1)[3]  # BN+ReLU prologue: not implemented
+    x3, w3 = _rand(2, 3, 8, 8, dtype=torch.bfloat16), _weight(32, 3, 3, 3, torch.bfloat16)
+    assert not _conv_stats(x3, w3, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # C = 3
+    xf, wf = x.float(), w.float()
+    assert not _conv_stats(xf, wf, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # float32
+    assert _launches() == before
