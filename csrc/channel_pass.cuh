@@ -45,11 +45,12 @@ constexpr int kThreads = 256;
 // Packs each thread handles at least (rows in NHWC, packs of its channel in NCHW) before the grid grows: more
 // work per thread amortizes the coefficient loads and the reduction at the end of a block.
 constexpr int kPacksPerThread = 8;
-// Blocks a pass aims for (a few per SM); the reduction partials grow with it.
-constexpr int64_t kTargetBlocks = 2048;
-// Merge kernel: channels per block x partial lanes per channel.
+// Blocks a pass aims for (about one wave of 256-thread blocks on an H100/H200); the reduction partials per
+// channel grow with it.
+constexpr int64_t kTargetBlocks = 1024;
+// Merge kernel: channels per block x partial lanes per channel (each lane combines every kMergeLanes-th partial).
 constexpr int kMergeChannels = 32;
-constexpr int kMergeLanes = 8;
+constexpr int kMergeLanes = 32;
 
 // VEC elements moved with one aligned 16-byte (or, for VEC = 1, scalar) memory transaction.
 template <typename T, int VEC>
@@ -228,6 +229,7 @@ merge_partials_kernel(Op op, const typename Op::State* __restrict__ partials, in
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kMergeChannels + threadIdx.x;
   State s = State::zero();
   if (k < C) {
+#pragma unroll 4
     for (int64_t p = threadIdx.y; p < n_partials; p += kMergeLanes) {
       s = State::combine(s, partials[p * C + k]);
     }
