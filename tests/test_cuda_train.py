@@ -426,6 +426,29 @@ def _route_cpu_through_extension(monkeypatch):
     monkeypatch.setattr(cuda_backend, "unsupported", lambda x, groups=1, dilation=1: None)
 
 
+def _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, dtype, grad_scale=1.0, when=""):
+    """Output, input and parameter gradients, running statistics and num_batches_tracked of a fused block equal
+    torchvision's: the tolerance table's bound for ``dtype``, times ``grad_scale`` for gradients, times the
+    magnitude of the expected tensor (gradients of a BN block reach 10s)."""
+
+    def check(actual, expected, scale, msg):
+        magnitude = max(1.0, expected.detach().abs().max().item())
+        assert_close(actual, expected, dtype=dtype, scale=scale * magnitude, msg=f"{msg}{when}")
+
+    check(y_fused, y_tv, 1.0, "output")
+    check(x_fused.grad, x_tv.grad, grad_scale, "input grad")
+    fused_params = dict(fused.named_parameters())
+    for name, p in tv.named_parameters():
+        check(fused_params[name].grad, p.grad, grad_scale, f"grad of {name}")
+    fused_buffers = dict(fused.named_buffers())
+    assert fused_buffers.keys() == dict(tv.named_buffers()).keys()
+    for name, b in tv.named_buffers():
+        if b.dtype == torch.long:
+            assert torch.equal(fused_buffers[name], b), f"{name}{when}"
+        else:
+            check(fused_buffers[name], b, 1.0, name)
+
+
 BLOCK_CASES = {
     "basic_identity": ("BasicBlock", 5, 5, 1, False, 0.1),
     "basic_down_s2_cumulative": ("BasicBlock", 4, 6, 2, True, None),
@@ -477,20 +500,37 @@ def test_block_training_through_extension_cpu_kernels(monkeypatch, case, fmt):
         assert log.counts == {"conv_stats": len(bns), "bn_finalize": len(bns), "scale_bias_add_relu": 1,
                               "conv_stats_backward_input": len(bns), "affine_relu": len(bns) - 1 - down,
                               "affine_relu_backward": len(bns) - 1 - down, "scale_bias_add_relu_backward": 1}
-        assert_close(y_fused, y_tv, dtype=torch.float64, msg=f"output, step {step}")
-        assert_close(x_fused.grad, x_tv.grad, dtype=torch.float64, msg=f"input grad, step {step}")
-        fused_params = dict(fused.named_parameters())
-        for name, p in tv.named_parameters():
-            assert_close(fused_params[name].grad, p.grad, dtype=torch.float64, msg=f"grad of {name}, step {step}")
-        fused_buffers = dict(fused.named_buffers())
-        for name, b in tv.named_buffers():
-            if b.dtype == torch.long:
-                assert torch.equal(fused_buffers[name], b), name
-            else:
-                assert_close(fused_buffers[name], b, dtype=torch.float64, msg=f"{name}, step {step}")
+        _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, torch.float64, when=f", step {step}")
         for opt in (opt_tv, opt_fused):
             opt.step()
             opt.zero_grad()
+
+
+def test_torch_compile_fullgraph_block(monkeypatch):
+    """torch.compile(fullgraph=True) traces a training block on the cuda backend (extension CPU kernels) forward
+    and backward without graph breaks, bn_finalize's running-statistics update included, and matches
+    torchvision."""
+    import torchvision.models.resnet as tvr
+
+    import resnet_fused
+    from resnet_fused import backends
+
+    backends.load("cuda")
+    _route_cpu_through_extension(monkeypatch)
+    torch.manual_seed(18)
+    tv = tvr.BasicBlock(4, 6, 2, nn.Sequential(tvr.conv1x1(4, 6, 2), nn.BatchNorm2d(6)))
+    fused = resnet_fused.BasicBlock(4, 6, 2, nn.Sequential(tvr.conv1x1(4, 6, 2), nn.BatchNorm2d(6)), backend="cuda")
+    fused.load_state_dict(tv.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 7, 7)
+    x_tv, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fused, y_tv = compiled(x_fused), tv(x_tv)
+    grad = torch.randn_like(y_tv)
+    y_fused.backward(grad)
+    y_tv.backward(grad)
+    _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, torch.float32, grad_scale=4.0)
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------------------------------ opcheck
@@ -785,17 +825,4 @@ def test_block_train_step_cuda_matches_torchvision(case, fmt, cuda_build):
     y_tv = tv(x_tv)
     y_tv.backward(grad)
 
-    def check(a, e, msg):
-        assert_close(a, e, dtype=torch.float32, scale=4.0 * max(1.0, e.abs().max().item()), msg=msg)
-
-    check(y_fused, y_tv, "output")
-    check(x_fused.grad, x_tv.grad, "input grad")
-    fused_params = dict(fused.named_parameters())
-    for name, p in tv.named_parameters():
-        check(fused_params[name].grad, p.grad, f"grad of {name}")
-    fused_buffers = dict(fused.named_buffers())
-    for name, b in tv.named_buffers():
-        if b.dtype == torch.long:
-            assert torch.equal(fused_buffers[name], b), name
-        else:
-            check(fused_buffers[name], b, name)
+    _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, torch.float32, grad_scale=4.0)
