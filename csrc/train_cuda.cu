@@ -51,6 +51,20 @@ __device__ __forceinline__ void load_coef(float (&dst)[VEC], const float* p, ind
   }
 }
 
+// The per-channel (scale, shift) coefficients of a pass over relu(x*scale + shift).
+template <int VEC>
+struct AffineCoef {
+  float s[VEC], t[VEC];
+};
+
+template <int VEC, bool PER_LANE, typename index_t>
+__device__ __forceinline__ AffineCoef<VEC> load_affine(const float* scale, const float* shift, index_t k0) {
+  AffineCoef<VEC> q;
+  load_coef<VEC, PER_LANE>(q.s, scale, k0, 0.f);
+  load_coef<VEC, PER_LANE>(q.t, shift, k0, 0.f);
+  return q;
+}
+
 // a = relu(x*scale[k] + shift[k]).
 template <typename scalar_t>
 struct AffineRelu {
@@ -61,16 +75,11 @@ struct AffineRelu {
   scalar_t* __restrict__ a;         // same shape and layout as x
 
   template <int VEC>
-  struct Coef {
-    float s[VEC], t[VEC];
-  };
+  using Coef = AffineCoef<VEC>;
 
   template <int VEC, bool PER_LANE, typename index_t>
   __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
-    Coef<VEC> q;
-    load_coef<VEC, PER_LANE>(q.s, scale, k0, 0.f);
-    load_coef<VEC, PER_LANE>(q.t, shift, k0, 0.f);
-    return q;
+    return load_affine<VEC, PER_LANE>(scale, shift, k0);
   }
 
   template <int VEC, typename index_t>
@@ -162,16 +171,11 @@ struct AffineReluBackward {
   float* __restrict__ dshift;         // [C] out
 
   template <int VEC>
-  struct Coef {
-    float s[VEC], t[VEC];
-  };
+  using Coef = AffineCoef<VEC>;
 
   template <int VEC, bool PER_LANE, typename index_t>
   __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
-    Coef<VEC> q;
-    load_coef<VEC, PER_LANE>(q.s, scale, k0, 0.f);
-    load_coef<VEC, PER_LANE>(q.t, shift, k0, 0.f);
-    return q;
+    return load_affine<VEC, PER_LANE>(scale, shift, k0);
   }
 
   template <int VEC, typename index_t>

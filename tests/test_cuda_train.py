@@ -449,6 +449,32 @@ def _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, dtype, grad_s
             check(fused_buffers[name], b, 1.0, name)
 
 
+def _block_pair(kind, inplanes, planes, stride, down, momentum=0.1):
+    """(torchvision block, fused block with backend="cuda") with the same weights, non-trivial BN affine
+    parameters and BN momentum ``momentum`` (None: cumulative averages)."""
+    import torchvision.models.resnet as tvr
+
+    import resnet_fused
+
+    out = planes * getattr(tvr, kind).expansion
+
+    def downsample():
+        return nn.Sequential(tvr.conv1x1(inplanes, out, stride), nn.BatchNorm2d(out)) if down else None
+
+    tv = getattr(tvr, kind)(inplanes, planes, stride, downsample())
+    fused = getattr(resnet_fused, kind)(inplanes, planes, stride, downsample(), backend="cuda")
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    fused.load_state_dict(tv.state_dict())
+    for m in (*tv.modules(), *fused.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    return tv, fused
+
+
 BLOCK_CASES = {
     "basic_identity": ("BasicBlock", 5, 5, 1, False, 0.1),
     "basic_down_s2_cumulative": ("BasicBlock", 4, 6, 2, True, None),
@@ -462,30 +488,10 @@ def test_block_training_through_extension_cpu_kernels(monkeypatch, case, fmt):
     """Two SGD steps of a fused block (backend="cuda" on the extension's CPU kernels) against torchvision in fp64:
     outputs, input and parameter gradients, running statistics and num_batches_tracked; every BN goes through
     bn_finalize and backward through the fused backward kernels."""
-    import torchvision.models.resnet as tvr
-
-    import resnet_fused
-
     _route_cpu_through_extension(monkeypatch)
     kind, inplanes, planes, stride, down, momentum = case
     torch.manual_seed(16)
-    out = planes * getattr(tvr, kind).expansion
-
-    def downsample():
-        return nn.Sequential(tvr.conv1x1(inplanes, out, stride), nn.BatchNorm2d(out)) if down else None
-
-    tv = getattr(tvr, kind)(inplanes, planes, stride, downsample()).double()
-    fused = getattr(resnet_fused, kind)(inplanes, planes, stride, downsample(), backend="cuda").double()
-    for m in tv.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = momentum
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    fused.load_state_dict(tv.state_dict())
-    for m in fused.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = momentum
+    tv, fused = (m.double() for m in _block_pair(kind, inplanes, planes, stride, down, momentum))
     bns = [m for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
     opt_tv, opt_fused = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (tv, fused))
     for step in range(2):
@@ -510,17 +516,12 @@ def test_torch_compile_fullgraph_block(monkeypatch):
     """torch.compile(fullgraph=True) traces a training block on the cuda backend (extension CPU kernels) forward
     and backward without graph breaks, bn_finalize's running-statistics update included, and matches
     torchvision."""
-    import torchvision.models.resnet as tvr
-
-    import resnet_fused
     from resnet_fused import backends
 
     backends.load("cuda")
     _route_cpu_through_extension(monkeypatch)
     torch.manual_seed(18)
-    tv = tvr.BasicBlock(4, 6, 2, nn.Sequential(tvr.conv1x1(4, 6, 2), nn.BatchNorm2d(6)))
-    fused = resnet_fused.BasicBlock(4, 6, 2, nn.Sequential(tvr.conv1x1(4, 6, 2), nn.BatchNorm2d(6)), backend="cuda")
-    fused.load_state_dict(tv.state_dict())
+    tv, fused = _block_pair("BasicBlock", 4, 6, 2, True)
     torch._dynamo.reset()
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     x = torch.randn(2, 4, 7, 7)
@@ -642,12 +643,14 @@ CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
-def cuda_build(monkeypatch):
+def cuda_build():
     """A CUDA build of the extension, fp32 convolutions without TF32 (fp32 results held to fp32 tolerances)."""
     if not cuda_backend.build_info()["with_cuda"]:
         pytest.fail("a GPU is present but resnet_fused._C was built without CUDA")
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 # (shape, memory format, storage offset in elements): which pass variant each case reaches. NHWC: vector packs
@@ -683,9 +686,16 @@ def _cpu64(t):
     return None if t is None else t.detach().cpu().double()
 
 
+def _off_kink(grad, pre):
+    """``grad`` with zeros where the fp64 pre-activation ``pre`` of a ReLU lies within 1e-3 of 0: there a mask
+    computed in fp32 may differ from one computed in fp64 (with millions of elements, some always do)."""
+    return torch.where(pre.to(grad.device).abs() < 1e-3, torch.zeros_like(grad), grad)
+
+
 def _check_gpu(actual, expected, dtype, reduced=False, msg=None):
     """GPU result vs the fp64 CPU op on the same (rounded) inputs; per-channel sums scaled by their magnitude."""
-    scale = SUM_SCALE * max(1.0, expected.abs().max().item()) if reduced else 1.0
+    magnitude = expected.abs().max().item() if expected.numel() else 0.0
+    scale = SUM_SCALE * max(1.0, magnitude) if reduced else 1.0
     assert_close(actual.detach().cpu().double(), expected, dtype=dtype, scale=scale, msg=msg)
 
 
@@ -712,11 +722,17 @@ def test_elementwise_and_reduction_ops_cuda(dtype, case, cuda_build):
         _check_gpu(got, ops.conv_stats_backward_input(_cpu64(c), _cpu64(mean), _cpu64(dc_), _cpu64(dmean_),
                                                       _cpu64(dvar_)), dtype)
 
+    def chan(v):
+        return _cpu64(v).view(1, -1, 1, 1)
+
+    da = _off_kink(da, _cpu64(x) * chan(s) + chan(t))
     want = ops.affine_relu_backward(_cpu64(da), _cpu64(x), _cpu64(s), _cpu64(t))
     for i, (got, exp) in enumerate(zip(ops.affine_relu_backward(da, x, s, t), want)):
         _check_gpu(got, exp, dtype, reduced=i > 0, msg=f"affine_relu_backward output {i}")
 
     for idn_scale, idn_shift in ((None, None), (sd, td)):
+        branch = _cpu64(idn) if idn_scale is None else _cpu64(idn) * chan(idn_scale) + chan(idn_shift)
+        dout = _off_kink(dout, _cpu64(c) * chan(s) + chan(t) + branch)
         got = ops.scale_bias_add_relu_backward(dout, c, s, t, idn, idn_scale, idn_shift)
         want = ops.scale_bias_add_relu_backward(_cpu64(dout), _cpu64(c), _cpu64(s), _cpu64(t), _cpu64(idn),
                                                 _cpu64(idn_scale), _cpu64(idn_shift))
@@ -794,28 +810,10 @@ def test_bn_finalize_cuda(cuda_build):
 def test_block_train_step_cuda_matches_torchvision(case, fmt, cuda_build):
     """One fp32 training step with backend="cuda": output, input and parameter gradients, running statistics
     and num_batches_tracked against torchvision."""
-    import torchvision.models.resnet as tvr
-
-    import resnet_fused
-
     torch.manual_seed(24)
-    kind, inplanes, planes, stride, down = case
-    out = planes * getattr(tvr, kind).expansion
-
-    def downsample():
-        return nn.Sequential(tvr.conv1x1(inplanes, out, stride), nn.BatchNorm2d(out)) if down else None
-
-    tv = getattr(tvr, kind)(inplanes, planes, stride, downsample()).cuda()
-    for m in tv.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_()
-    fused = getattr(resnet_fused, kind)(inplanes, planes, stride, downsample(), backend="cuda").cuda()
-    fused.load_state_dict(tv.state_dict())
     mf = FORMATS[fmt]
-    tv, fused = tv.to(memory_format=mf), fused.to(memory_format=mf)
-    x = torch.randn(8, inplanes, 14, 14, device="cuda").contiguous(memory_format=mf)
+    tv, fused = (m.cuda().to(memory_format=mf) for m in _block_pair(*case))
+    x = torch.randn(8, case[1], 14, 14, device="cuda").contiguous(memory_format=mf)
     x_tv, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     with _OpLog() as log:
         y_fused = fused(x_fused)
