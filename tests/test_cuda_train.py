@@ -534,6 +534,26 @@ def test_torch_compile_fullgraph_block(monkeypatch):
     torch._dynamo.reset()
 
 
+def _sync_bn_worker_on_extension(rank: int, init_file: str, backend: str, result_dir: str) -> None:
+    """test_training's SyncBN rank, with the cuda backend on the extension's CPU kernels (a spawned process does
+    not inherit the test's monkeypatch)."""
+    import test_training
+
+    cuda_backend.unsupported = lambda x, groups=1, dilation=1: None
+    test_training._sync_bn_worker(rank, init_file, backend, result_dir)
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_two_processes_through_extension(monkeypatch):
+    """SyncBN over 2 gloo ranks with the backend's finalize: the statistics are all-reduced before bn_finalize,
+    and everything matches plain BN on the whole batch (test_training's SyncBN test, on the cuda backend)."""
+    import test_training
+
+    _route_cpu_through_extension(monkeypatch)
+    monkeypatch.setattr(test_training, "_sync_bn_worker", _sync_bn_worker_on_extension)
+    test_training.test_sync_batchnorm_two_processes("cuda")
+
+
 # ------------------------------------------------------------------------------------------------ opcheck
 
 
