@@ -22,8 +22,6 @@
 
 namespace resnet_fused {
 
-namespace {
-
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -33,7 +31,6 @@ void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t min
   TORCH_CHECK(v[0] >= min_value && v[1] >= min_value, op, ": ", name, " must be >= ", min_value, ", got ", v);
 }
 
-// Checks that `t` has the dtype and the device of `x`.
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const char* x_name) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have the dtype of ", x_name, " (",
               x.scalar_type(), "), got ", t.scalar_type());
@@ -41,24 +38,20 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
               "), got ", t.device());
 }
 
-void check_channel_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& c) {
-  const int64_t C = c.size(1);
+void check_channel_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& t,
+                         const char* t_name) {
+  const int64_t C = t.size(1);
   TORCH_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", name, " must be 1-D of size C = ", C, ", got shape ",
               p.sizes());
-  const bool ok = p.scalar_type() == at::kFloat || (c.scalar_type() == at::kDouble && p.scalar_type() == at::kDouble);
-  TORCH_CHECK(ok, op, ": ", name, " must be float32 (or float64 with float64 c), got ", p.scalar_type());
-  TORCH_CHECK(p.device() == c.device(), op, ": ", name, " must be on the device of c (", c.device(), "), got ",
-              p.device());
+  const bool ok = p.scalar_type() == at::kFloat || (t.scalar_type() == at::kDouble && p.scalar_type() == at::kDouble);
+  TORCH_CHECK(ok, op, ": ", name, " must be float32 (or float64 with float64 ", t_name, "), got ", p.scalar_type());
+  TORCH_CHECK(p.device() == t.device(), op, ": ", name, " must be on the device of ", t_name, " (", t.device(),
+              "), got ", p.device());
 }
 
-}  // namespace
-
-std::vector<int64_t> check_conv_bias_act(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride) {
-  constexpr const char* op = "resnet_fused::conv_bias_act";
+std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                int64_t groups) {
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [N, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D [K, C/groups, R, S], got shape ", weight.sizes());
   TORCH_CHECK(is_float_type(x.scalar_type()), op, ": x must be float32/float64/float16/bfloat16, got ",
@@ -67,7 +60,6 @@ std::vector<int64_t> check_conv_bias_act(
   check_pair(op, "stride", stride, 1);
   check_pair(op, "padding", padding, 0);
   check_pair(op, "dilation", dilation, 1);
-  check_pair(op, "shortcut_stride", shortcut_stride, 1);
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t K = weight.size(0), R = weight.size(2), S = weight.size(3);
@@ -79,7 +71,18 @@ std::vector<int64_t> check_conv_bias_act(
   const int64_t Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(P >= 1 && Q >= 1, op, ": output would be empty (", P, "x", Q, ") for input ", H, "x", W,
               ", kernel ", R, "x", S, ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
-  const std::vector<int64_t> out_sizes{N, K, P, Q};
+  return {N, K, P, Q};
+}
+
+std::vector<int64_t> check_conv_bias_act(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
+    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride) {
+  constexpr const char* op = "resnet_fused::conv_bias_act";
+  const std::vector<int64_t> out_sizes = check_conv(op, x, weight, stride, padding, dilation, groups);
+  check_pair(op, "shortcut_stride", shortcut_stride, 1);
+  const int64_t N = out_sizes[0], K = out_sizes[1], P = out_sizes[2], Q = out_sizes[3];
 
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K, op, ": bias must be 1-D of size K = ", K, ", got shape ",
@@ -120,19 +123,24 @@ std::vector<int64_t> check_conv_bias_act(
 void check_scale_bias_add_relu(
     const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
     const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
-  constexpr const char* op = "resnet_fused::scale_bias_add_relu";
+  check_scale_bias_add_relu("resnet_fused::scale_bias_add_relu", c, scale, shift, idn, idn_scale, idn_shift);
+}
+
+void check_scale_bias_add_relu(
+    const char* op, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
+    const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
   TORCH_CHECK(c.dim() == 4, op, ": c must be 4-D [N, C, H, W], got shape ", c.sizes());
   TORCH_CHECK(is_float_type(c.scalar_type()), op, ": c must be float32/float64/float16/bfloat16, got ",
               c.scalar_type());
   TORCH_CHECK(idn.sizes() == c.sizes(), op, ": idn must have the shape of c ", c.sizes(), ", got ", idn.sizes());
   check_like(op, "idn", idn, c, "c");
-  check_channel_param(op, "scale", scale, c);
-  check_channel_param(op, "shift", shift, c);
+  check_channel_param(op, "scale", scale, c, "c");
+  check_channel_param(op, "shift", shift, c, "c");
   TORCH_CHECK(idn_scale.has_value() == idn_shift.has_value(), op,
               ": idn_scale and idn_shift must be given together");
   if (idn_scale.has_value()) {
-    check_channel_param(op, "idn_scale", *idn_scale, c);
-    check_channel_param(op, "idn_shift", *idn_shift, c);
+    check_channel_param(op, "idn_scale", *idn_scale, c, "c");
+    check_channel_param(op, "idn_shift", *idn_shift, c, "c");
   }
 }
 
@@ -170,12 +178,11 @@ ConvParts conv_parts(
   return parts;
 }
 
-namespace {
-
-// Per-channel parameter as a [1, C, 1, 1] tensor in the op-math dtype `acc`.
 at::Tensor channel_view(const at::Tensor& p, at::ScalarType acc) {
   return p.to(acc).view({1, -1, 1, 1});
 }
+
+namespace {
 
 at::Tensor conv_bias_act_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,

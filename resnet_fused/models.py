@@ -96,6 +96,11 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _finalize(be):
+    """The backend's fused BN finalize (see :func:`resnet_fused.norm.batch_scale_shift`), if it has one."""
+    return getattr(be, "finalize", None)
+
+
 class _FusedForward:
     """Runs a chain of (conv, BN) stages plus a shortcut through one backend."""
 
@@ -136,7 +141,7 @@ class _FusedForward:
         for conv, bn in self.stages:
             stats = be.conv_stats(h, _cast(conv.weight, dtype), conv.stride[0], conv.padding[0], conv.dilation[0],
                                   conv.groups, in_scale=scale, in_shift=shift)
-            scale, shift = norm.scale_shift(bn, stats)
+            scale, shift = norm.scale_shift(bn, stats, _finalize(be))
             h = stats[0]
         return h, scale, shift
 
@@ -163,7 +168,7 @@ def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn
             return be.scale_bias_add_relu(c, scale, shift, identity)
         conv_d, bn_d = shortcut
         stats_d = be.conv_stats(xc, _cast(conv_d.weight, dtype), conv_d.stride[0], 0)
-        scale_d, shift_d = norm.scale_shift(bn_d, stats_d)
+        scale_d, shift_d = norm.scale_shift(bn_d, stats_d, _finalize(be))
         return be.scale_bias_add_relu(c, scale, shift, stats_d[0], scale_d, shift_d)
 
 

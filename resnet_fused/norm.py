@@ -76,11 +76,18 @@ def _sync_group(bn: nn.BatchNorm2d):
     return group if dist.get_world_size(group) > 1 else None
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+def _momentum_factor(bn: nn.BatchNorm2d) -> float:
+    """Counts this batch in ``num_batches_tracked`` and returns the weight of the batch statistics in the running
+    averages: ``momentum``, or ``1/num_batches_tracked`` (cumulative average) for ``momentum=None``."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    return factor
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    factor = _momentum_factor(bn)
     if bn.running_mean is None:
         return
     with torch.no_grad():
@@ -89,32 +96,42 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: 
         bn.running_var.mul_(1.0 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
 
 
-def batch_scale_shift(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int,
-                      shape: torch.Size) -> tuple[Tensor, Tensor]:
+def batch_scale_shift(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int, shape: torch.Size,
+                      finalize=None) -> tuple[Tensor, Tensor]:
     """Finalize: batch statistics -> ``(scale, shift)``, updating ``bn``'s running statistics in place.
 
     ``mean``/``var`` are the per-channel batch mean and biased variance of a tensor of ``shape`` holding
     ``count`` values per channel (``shape`` only feeds the error message PyTorch gives for ``count == 1``).
+
+    ``finalize`` is a backend's fused version of the arithmetic (``finalize(mean, var, γ, β, running_mean,
+    running_var, count, momentum_factor, eps) -> (scale, shift)``, updating the running statistics it is given);
+    SyncBN's combination of the statistics, the batch-size check and ``num_batches_tracked`` stay here.
     """
     acc = mean.dtype
     group = _sync_group(bn) if bn.training else None
     if group is not None:
         mean, var, count = _sync_stats(mean, var, count, group)
     _check_batch_size(count, shape)
-    if bn.training and bn.track_running_stats:
+    update = bn.training and bn.track_running_stats
+    gamma, beta = _affine_params(bn, acc)
+    if finalize is not None:
+        factor = _momentum_factor(bn) if update else 0.0
+        running = (bn.running_mean, bn.running_var) if update and bn.running_mean is not None else (None, None)
+        return finalize(mean, var, gamma, beta, *running, count, factor, bn.eps)
+    if update:
         _update_running_stats(bn, mean.detach(), var.detach(), count)
     invstd = torch.rsqrt(var + bn.eps)
-    gamma, beta = _affine_params(bn, acc)
     scale = invstd if gamma is None else gamma * invstd
     shift = -mean * scale
     return scale, (shift if beta is None else shift + beta)
 
 
-def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` for ``bn`` applied to the conv output ``c`` of ``stats = (c, mean, var)``."""
+def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor], finalize=None) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` for ``bn`` applied to the conv output ``c`` of ``stats = (c, mean, var)``; ``finalize``: a
+    backend's fused batch-statistics finalize (see :func:`batch_scale_shift`), or None."""
     c, mean, var = stats
     if uses_batch_stats(bn):
-        return batch_scale_shift(bn, mean, var, c.numel() // max(c.shape[1], 1), c.shape)
+        return batch_scale_shift(bn, mean, var, c.numel() // max(c.shape[1], 1), c.shape, finalize)
     return running_scale_shift(bn, mean.dtype)
 
 

@@ -361,12 +361,15 @@ def test_unsupported_reasons():
                                                      1, 1)
 
 
-def test_conv_stats_delegates_to_reference():
+def test_conv_stats_runs_the_extension_op():
+    """The backend's conv_stats is the extension's op with its registered autograd (tests/test_cuda_train.py checks
+    it in depth), and matches the reference backend."""
     from resnet_fused.backends import reference
 
     torch.manual_seed(10)
-    x, w, s, t = _rand(2, 3, 5, 5), _rand(4, 3, 3, 3), _rand(3), _rand(3)
+    x, w, s, t = _rand(2, 3, 5, 5, requires_grad=True), _rand(4, 3, 3, 3), _rand(3), _rand(3)
     got = cuda_backend.conv_stats(x, w, 1, 1, in_scale=s, in_shift=t)
+    assert all(type(o.grad_fn).__name__.startswith("GeneratedBackwardFor_resnet_fused_conv_stats") for o in got)
     want = reference.conv_stats(x, w, 1, 1, in_scale=s, in_shift=t)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

@@ -2,8 +2,6 @@
 
 What is fused, and why:
 
-* ``scale_bias_add_relu`` — the training tail ``relu(c*s + t + idn)`` (or ``+ idn*s_d + t_d`` with a downsample
-  branch) is one vectorized memory pass over c and idn instead of eager's chain of elementwise kernels.
 * ``conv_bias_act`` — the inference conv. float16 / bfloat16 channels_last calls that the CUTLASS kernels cover
   (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute capability >= 8.0, extension built
   with the CUTLASS headers: ``build_info()["cutlass"]``): an implicit-GEMM conv on tensor cores with bias +
@@ -11,12 +9,25 @@ What is fused, and why:
   residual into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts,
   groups > 1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE epilogue kernel
   for bias + shortcut + residual + ReLU (instead of separate bias, add and ReLU passes).
-* ``conv_stats`` — no CUDA version yet: delegates to the reference backend.
+* ``conv_stats`` — the training conv (NormConv, DESIGN.md): the previous BN+ReLU as one vectorized pass, cuDNN,
+  then the per-channel batch mean and biased variance of the output in ONE read of it (Welford per thread, a
+  deterministic merge of per-block partials) instead of eager's BN-apply, ReLU and two-pass statistics.
+* ``finalize`` (``bn_finalize``) — BN's batch statistics to per-channel ``scale``/``shift`` and the running-statistics
+  update in one launch instead of about ten tiny ones; :mod:`resnet_fused.norm` calls it (SyncBN's all-reduce,
+  ``num_batches_tracked`` and ``momentum=None`` stay there).
+* ``scale_bias_add_relu`` — the training tail ``relu(c*s + t + idn)`` (or ``+ idn*s_d + t_d`` with a downsample
+  branch) is one vectorized memory pass over c and idn instead of eager's chain of elementwise kernels.
+
+Backward keeps what NormConv keeps: ``conv_stats`` saves x, W, in_scale, in_shift, c and mean; the tail saves its
+inputs, not its output. Its passes are fused kernels too: ``conv_stats_backward_input`` (the gradient through the
+statistics), ``affine_relu`` (the activated input recomputed for the weight gradient), ``affine_relu_backward``
+(dx with Σ g·x and Σ g in one pass) and ``scale_bias_add_relu_backward`` (ReLU mask recomputed from the inputs, dc,
+didn and the per-channel sums in one pass), around ``aten.convolution_backward`` for the convolutions.
 
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
 module loads it lazily and adds the Python halves of each op: a fake kernel (so ``torch.compile`` traces it) and
-autograd. Backward is written in PyTorch ops: ReLU mask from the saved output, per-channel sums for bias /
-scale / shift, ``aten.convolution_backward`` for the convolutions.
+autograd (``torch.library.register_autograd``; an ``autograd.Function`` for ``bn_finalize``, which mutates the
+running statistics).
 """
 
 from __future__ import annotations
@@ -108,13 +119,30 @@ def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, id
 
 def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups=1,
                in_scale: Tensor | None = None, in_shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-path conv with BN+ReLU prologue and per-channel stats.
+    """``(c, mean, var)``: ``c = conv2d(relu(x*in_scale + in_shift) or x, W)`` and its per-channel batch mean and
+    biased variance: ``torch.ops.resnet_fused.conv_stats``."""
+    _require()
+    return torch.ops.resnet_fused.conv_stats(x, weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
+                                             in_scale, in_shift)
 
-    No CUDA kernel exists for it yet: this delegates to :func:`resnet_fused.backends.reference.conv_stats`.
+
+def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+             running_var: Tensor | None, count: int, momentum_factor: float, eps: float) -> tuple[Tensor, Tensor]:
+    """BN finalize hook of :func:`resnet_fused.norm.batch_scale_shift`: ``(scale, shift)`` from the batch statistics,
+    updating ``running_mean``/``running_var`` in place with ``momentum_factor`` (when given).
+
+    Differentiable in mean, var, weight and bias. Running statistics of another dtype than ``mean`` (a half
+    model's buffers) are updated through temporaries in ``mean``'s dtype.
     """
-    from . import reference
-
-    return reference.conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift)
+    _require()
+    temporaries = running_mean is not None and running_mean.dtype != mean.dtype
+    rm, rv = (running_mean.to(mean.dtype), running_var.to(mean.dtype)) if temporaries else (running_mean, running_var)
+    scale, shift = _BnFinalize.apply(mean, var, weight, bias, rm, rv, float(count), float(momentum_factor),
+                                     float(eps))
+    if temporaries:
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+    return scale, shift
 
 
 # Fake (meta) kernels: output shape, dtype and strides exactly as the C++ kernels produce them (dense in the
@@ -130,13 +158,50 @@ def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, resi
 
 
 def _scale_bias_add_relu_fake(c, scale, shift, idn, idn_scale, idn_shift):
-    return torch.empty(c.shape, dtype=c.dtype, device=c.device, memory_format=suggest_memory_format(c))
+    return _like(c)
+
+
+def _like(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """A new tensor of t's shape, dense in t's suggested memory format (as the C++ kernels allocate it)."""
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device, memory_format=suggest_memory_format(t))
+
+
+def _channel_vec(t: Tensor, size: int | None = None) -> Tensor:
+    """A per-channel vector of activation t in its op-math dtype (float64 for float64 t, else float32)."""
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.new_empty((t.shape[1] if size is None else size,), dtype=acc)
+
+
+def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift):
+    c = _conv_bias_act_fake(x, weight, None, stride, padding, dilation, groups, None, None, None, None, False)
+    return c, _channel_vec(c), _channel_vec(c)
+
+
+def _affine_relu_fake(x, scale, shift):
+    return _like(x)
+
+
+def _conv_stats_backward_input_fake(c, mean, dc, dmean, dvar):
+    return _like(c)
+
+
+def _affine_relu_backward_fake(da, x, scale, shift):
+    return _like(x), _channel_vec(x), _channel_vec(x)
+
+
+def _scale_bias_add_relu_backward_fake(dout, c, scale, shift, idn, idn_scale, idn_shift):
+    didn_scale = _channel_vec(c, None if idn_scale is not None else 0)
+    return _like(c), _like(c, idn.dtype), _channel_vec(c), _channel_vec(c), didn_scale
+
+
+def _bn_finalize_fake(mean, var, weight, bias, running_mean, running_var, count, momentum_factor, eps):
+    return mean.new_empty(mean.shape), mean.new_empty(mean.shape)
 
 
 # Autograd. For y = act(z): dz = threshold_backward(dy, y, 0) = dy * [y > 0] (as torch.relu's backward).
 
 def _conv_bias_act_setup_context(ctx, inputs, output):
-    (x, weight, bias, stride, padding, dilation, groups, residual, shortcut_x, shortcut_weight, shortcut_stride,
+    (x, weight, bias, stride, padding, dilation, groups, _residual, shortcut_x, shortcut_weight, shortcut_stride,
      relu) = inputs
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.shortcut_stride = list(shortcut_stride)
@@ -165,37 +230,102 @@ def _conv_bias_act_backward(ctx, grad):
     return gx, gw, gb, None, None, None, None, gres, gsx, gsw, None, None
 
 
+def _conv_stats_setup_context(ctx, inputs, output):
+    x, weight, stride, padding, dilation, groups, in_scale, in_shift = inputs
+    c, mean, _ = output
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean)
+    ctx.set_materialize_grads(False)
+
+
+def _conv_stats_backward(ctx, dc, dmean, dvar):
+    """dc' = dc + dmean/n + dvar·2(c − mean)/n (one pass); (da, dW) = convolution_backward(dc', a, W), where the
+    weight gradient recomputes a = relu(x*s + t); then through the prologue in one pass: g = da·[x*s + t > 0],
+    dx = g*s, ds = Σ g·x, dt = Σ g."""
+    x, weight, in_scale, in_shift, c, mean = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv
+    need = ctx.needs_input_grad
+    none = (None,) * 8
+    prologue = in_scale is not None
+    need_a = need[0] or (prologue and (need[6] or need[7]))
+    if (dc is None and dmean is None and dvar is None) or not (need_a or need[1]):
+        return none
+    g = torch.ops.resnet_fused.conv_stats_backward_input(c, mean, dc, dmean, dvar)
+    # the weight gradient needs the activated input; the input gradient only its shape
+    a = torch.ops.resnet_fused.affine_relu(x, in_scale, in_shift) if prologue and need[1] else x
+    da, dw, _ = torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0],
+                                                    groups, [need_a, need[1], False])
+    del a, g
+    if da is None or not prologue:
+        return da, dw, None, None, None, None, None, None
+    dx, ds, dt = torch.ops.resnet_fused.affine_relu_backward(da, x, in_scale, in_shift)
+    return (dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None), (dt if need[7] else None)
+
+
 def _scale_bias_add_relu_setup_context(ctx, inputs, output):
-    c, scale, shift, idn, idn_scale, idn_shift = inputs
-    ctx.save_for_backward(c, scale, idn, idn_scale, output)
-    ctx.param_dtypes = (scale.dtype, shift.dtype, None if idn_scale is None else idn_scale.dtype,
-                        None if idn_shift is None else idn_shift.dtype)
+    ctx.save_for_backward(*inputs)
 
 
 def _scale_bias_add_relu_backward(ctx, grad):
-    """g = dout*[out>0] (fp32); dc = g*s; ds = Σ g*c; dt = Σ g; didn = g*s_d or g; ds_d = Σ g*idn; dt_d = Σ g."""
-    c, scale, idn, idn_scale, out = ctx.saved_tensors
-    scale_dtype, shift_dtype, idn_scale_dtype, idn_shift_dtype = ctx.param_dtypes
+    """One pass: g = dout·[z > 0] with z recomputed from the saved inputs; dc = g*s, ds = Σ g·c, dt = Σ g,
+    didn = g (or g*s_d, with ds_d = Σ g·idn and dt_d = Σ g)."""
+    c, scale, shift, idn, idn_scale, idn_shift = ctx.saved_tensors
     need = ctx.needs_input_grad
-    acc = torch.promote_types(c.dtype, torch.float32)
-    g = torch.ops.aten.threshold_backward(grad, out, 0).to(acc)
-    gc = (g * scale.to(acc).view(1, -1, 1, 1)).to(c.dtype) if need[0] else None
-    gs = (g * c.to(acc)).sum(_CHANNEL_DIMS).to(scale_dtype) if need[1] else None
-    gt = g.sum(_CHANNEL_DIMS).to(shift_dtype) if need[2] else None
-    if idn_scale is None:
-        gidn = g.to(idn.dtype) if need[3] else None
-        return gc, gs, gt, gidn, None, None
-    gidn = (g * idn_scale.to(acc).view(1, -1, 1, 1)).to(idn.dtype) if need[3] else None
-    gis = (g * idn.to(acc)).sum(_CHANNEL_DIMS).to(idn_scale_dtype) if need[4] else None
-    gish = g.sum(_CHANNEL_DIMS).to(idn_shift_dtype) if need[5] else None
-    return gc, gs, gt, gidn, gis, gish
+    dc, didn, ds, dt, dsd = torch.ops.resnet_fused.scale_bias_add_relu_backward(grad, c, scale, shift, idn,
+                                                                                idn_scale, idn_shift)
+    dual = idn_scale is not None
+    # dt_d equals dt: a copy, so the two gradients never share storage
+    return ((dc if need[0] else None), (ds if need[1] else None), (dt if need[2] else None),
+            (didn if need[3] else None), (dsd if dual and need[4] else None),
+            (dt.clone() if dual and need[5] else None))
+
+
+class _BnFinalize(torch.autograd.Function):
+    """``(scale, shift) = bn_finalize(mean, var, γ, β, ...)`` with the running-statistics update as a side effect.
+
+    Backward (tiny per-channel vectors, PyTorch ops), invstd = 1/√(var + eps): with ``ds' = dscale − mean·dshift``:
+    ``dγ = ds'·invstd``, ``dβ = dshift``, ``dmean = −scale·dshift``, ``dvar = −½·ds'·γ·invstd³``.
+    """
+
+    @staticmethod
+    def forward(ctx, mean, var, weight, bias, running_mean, running_var, count, momentum_factor, eps):
+        scale, shift = torch.ops.resnet_fused.bn_finalize(mean, var, weight, bias, running_mean, running_var, count,
+                                                          momentum_factor, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(mean, var, weight, scale)
+        ctx.set_materialize_grads(False)
+        return scale, shift
+
+    @staticmethod
+    def backward(ctx, dscale, dshift):
+        mean, var, weight, scale = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        invstd = torch.rsqrt(var + ctx.eps)
+        ds = dscale
+        if dshift is not None:
+            ds = -mean * dshift if ds is None else ds - mean * dshift
+        dmean = -scale * dshift if need[0] and dshift is not None else None
+        dvar = dweight = None
+        if ds is not None:
+            dweight = ds * invstd if need[2] else None
+            if need[1]:
+                dinvstd = ds if weight is None else ds * weight
+                dvar = dinvstd * (-0.5) * invstd.pow(3)
+        dbias = dshift if need[3] else None
+        return dmean, dvar, dweight, dbias, None, None, None, None, None
 
 
 def _register() -> None:
     """Attach the fake and autograd kernels to the ops that loading ``resnet_fused._C`` defined."""
-    torch.library.register_fake("resnet_fused::conv_bias_act")(_conv_bias_act_fake)
-    torch.library.register_fake("resnet_fused::scale_bias_add_relu")(_scale_bias_add_relu_fake)
-    torch.library.register_autograd("resnet_fused::conv_bias_act", _conv_bias_act_backward,
-                                    setup_context=_conv_bias_act_setup_context)
-    torch.library.register_autograd("resnet_fused::scale_bias_add_relu", _scale_bias_add_relu_backward,
-                                    setup_context=_scale_bias_add_relu_setup_context)
+    for name, fake in (("conv_bias_act", _conv_bias_act_fake), ("scale_bias_add_relu", _scale_bias_add_relu_fake),
+                       ("conv_stats", _conv_stats_fake), ("affine_relu", _affine_relu_fake),
+                       ("conv_stats_backward_input", _conv_stats_backward_input_fake),
+                       ("affine_relu_backward", _affine_relu_backward_fake),
+                       ("scale_bias_add_relu_backward", _scale_bias_add_relu_backward_fake),
+                       ("bn_finalize", _bn_finalize_fake)):
+        torch.library.register_fake(f"resnet_fused::{name}")(fake)
+    for name, backward, setup_context in (
+            ("conv_bias_act", _conv_bias_act_backward, _conv_bias_act_setup_context),
+            ("scale_bias_add_relu", _scale_bias_add_relu_backward, _scale_bias_add_relu_setup_context),
+            ("conv_stats", _conv_stats_backward, _conv_stats_setup_context)):
+        torch.library.register_autograd(f"resnet_fused::{name}", backward, setup_context=setup_context)
