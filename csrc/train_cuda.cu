@@ -26,6 +26,7 @@
 #include <tuple>
 
 #include "channel_pass.cuh"
+#include "conv_cutlass.h"
 #include "ops.h"
 #include "train_ops.h"
 
@@ -390,29 +391,54 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& c, at::Memory
   return {mean, var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
-  constexpr const char* op = "resnet_fused::conv_stats";
-  check_conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift);
-  check_cuda_dtype(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat mf = x.suggest_memory_format();
-
-  // ---- Fused CUTLASS path (to be wired here, tried first) ---------------------------------------------------
-  // `bool cutlass_conv_stats(...)` (conv_cutlass.h) runs the whole op as one implicit-GEMM launch: the BN+ReLU
-  // prologue applied to each loaded input tile (padding stays 0 after the activation), per-CTA Welford partials of
-  // c in the epilogue, then channel_pass's merge_partials_kernel. It fills c (dense in mf), mean and var and
-  // returns true, or returns false for a config it does not cover, which then takes the path below.
-  // --------------------------------------------------------------------------------------------------------------
-
-  const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
+// c = conv2d(a, weight) by cuDNN, made dense in `mf`, and its per-channel mean and biased variance (one read of c).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_then_stats(const at::Tensor& a, const at::Tensor& weight,
+                                                               at::IntArrayRef stride, at::IntArrayRef padding,
+                                                               at::IntArrayRef dilation, int64_t groups,
+                                                               at::MemoryFormat mf) {
   at::Tensor c = at::convolution(a, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
                                  /*output_padding=*/{0, 0}, groups)
                      .contiguous(mf);
   auto [mean, var] = channel_stats(c, mf);
   return {c, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift) {
+  constexpr const char* op = "resnet_fused::conv_stats";
+  const std::vector<int64_t> out_sizes =
+      check_conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  check_cuda_dtype(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat mf = x.suggest_memory_format();
+
+  // Tensor cores first: cutlass_conv_stats (conv_cutlass.h) is one implicit-GEMM launch whose epilogue also
+  // writes per-tile statistics of c, plus their deterministic merge. It returns false, launching nothing, for a
+  // call it does not cover (float32, NCHW, groups > 1, channel counts not multiples of 8, ...). When it covers
+  // the convolution but not the BN+ReLU prologue on load, the activated input is made by one vectorized pass
+  // and the same kernel runs on it.
+  const at::Tensor no_vec;
+  if (mf == at::MemoryFormat::ChannelsLast) {
+    at::Tensor c = empty_in_format(out_sizes, x.options(), mf);
+    at::Tensor mean = at::empty({out_sizes[1]}, x.options().dtype(at::kFloat));
+    at::Tensor var = at::empty_like(mean);
+    if (cutlass_conv_stats(x, weight, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
+                           padding, dilation, groups)) {
+      return {c, mean, var};
+    }
+    if (in_scale.has_value()) {
+      const at::Tensor a = affine_relu_cuda(x, *in_scale, *in_shift);
+      if (cutlass_conv_stats(a, weight, no_vec, no_vec, c, mean, var, stride, padding, dilation, groups)) {
+        return {c, mean, var};
+      }
+      return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
+    }
+  }
+  // cuDNN, then one read of c for its statistics.
+  const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
+  return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
 }
 
 at::Tensor conv_stats_backward_input_cuda(const at::Tensor& c, const at::Tensor& mean,

@@ -9,9 +9,12 @@ What is fused, and why:
   residual into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts,
   groups > 1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE epilogue kernel
   for bias + shortcut + residual + ReLU (instead of separate bias, add and ReLU passes).
-* ``conv_stats`` — the training conv (NormConv, DESIGN.md): the previous BN+ReLU as one vectorized pass, cuDNN,
-  then the per-channel batch mean and biased variance of the output in ONE read of it (Welford per thread, a
-  deterministic merge of per-block partials) instead of eager's BN-apply, ReLU and two-pass statistics.
+* ``conv_stats`` — the training conv (NormConv, DESIGN.md). Calls the CUTLASS kernels cover (as above): an
+  implicit-GEMM conv on tensor cores whose epilogue also writes per-tile Σ/Σ² of the stored output, merged per
+  channel in a fixed order (deterministic); the previous BN+ReLU is one vectorized pass before it unless the
+  kernel applies it on load. Everything else: that pass, cuDNN, then the per-channel batch mean and biased
+  variance in ONE read of the output (Welford per thread, a deterministic merge of per-block partials) — instead
+  of eager's BN-apply, ReLU and two-pass statistics.
 * ``finalize`` (``bn_finalize``) — BN's batch statistics to per-channel ``scale``/``shift`` and the running-statistics
   update in one launch instead of about ten tiny ones; :mod:`resnet_fused.norm` calls it (SyncBN's all-reduce,
   ``num_batches_tracked`` and ``momentum=None`` stay there).
