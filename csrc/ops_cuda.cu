@@ -13,14 +13,10 @@
 // cover) runs the convolution(s) with at::convolution (cuDNN) and then ONE fused epilogue kernel for bias +
 // shortcut-conv output + residual + ReLU, instead of separate bias, add and ReLU passes.
 //
-// Both epilogues are elementwise over a dense NCHW or NHWC tensor with per-channel coefficients. Every operand
-// is made dense in the output's memory format, so one linear element index addresses all of them, and
-//   NHWC: channel(e) = e % C          NCHW: channel(e) = (e / (H*W)) % C.
-// Threads move VEC consecutive elements with one 16-byte load per operand and one 16-byte store when the layout
-// keeps a pack inside one row of channels (NHWC: C % VEC == 0) or one channel plane (NCHW: H*W % VEC == 0) and
-// every pointer is 16-byte aligned; otherwise a scalar kernel (VEC = 1) runs. In the NHWC vector kernel each
-// thread keeps one channel pack and walks several pixels, so its VEC channels' coefficients are loaded once
-// (loading them per pack would make the L1 traffic for coefficients exceed the DRAM traffic).
+// Both epilogues are per-channel passes of channel_pass.cuh (shared with the training kernels of train_cuda.cu):
+// elementwise over a dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte
+// packs where layout and alignment allow, NHWC threads keeping one channel pack's coefficients while they walk
+// the pixels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -35,6 +31,7 @@
 #include <tuple>
 
 #include "build_info.h"
+#include "channel_pass.cuh"
 #include "conv_cutlass.h"
 #include "ops.h"
 
@@ -54,40 +51,21 @@ std::vector<int> cuda_archs() {
 
 namespace {
 
-constexpr int kThreads = 256;
-// Rows (pixels) of an NHWC tensor each thread of the channel-stationary kernel covers: its per-channel
-// coefficients are loaded once and reused for all of them.
-constexpr int kRowsPerThread = 4;
+using channel_pass::aligned16;
+using channel_pass::check_cuda_dtype;
+using channel_pass::launch_pass;
+using channel_pass::NoState;
+using channel_pass::Pack;
+using channel_pass::relu;
 
-// VEC elements moved with one aligned 16-byte (or, for VEC = 1, scalar) memory transaction.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-// Channel of element e (first element of a pack) in a dense NHWC or NCHW tensor.
-template <bool CHANNELS_LAST, typename index_t>
-__device__ __forceinline__ index_t channel_of(index_t e, index_t C, index_t HW) {
-  if constexpr (CHANNELS_LAST) {
-    return e % C;
-  } else {
-    return (e / HW) % C;
-  }
-}
-
-// ReLU that propagates NaN like torch.relu.
-__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
-
-// Each epilogue below is a functor with
-//   coef<VEC, PER_LANE>(k0): the per-channel coefficients of a pack whose lane j has channel k0 + j (PER_LANE,
-//                            NHWC) or k0 (NCHW);
-//   apply<VEC>(i, coef):     computes pack i (elements [i*VEC, (i+1)*VEC)) of every operand.
-// The kernels further down only decide which pack and which channels a thread handles.
+// The two epilogues below are elementwise passes of channel_pass.cuh (State = NoState): coef<VEC, PER_LANE>(k0)
+// loads the per-channel coefficients of a pack, apply<VEC>(i, coef, st) computes pack i of every operand.
 
 // scale_bias_add_relu:  out[e] = relu(c[e]*s[k] + t[k] + (idn[e]*s_d[k] + t_d[k])),  k = channel(e),
 // with s_d = 1, t_d = 0 when no idn_scale / idn_shift are given; fp32 math, one rounding at the store.
 template <typename scalar_t>
 struct ScaleBiasAddRelu {
+  using State = NoState;
   const scalar_t* __restrict__ c;       // [N, C, H, W] dense in the launch's layout
   const scalar_t* __restrict__ idn;     // same shape and layout as c
   const float* __restrict__ scale;      // [C]
@@ -116,7 +94,7 @@ struct ScaleBiasAddRelu {
   }
 
   template <int VEC, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q) const {
+  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q, State (&)[VEC]) const {
     using P = Pack<scalar_t, VEC>;
     const P cv = reinterpret_cast<const P*>(c)[i];
     const P iv = reinterpret_cast<const P*>(idn)[i];
@@ -136,6 +114,7 @@ struct ScaleBiasAddRelu {
 // The optional-term branches are uniform across the grid.
 template <typename scalar_t>
 struct BiasAct {
+  using State = NoState;
   const scalar_t* y;                  // conv output [N, K, P, Q], dense in the launch's layout (may alias out)
   const float* __restrict__ bias;     // [K] in fp32, or nullptr
   const scalar_t* __restrict__ sc;    // shortcut conv output, same shape and layout as y, or nullptr
@@ -159,7 +138,7 @@ struct BiasAct {
   }
 
   template <int VEC, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q) const {
+  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q, State (&)[VEC]) const {
     using P = Pack<scalar_t, VEC>;
     const P yv = reinterpret_cast<const P*>(y)[i];
     float acc[VEC];
@@ -190,100 +169,6 @@ struct BiasAct {
   }
 };
 
-// One pack per thread, channel recomputed per pack: NCHW tensors (a pack lies in one channel plane, so its
-// coefficients are warp-broadcast loads) and the scalar fallback (VEC = 1) for either layout.
-template <typename Epi, int VEC, bool CHANNELS_LAST, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-flat_epilogue_kernel(Epi epi, int64_t n_packs, index_t C, index_t HW) {
-  const int64_t i64 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i64 >= n_packs) {
-    return;
-  }
-  const index_t i = static_cast<index_t>(i64);
-  const index_t k0 = channel_of<CHANNELS_LAST>(i * VEC, C, HW);
-  epi.template apply<VEC>(i, epi.template coef<VEC, CHANNELS_LAST>(k0));
-}
-
-// Channel-stationary NHWC kernel: the tensor is `rows` (= N*H*W) rows of `packs_per_row` (= C / VEC) packs.
-// Thread (x, y) of the 2-D grid owns channel pack cp = x, loads its VEC channels' coefficients once, and walks
-// rows y, y + gridDim.y*blockDim.y, ... Consecutive x are consecutive 16-byte packs, so loads coalesce.
-template <typename Epi, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-nhwc_epilogue_kernel(Epi epi, index_t rows, index_t packs_per_row) {
-  const index_t cp = static_cast<index_t>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (cp >= packs_per_row) {
-    return;
-  }
-  const auto q = epi.template coef<VEC, true>(cp * VEC);
-  const index_t step = static_cast<index_t>(gridDim.y * blockDim.y);
-  for (index_t r = static_cast<index_t>(blockIdx.y * blockDim.y + threadIdx.y); r < rows; r += step) {
-    epi.template apply<VEC>(r * packs_per_row + cp, q);
-  }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-template <typename scalar_t, typename index_t, typename Epi>
-void launch_epilogue_indexed(const Epi& epi, int64_t N, int64_t C, int64_t HW, bool channels_last, bool vec,
-                             cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  if (channels_last && vec) {
-    const int64_t packs_per_row = C / kVec, rows = N * HW;
-    const int bx = static_cast<int>(std::min<int64_t>(packs_per_row, kThreads));
-    const int by = kThreads / bx;
-    const int64_t gx = ceil_div(packs_per_row, bx);
-    const int64_t gy = std::min<int64_t>(ceil_div(rows, int64_t{by} * kRowsPerThread), 65535);
-    nhwc_epilogue_kernel<Epi, kVec, index_t>
-        <<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), dim3(bx, by), 0, stream>>>(
-            epi, static_cast<index_t>(rows), static_cast<index_t>(packs_per_row));
-  } else {
-    const int64_t n_packs = N * C * HW / (vec ? kVec : 1);
-    const int64_t blocks = ceil_div(n_packs, kThreads);
-    TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "resnet_fused: tensor too large for one launch (",
-                N * C * HW, " elements)");
-    const dim3 grid(static_cast<unsigned>(blocks));
-    const auto Ci = static_cast<index_t>(C), HWi = static_cast<index_t>(HW);
-    if (vec) {
-      flat_epilogue_kernel<Epi, kVec, false, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
-    } else if (channels_last) {
-      flat_epilogue_kernel<Epi, 1, true, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
-    } else {
-      flat_epilogue_kernel<Epi, 1, false, index_t><<<grid, kThreads, 0, stream>>>(epi, n_packs, Ci, HWi);
-    }
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Runs epilogue `epi` over a dense 4-D tensor of `sizes` in layout `mf`: 16-byte packs when the layout keeps a
-// pack in one channel row (NHWC: C % VEC == 0) or plane (NCHW: H*W % VEC == 0) and every operand is 16-byte
-// aligned, else scalar; int32 indices below 2^30 elements (headroom for the row loop's increments).
-template <typename scalar_t, typename Epi>
-void launch_epilogue(const Epi& epi, at::IntArrayRef sizes, at::MemoryFormat mf, bool all_aligned,
-                     cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(scalar_t);
-  const int64_t N = sizes[0], C = sizes[1], HW = sizes[2] * sizes[3];
-  const bool channels_last = mf == at::MemoryFormat::ChannelsLast;
-  const bool vec = all_aligned && (channels_last ? C % kVec == 0 : HW % kVec == 0);
-  if (N * C * HW < (int64_t{1} << 30)) {
-    launch_epilogue_indexed<scalar_t, int32_t>(epi, N, C, HW, channels_last, vec, stream);
-  } else {
-    launch_epilogue_indexed<scalar_t, int64_t>(epi, N, C, HW, channels_last, vec, stream);
-  }
-}
-
-#define RESNET_FUSED_DISPATCH_CUDA_TYPES(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-void check_cuda_dtype(const char* op, const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, op,
-              " on CUDA supports float32/float16/bfloat16, got ", s);
-}
-
 at::Tensor scale_bias_add_relu_cuda(
     const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
     const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
@@ -303,8 +188,6 @@ at::Tensor scale_bias_add_relu_cuda(
   const at::Tensor idn_scale_d = idn_scale.has_value() ? idn_scale->contiguous() : at::Tensor();
   const at::Tensor idn_shift_d = idn_shift.has_value() ? idn_shift->contiguous() : at::Tensor();
   const bool all_aligned = aligned16(c_d.data_ptr()) && aligned16(idn_d.data_ptr()) && aligned16(out.data_ptr());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
   RESNET_FUSED_DISPATCH_CUDA_TYPES(c.scalar_type(), op, [&] {
     const ScaleBiasAddRelu<scalar_t> epi{
         c_d.const_data_ptr<scalar_t>(),
@@ -314,7 +197,7 @@ at::Tensor scale_bias_add_relu_cuda(
         idn_scale_d.defined() ? idn_scale_d.const_data_ptr<float>() : nullptr,
         idn_shift_d.defined() ? idn_shift_d.const_data_ptr<float>() : nullptr,
         out.mutable_data_ptr<scalar_t>()};
-    launch_epilogue<scalar_t>(epi, out.sizes(), mf, all_aligned, stream);
+    launch_pass<scalar_t>(epi, out.sizes(), mf, all_aligned, out.options());
   });
   return out;
 }
@@ -389,8 +272,6 @@ at::Tensor conv_bias_act_cuda(
   const bool all_aligned = aligned16(y.data_ptr()) && aligned16(out.data_ptr()) &&
                            (!res_d.defined() || aligned16(res_d.data_ptr())) &&
                            (!sc_d.defined() || aligned16(sc_d.data_ptr()));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-
   RESNET_FUSED_DISPATCH_CUDA_TYPES(x.scalar_type(), op, [&] {
     const BiasAct<scalar_t> epi{
         y.const_data_ptr<scalar_t>(),
@@ -399,7 +280,7 @@ at::Tensor conv_bias_act_cuda(
         res_d.defined() ? res_d.const_data_ptr<scalar_t>() : nullptr,
         out.mutable_data_ptr<scalar_t>(),
         relu};
-    launch_epilogue<scalar_t>(epi, out.sizes(), mf, all_aligned, stream);
+    launch_pass<scalar_t>(epi, out.sizes(), mf, all_aligned, out.options());
   });
   return out;
 }
