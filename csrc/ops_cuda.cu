@@ -1,7 +1,6 @@
 // CUDA implementations of the resnet_fused ops (fp32 / fp16 / bf16, fp32 math).
 //
-// scale_bias_add_relu is one memory-bound pass: it reads c and idn once and writes out once, instead of the
-// four to six elementwise passes eager PyTorch makes for BN-apply + (BN-apply) + add + ReLU.
+// (scale_bias_add_relu, the training tail, lives with its backward in train_cuda.cu.)
 //
 // conv_bias_act on float16 / bfloat16 channels_last tensors that the CUTLASS kernels cover (conv_cutlass.h:
 // groups 1, C and K multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension
@@ -13,7 +12,7 @@
 // cover) runs the convolution(s) with at::convolution (cuDNN) and then ONE fused epilogue kernel for bias +
 // shortcut-conv output + residual + ReLU, instead of separate bias, add and ReLU passes.
 //
-// Both epilogues are per-channel passes of channel_pass.cuh (shared with the training kernels of train_cuda.cu):
+// The epilogue is a per-channel pass of channel_pass.cuh (shared with the training kernels of train_cuda.cu):
 // elementwise over a dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte
 // packs where layout and alignment allow, NHWC threads keeping one channel pack's coefficients while they walk
 // the pixels.
@@ -58,56 +57,8 @@ using channel_pass::NoState;
 using channel_pass::Pack;
 using channel_pass::relu;
 
-// The two epilogues below are elementwise passes of channel_pass.cuh (State = NoState): coef<VEC, PER_LANE>(k0)
-// loads the per-channel coefficients of a pack, apply<VEC>(i, coef, st) computes pack i of every operand.
-
-// scale_bias_add_relu:  out[e] = relu(c[e]*s[k] + t[k] + (idn[e]*s_d[k] + t_d[k])),  k = channel(e),
-// with s_d = 1, t_d = 0 when no idn_scale / idn_shift are given; fp32 math, one rounding at the store.
-template <typename scalar_t>
-struct ScaleBiasAddRelu {
-  using State = NoState;
-  const scalar_t* __restrict__ c;       // [N, C, H, W] dense in the launch's layout
-  const scalar_t* __restrict__ idn;     // same shape and layout as c
-  const float* __restrict__ scale;      // [C]
-  const float* __restrict__ shift;      // [C]
-  const float* __restrict__ idn_scale;  // [C], or nullptr: idn is added as is
-  const float* __restrict__ idn_shift;  // [C], or nullptr together with idn_scale
-  scalar_t* __restrict__ out;           // same shape and layout as c
-
-  template <int VEC>
-  struct Coef {
-    float s[VEC], t[VEC], sd[VEC], td[VEC];
-  };
-
-  template <int VEC, bool PER_LANE, typename index_t>
-  __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
-    Coef<VEC> q;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const index_t k = PER_LANE ? k0 + j : k0;
-      q.s[j] = scale[k];
-      q.t[j] = shift[k];
-      q.sd[j] = idn_scale != nullptr ? idn_scale[k] : 1.f;
-      q.td[j] = idn_shift != nullptr ? idn_shift[k] : 0.f;
-    }
-    return q;
-  }
-
-  template <int VEC, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q, State (&)[VEC]) const {
-    using P = Pack<scalar_t, VEC>;
-    const P cv = reinterpret_cast<const P*>(c)[i];
-    const P iv = reinterpret_cast<const P*>(idn)[i];
-    P ov;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float y = fmaf(static_cast<float>(cv.v[j]), q.s[j], q.t[j]);
-      const float r = fmaf(static_cast<float>(iv.v[j]), q.sd[j], q.td[j]);
-      ov.v[j] = static_cast<scalar_t>(relu(y + r));
-    }
-    reinterpret_cast<P*>(out)[i] = ov;
-  }
-};
+// The epilogue below is an elementwise pass of channel_pass.cuh (State = NoState): coef<VEC, PER_LANE>(k0) loads
+// the per-channel coefficients of a pack, apply<VEC>(i, coef, st) computes pack i of every operand.
 
 // conv_bias_act epilogue:  out[e] = act(y[e] + bias[k] + sc[e] + res[e])  (summed in this order; absent terms
 // skipped, bias 0 when absent), act = relu or identity, k = channel(e); fp32 math, one rounding at the store.
@@ -168,39 +119,6 @@ struct BiasAct {
     reinterpret_cast<P*>(out)[i] = ov;
   }
 };
-
-at::Tensor scale_bias_add_relu_cuda(
-    const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
-    const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
-  constexpr const char* op = "resnet_fused::scale_bias_add_relu";
-  check_scale_bias_add_relu(c, scale, shift, idn, idn_scale, idn_shift);
-  check_cuda_dtype(op, c);
-  const c10::cuda::CUDAGuard guard(c.device());
-  const at::MemoryFormat mf = c.suggest_memory_format();
-  at::Tensor out = empty_in_format(c.sizes(), c.options(), mf);
-  if (out.numel() == 0) {
-    return out;
-  }
-  const at::Tensor c_d = c.contiguous(mf);
-  const at::Tensor idn_d = idn.contiguous(mf);
-  const at::Tensor scale_d = scale.contiguous();
-  const at::Tensor shift_d = shift.contiguous();
-  const at::Tensor idn_scale_d = idn_scale.has_value() ? idn_scale->contiguous() : at::Tensor();
-  const at::Tensor idn_shift_d = idn_shift.has_value() ? idn_shift->contiguous() : at::Tensor();
-  const bool all_aligned = aligned16(c_d.data_ptr()) && aligned16(idn_d.data_ptr()) && aligned16(out.data_ptr());
-  RESNET_FUSED_DISPATCH_CUDA_TYPES(c.scalar_type(), op, [&] {
-    const ScaleBiasAddRelu<scalar_t> epi{
-        c_d.const_data_ptr<scalar_t>(),
-        idn_d.const_data_ptr<scalar_t>(),
-        scale_d.const_data_ptr<float>(),
-        shift_d.const_data_ptr<float>(),
-        idn_scale_d.defined() ? idn_scale_d.const_data_ptr<float>() : nullptr,
-        idn_shift_d.defined() ? idn_shift_d.const_data_ptr<float>() : nullptr,
-        out.mutable_data_ptr<scalar_t>()};
-    launch_pass<scalar_t>(epi, out.sizes(), mf, all_aligned, out.options());
-  });
-  return out;
-}
 
 // conv_bias_act on the CUTLASS kernels (conv_cutlass.h): one launch, or with a downsample shortcut two (the 1x1
 // shortcut conv plus the residual into a temporary, then the main conv plus bias plus that temporary, then
@@ -314,7 +232,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bias_act", &conv_bias_act_cuda);
-  m.impl("scale_bias_add_relu", &scale_bias_add_relu_cuda);
 }
 
 TORCH_LIBRARY(resnet_fused_debug, m) {

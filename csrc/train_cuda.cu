@@ -1,11 +1,15 @@
 // CUDA implementations of the training-path ops (fp32 / fp16 / bf16 activations; fp32 math and per-channel
 // vectors). The formulas are in train_ops.cpp; what each launch fuses:
 //
-//   conv_stats                    the BN+ReLU prologue relu(x*s + t) as one vectorized pass into a temporary (no
-//                                 pass without in_scale), at::convolution (cuDNN), then ONE read of c for its
-//                                 per-channel mean and biased variance (Welford per thread, Chan merge of per-block
-//                                 partials: deterministic and robust to a large mean).
+//   conv_stats                    float16 / bfloat16 channels_last calls the CUTLASS kernels cover: one
+//                                 tensor-core implicit-GEMM launch whose epilogue writes per-tile statistics of c,
+//                                 plus their merge (conv_cutlass.h), the prologue applied on load or, where the
+//                                 kernel cannot, as one vectorized pass first. Otherwise: that pass (none without
+//                                 in_scale), at::convolution (cuDNN), then ONE read of c for its per-channel mean
+//                                 and biased variance (Welford per thread, Chan merge of per-block partials:
+//                                 deterministic and robust to a large mean).
 //   affine_relu                   one pass.
+//   scale_bias_add_relu           one pass: relu(c*s + t + idn*s_d + t_d) (or + idn), the block tail.
 //   conv_stats_backward_input     one pass: dc + dmean/n + dvar*2(c - mean)/n, reading dc and c once.
 //   affine_relu_backward          one pass writing dx and the per-block sums of g*x and g, then their merge.
 //   scale_bias_add_relu_backward  one pass that recomputes the ReLU mask from c and idn (the forward saves no
@@ -202,8 +206,67 @@ struct AffineReluBackward {
   }
 };
 
-// Backward of out = relu(z), z = c*s[k] + t[k] + (idn*s_d[k] + t_d[k] | idn), with z recomputed exactly as the
-// forward kernel computes it: g = dout*[z > 0]; dc = g*s; didn = g*s_d (g without idn_scale); per channel
+// The block tail out = relu(z), z = c*s[k] + t[k] + (idn*s_d[k] + t_d[k]), s_d = 1 and t_d = 0 without a
+// downsample branch: its per-channel coefficients and z, shared by the forward and backward passes so that the
+// backward's ReLU mask is exactly the forward's.
+template <int VEC>
+struct TailCoef {
+  float s[VEC], t[VEC], sd[VEC], td[VEC];
+};
+
+template <int VEC, bool PER_LANE, typename index_t>
+__device__ __forceinline__ TailCoef<VEC> load_tail(const float* scale, const float* shift, const float* idn_scale,
+                                                  const float* idn_shift, index_t k0) {
+  TailCoef<VEC> q;
+  load_coef<VEC, PER_LANE>(q.s, scale, k0, 0.f);
+  load_coef<VEC, PER_LANE>(q.t, shift, k0, 0.f);
+  load_coef<VEC, PER_LANE>(q.sd, idn_scale, k0, 1.f);
+  load_coef<VEC, PER_LANE>(q.td, idn_shift, k0, 0.f);
+  return q;
+}
+
+template <int VEC>
+__device__ __forceinline__ float tail_preact(float c, float idn, const TailCoef<VEC>& q, int j) {
+  return fmaf(c, q.s[j], q.t[j]) + fmaf(idn, q.sd[j], q.td[j]);
+}
+
+// Forward: out = relu(z); fp32 math, one rounding at the store.
+template <typename scalar_t>
+struct ScaleBiasAddRelu {
+  using State = NoState;
+  const scalar_t* __restrict__ c;       // [N, C, H, W] dense in the launch's layout
+  const scalar_t* __restrict__ idn;     // same shape and layout as c
+  const float* __restrict__ scale;      // [C]
+  const float* __restrict__ shift;      // [C]
+  const float* __restrict__ idn_scale;  // [C], or nullptr: idn is added as is
+  const float* __restrict__ idn_shift;  // [C], or nullptr together with idn_scale
+  scalar_t* __restrict__ out;           // same shape and layout as c
+
+  template <int VEC>
+  using Coef = TailCoef<VEC>;
+
+  template <int VEC, bool PER_LANE, typename index_t>
+  __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
+    return load_tail<VEC, PER_LANE>(scale, shift, idn_scale, idn_shift, k0);
+  }
+
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, const Coef<VEC>& q, State (&)[VEC]) const {
+    using P = Pack<scalar_t, VEC>;
+    const P cv = reinterpret_cast<const P*>(c)[i];
+    const P iv = reinterpret_cast<const P*>(idn)[i];
+    P ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float z = tail_preact(static_cast<float>(cv.v[j]), static_cast<float>(iv.v[j]), q, j);
+      ov.v[j] = static_cast<scalar_t>(relu(z));
+    }
+    reinterpret_cast<P*>(out)[i] = ov;
+  }
+};
+
+// Backward of out = relu(z), z = c*s[k] + t[k] + (idn*s_d[k] + t_d[k] | idn), with z recomputed by the
+// forward's tail_preact: g = dout*[z > 0]; dc = g*s; didn = g*s_d (g without idn_scale); per channel
 // dscale = Σ g*c, dshift = Σ g, didn_scale = Σ g*idn.
 template <typename scalar_t>
 struct ScaleBiasAddReluBackward {
@@ -222,18 +285,11 @@ struct ScaleBiasAddReluBackward {
   float* __restrict__ didn_scale;       // [C] out, or nullptr together with idn_scale
 
   template <int VEC>
-  struct Coef {
-    float s[VEC], t[VEC], sd[VEC], td[VEC];
-  };
+  using Coef = TailCoef<VEC>;
 
   template <int VEC, bool PER_LANE, typename index_t>
   __device__ __forceinline__ Coef<VEC> coef(index_t k0) const {
-    Coef<VEC> q;
-    load_coef<VEC, PER_LANE>(q.s, scale, k0, 0.f);
-    load_coef<VEC, PER_LANE>(q.t, shift, k0, 0.f);
-    load_coef<VEC, PER_LANE>(q.sd, idn_scale, k0, 1.f);
-    load_coef<VEC, PER_LANE>(q.td, idn_shift, k0, 0.f);
-    return q;
+    return load_tail<VEC, PER_LANE>(scale, shift, idn_scale, idn_shift, k0);
   }
 
   template <int VEC, typename index_t>
@@ -247,7 +303,7 @@ struct ScaleBiasAddReluBackward {
     for (int j = 0; j < VEC; ++j) {
       const float cf = static_cast<float>(cv.v[j]);
       const float idf = static_cast<float>(iv.v[j]);
-      const float z = fmaf(cf, q.s[j], q.t[j]) + fmaf(idf, q.sd[j], q.td[j]);
+      const float z = tail_preact(cf, idf, q, j);
       const float g = z > 0.f ? static_cast<float>(gv.v[j]) : 0.f;
       dcv.v[j] = static_cast<scalar_t>(g * q.s[j]);
       div.v[j] = static_cast<scalar_t>(g * q.sd[j]);
@@ -499,6 +555,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_relu_backward_cuda(
   return {dx, dscale, dshift};
 }
 
+at::Tensor scale_bias_add_relu_cuda(
+    const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
+    const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
+  constexpr const char* op = "resnet_fused::scale_bias_add_relu";
+  check_scale_bias_add_relu(c, scale, shift, idn, idn_scale, idn_shift);
+  check_cuda_dtype(op, c);
+  const c10::cuda::CUDAGuard guard(c.device());
+  const at::MemoryFormat mf = c.suggest_memory_format();
+  at::Tensor out = empty_in_format(c.sizes(), c.options(), mf);
+  if (out.numel() == 0) {
+    return out;
+  }
+  const at::Tensor c_d = c.contiguous(mf);
+  const at::Tensor idn_d = idn.contiguous(mf);
+  const at::Tensor scale_d = scale.contiguous();
+  const at::Tensor shift_d = shift.contiguous();
+  const at::Tensor idn_scale_d = idn_scale.has_value() ? idn_scale->contiguous() : at::Tensor();
+  const at::Tensor idn_shift_d = idn_shift.has_value() ? idn_shift->contiguous() : at::Tensor();
+  const bool all_aligned = aligned16(c_d.data_ptr()) && aligned16(idn_d.data_ptr()) && aligned16(out.data_ptr());
+  RESNET_FUSED_DISPATCH_CUDA_TYPES(c.scalar_type(), op, [&] {
+    const ScaleBiasAddRelu<scalar_t> epi{
+        c_d.const_data_ptr<scalar_t>(),
+        idn_d.const_data_ptr<scalar_t>(),
+        scale_d.const_data_ptr<float>(),
+        shift_d.const_data_ptr<float>(),
+        idn_scale_d.defined() ? idn_scale_d.const_data_ptr<float>() : nullptr,
+        idn_shift_d.defined() ? idn_shift_d.const_data_ptr<float>() : nullptr,
+        out.mutable_data_ptr<scalar_t>()};
+    launch_pass<scalar_t>(epi, out.sizes(), mf, all_aligned, out.options());
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scale_bias_add_relu_backward_cuda(
     const at::Tensor& dout, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& idn, const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
@@ -578,6 +667,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("affine_relu", &affine_relu_cuda);
   m.impl("conv_stats_backward_input", &conv_stats_backward_input_cuda);
   m.impl("affine_relu_backward", &affine_relu_backward_cuda);
+  m.impl("scale_bias_add_relu", &scale_bias_add_relu_cuda);
   m.impl("scale_bias_add_relu_backward", &scale_bias_add_relu_backward_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);
 }
