@@ -32,12 +32,19 @@ bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, cons
                                   const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 
-// Training-path conv: c = conv2d(x, w), and mean / var: per-output-channel mean and biased variance of the
-// stored c over its N*P*Q pixels (fp32 [K], preallocated, overwritten). The epilogue writes per-tile Σ / Σ²
-// to a workspace, and two small kernels merge them in a fixed order (deterministic; conv_cutlass_stats.cu).
-// Launches on the current CUDA stream. Coverage as cutlass_conv_fprop for x, w and c (c takes out's place),
-// plus mean / var contiguous on x's device. The BN+ReLU prologue on load is not implemented: returns false,
-// launching nothing, when in_scale or in_shift is given (they would be fp32 [C]), as for any call not covered.
+// Training-path conv: c = conv2d(a, w) with a = x, or with the BN+ReLU prologue a = relu(x * in_scale[ch] +
+// in_shift[ch]) applied to the activation tile on load (padding contributes 0 after the activation); and mean /
+// var: per-output-channel mean and biased variance of the stored c over its N*P*Q pixels (fp32 [K],
+// preallocated, overwritten). The epilogue writes per-tile Σ / Σ² to a workspace, and two small kernels merge
+// them in a fixed order (deterministic; conv_cutlass_stats.cu). Launches on the current CUDA stream. Coverage as
+// cutlass_conv_fprop for x, w and c (c takes out's place), plus mean / var contiguous on x's device; with the
+// prologue also in_scale / in_shift float32 [C], contiguous, on x's device (given together; wrong shapes are
+// errors). Precision of the prologue: in_scale / in_shift are rounded to x's dtype (round to nearest) before use,
+// since the kernel's scale/shift vectors are 16-bit, so it computes relu(x * rd(s) + rd(t)) in one fused
+// multiply-add per element (fp16: error up to 2^-11 relative to |x*s| + |t|; bf16: 2^-8); in fp16, scale or
+// shift beyond +-65504 become +-inf. An input pair of adjacent channels bitwise equal to the kernel's
+// out-of-bounds marker (fp16 NaN 0x7eff / bf16 NaN 0x7fa5, both channels) is read as padding: 0, not NaN.
+// Returns false, launching nothing, for any call not covered.
 bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
                         const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);

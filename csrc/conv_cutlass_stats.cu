@@ -9,14 +9,37 @@
 //   (converted back to fp32) and their squares into per-column sums; at the end the threads' sums are
 //   gathered in shared memory and added per column in a fixed order, and the tile writes one (Σ, Σ²) pair
 //   per column to a workspace [tiles_m, 2K] (row = tile row of the implicit GEMM). Rows past N*P*Q have zero
-//   accumulators (the mainloop zero-fills out-of-bounds loads), so they add nothing.
+//   accumulators (the mainloop zero-fills out-of-bounds loads; with the prologue they are padding, 0 after the
+//   activation), so they add nothing.
 //   Merge: two small kernels with a fixed summation order (bitwise reproducible results): fp64 sums of the
 //   tile rows in chunks, then over the chunks; mean = Σ/n, var = max(Σ²/n - mean², 0), n = N*P*Q.
 //   Precision: the fp32 tile sums bound the variance's relative error by roughly 1e-7 * (1 + mean²/var), the
 //   usual cost of Σ/Σ² statistics (cuDNN's fused conv + stats kernels also produce fp32 Σ and Σ²).
-//   Not implemented: the BN+ReLU prologue on load (CUTLASS example 25's mainloop fusion; its scale-bias-ReLU
-//   transform is fp16-only and pads with a value that must come out as 0 after the activation, so bf16 needs
-//   its own transform). Calls with in_scale / in_shift return false.
+//
+// cutlass_conv_stats with in_scale / in_shift (the BN+ReLU prologue, "mainloop fusion"):
+//   c = conv2d(relu(x * in_scale[ch] + in_shift[ch]), W) and its statistics, in one conv launch (plus a tiny
+//   launch converting in_scale / in_shift, and the two merge launches). Mainloop: CUTLASS's fprop-fusion mainloop
+//   (cutlass::conv::threadblock::ImplicitGemmFpropFusionMultistage, the technique of CUTLASS example 25) with the
+//   components of DefaultConv2dFpropFusion and the tiles of the plain kernel: each stage also copies the stage's
+//   64 channels of scale and shift into shared memory; after a warp loads its activation fragment from shared
+//   memory, the transform applies relu(x * scale + shift) per channel in registers before the MMAs. Epilogue:
+//   EpilogueWithStats, unchanged. Kernel: ConvStatsPrologueKernel below, one instantiation per dtype.
+//   Padding: an activation vector outside x (spatial padding, rows past N*P*Q, channels past C) reads nothing of
+//   x: it is filled with a marker bit pattern, and the transform turns a marked pair into +0 AFTER the activation,
+//   so padding contributes 0 to conv(relu(bn(x))) exactly as in the reference.
+//     fp16: CUTLASS's fill (the fp16 NaN 0x7eff) and CUTLASS's transform (fma.rn.f16x2.relu).
+//     bf16: 0x7eff is a finite bf16 (1.6948e38), so the bf16 kernel never uses CUTLASS's fill: its activation
+//     iterator points out-of-bounds loads at a 16-byte vector of the bf16 NaN 0x7fa5 (Bf16PaddedActivationIterator)
+//     and this file's transform (fma.rn.relu.bf16x2, sm_80+) tests for that marker.
+//     Either way an input pair of channels whose bits equal the marker pair (a NaN with that exact payload in
+//     both channels) is read as padding: 0 instead of NaN.
+//   Precision: the fusion mainloop keeps scale and shift in the activation dtype (its shared-memory and warp
+//   iterators move 16-bit vectors), so the fp32 in_scale / in_shift are rounded to x's dtype (round to nearest)
+//   before the conv: relative error up to 2^-11 (fp16) or 2^-8 (bf16) in each, i.e. the prologue computes
+//   relu(x * rd(s) + rd(t)) with one rounding (fused multiply-add) where the reference computes
+//   rd(relu(x * s + t)) in fp32; where x*s and t nearly cancel the activation's error is relative to |t|, not
+//   to the result. fp16 scale or shift beyond +-65504 become +-inf (the caller keeps them in range; bf16 has
+//   fp32's range).
 #include "conv_cutlass.h"
 
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -29,21 +52,97 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #ifdef RESNET_FUSED_WITH_CUTLASS
 #include "cutlass/array.h"
 #include "cutlass/conv/conv2d_problem_size.h"
 #include "cutlass/conv/device/implicit_gemm_convolution.h"
 #include "cutlass/conv/kernel/default_conv2d_fprop.h"
+#include "cutlass/conv/kernel/default_conv2d_fprop_fusion.h"
 #include "cutlass/conv/kernel/implicit_gemm_convolution_with_fused_epilogue.h"
 #include "cutlass/cutlass.h"
+#include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/thread/linear_combination.h"
 #include "cutlass/epilogue/threadblock/default_epilogue_tensor_op.h"
 #include "cutlass/epilogue/threadblock/epilogue_base.h"
+#include "cutlass/epilogue/threadblock/output_iterator_parameter.h"
 #include "cutlass/numeric_conversion.h"
 #include "cutlass/numeric_types.h"
 
 #include "conv_cutlass_common.h"
+
+namespace resnet_fused {
+namespace cutlass_conv {
+
+// Out-of-bounds marker of the bf16 BN+ReLU prologue (see Bf16PaddedActivationIterator below): the bf16 NaN
+// 0x7fa5, a payload that neither PyTorch (0x7fc0, 0xffc0) nor the hardware's canonical NaN (0x7fff) produces.
+// CUTLASS's fp16 marker 0x7eff cannot serve bf16: as a bf16 it is the finite value 1.6948e38.
+constexpr uint32_t kBf16PadBits = 0x7fa5;
+constexpr uint32_t kBf16PadBitsX2 = (kBf16PadBits << 16) | kBf16PadBits;
+
+}  // namespace cutlass_conv
+}  // namespace resnet_fused
+
+// The BN+ReLU transform of CUTLASS's fprop-fusion mainloop (cutlass::conv::threadblock::
+// ImplicitGemmFpropFusionMultistage names cutlass::conv::warp::FpropScaleBiasReluTransform) for bf16 fragments.
+// CUTLASS's own transform is fp16 PTX (fma.rn.f16x2.relu); this specialization, defined before the bf16
+// prologue kernel is instantiated, is the only one of this translation unit (no other unit instantiates the
+// transform). Per pair of activations of one MMA operand register: a = relu(x * scale + shift) with one
+// fma.rn.relu.bf16x2 (sm_80+: the product is exact, the sum rounded once to bf16, ReLU keeps NaN as NaN); a pair
+// whose bits are the prologue's out-of-bounds marker (two kBf16PadBits halves; markers fill whole 16-byte
+// vectors, so the two halves of a pair are marked together) becomes +0, AFTER the activation, as CUTLASS does
+// for fp16. Scale and shift are bf16 here (the caller rounds the fp32 vectors).
+// Fragment layout as CUTLASS's fp16 transform: the scale/bias fragment of a k-group holds 4 registers {scale,
+// shift} of the low 8 k-columns, then {scale, shift} of the high 8; activation pair i belongs to the low or high
+// half by (i / 2) % 2 (m16n8k16 A operand: a0a1 / a2a3 low columns of rows g / g+8, a4a5 / a6a7 high columns).
+namespace cutlass {
+namespace conv {
+namespace warp {
+
+template <int kActivations, int kScaleBias>
+struct FpropScaleBiasReluTransform<cutlass::Array<cutlass::bfloat16_t, kActivations, false>,
+                                   cutlass::Array<cutlass::bfloat16_t, kScaleBias, false>> {
+  static_assert(kActivations % 4 == 0 && kScaleBias == 8, "unexpected bf16 fragment shapes");
+  // Checked by the kernel configuration, so a bf16 kernel can never run the fp16 PTX of the primary template.
+  static constexpr uint32_t kOutOfBoundsBits = resnet_fused::cutlass_conv::kBf16PadBitsX2;
+
+  CUTLASS_DEVICE
+  static uint32_t bn_relu_pair(uint32_t x, uint32_t scale, uint32_t shift) {
+    uint32_t a = 0;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+    asm(
+        "{\n\t"
+        " .reg .pred p;\n\t"
+        " .reg .b32 t;\n\t"
+        " setp.eq.u32 p, %1, %4;\n\t"
+        " fma.rn.relu.bf16x2 t, %1, %2, %3;\n\t"
+        " selp.b32 %0, 0, t, p;\n\t"
+        "}\n"
+        : "=r"(a)
+        : "r"(x), "r"(scale), "r"(shift), "n"(kOutOfBoundsBits));
+#else
+    assert(0);
+#endif
+    return a;
+  }
+
+  CUTLASS_DEVICE
+  void operator()(cutlass::Array<cutlass::bfloat16_t, kActivations, false>& activations,
+                  cutlass::Array<cutlass::bfloat16_t, kScaleBias, false> const& scale_bias) {
+    uint32_t* pairs = reinterpret_cast<uint32_t*>(&activations);
+    uint32_t const* sb = reinterpret_cast<uint32_t const*>(&scale_bias);
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < kActivations / 2; ++i) {
+      const int half = (i / 2) % 2;
+      pairs[i] = bn_relu_pair(pairs[i], sb[2 * half], sb[2 * half + 1]);
+    }
+  }
+};
+
+}  // namespace warp
+}  // namespace conv
+}  // namespace cutlass
 #endif
 
 namespace resnet_fused {
@@ -276,6 +375,210 @@ struct ConvStats {
   using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
+// ---------------------------------------------------------------------------------- BN+ReLU prologue kernel
+
+// bf16 activations have no spare finite bit pattern, and the fusion mainloop fills every out-of-bounds activation
+// vector with CUTLASS's fp16 marker 0x7eff (cutlass::arch::cp_async_nan), a finite bf16. So the bf16 kernel never
+// lets the mainloop predicate an activation load off: this iterator (CUTLASS's optimized fprop activation iterator
+// underneath) reports every access valid and points out-of-bounds ones (spatial padding, rows past N*P*Q,
+// channels past C) at bf16_pad_vector, 16 bytes of the bf16 NaN kBf16PadBits in global memory, which the
+// mainloop's cp.async copies into shared memory where the fp16 kernel would have its 0x7eff fill. Those loads
+// all hit the same 16 bytes (L1-resident).
+__device__ __align__(16) uint32_t bf16_pad_vector[4] = {cutlass_conv::kBf16PadBitsX2, cutlass_conv::kBf16PadBitsX2,
+                                                        cutlass_conv::kBf16PadBitsX2, cutlass_conv::kBf16PadBitsX2};
+
+template <typename Base_>
+class Bf16PaddedActivationIterator : public Base_ {
+ public:
+  using Base = Base_;
+  using AccessType = typename Base::AccessType;
+  static_assert(sizeof(AccessType) == sizeof(bf16_pad_vector), "one 16-byte vector per access");
+
+  CUTLASS_HOST_DEVICE
+  Bf16PaddedActivationIterator(typename Base::Params const& params,
+                               cutlass::conv::Conv2dProblemSize const& problem_size,
+                               typename Base::Element const* ptr, int thread_idx,
+                               cutlass::MatrixCoord const& threadblock_offset)
+      : Base(params, problem_size, ptr, thread_idx, threadblock_offset) {}
+
+  CUTLASS_DEVICE
+  AccessType const* get() {
+    return Base::valid() ? Base::get() : reinterpret_cast<AccessType const*>(bf16_pad_vector);
+  }
+
+  CUTLASS_HOST_DEVICE
+  bool valid() { return true; }
+};
+
+// Kernel: conv2d(relu(x * scale + shift), W) with the stats epilogue, written for this file after the pattern of
+// cutlass::conv::kernel::ImplicitGemmConvolutionFusion (its mainloop) and ImplicitGemmConvolutionWithFusedEpilogue
+// (how EpilogueWithStats is called): fprop only, no split-K, no source tensor. Launched through cutlass::Kernel.
+template <typename Mma_, typename Epilogue_, typename Swizzle_>
+struct ConvStatsPrologueKernel {
+  using Mma = Mma_;
+  using Epilogue = Epilogue_;
+  using Swizzle = Swizzle_;
+  using OutputOp = typename Epilogue::OutputOp;
+  using ElementA = typename Mma::IteratorA::Element;
+  using ElementB = typename Mma::IteratorB::Element;
+  using ElementScaleBias = typename Mma::IteratorScaleBias::Element;
+  using ElementC = typename Epilogue::OutputTileIterator::Element;
+  using Layout = cutlass::layout::TensorNHWC;
+  using TensorRefC = cutlass::TensorRef<ElementC, Layout>;
+  using OutputParameter =
+      cutlass::epilogue::threadblock::ConvOutputIteratorParameter<Layout,
+                                                                  typename Epilogue::OutputTileIterator::Layout,
+                                                                  TensorRefC, cutlass::conv::Operator::kFprop,
+                                                                  cutlass::conv::Conv2dProblemSize>;
+  using Shape = typename Mma::Shape;
+  static int const kThreadCount = 32 * Mma::WarpCount::kCount;
+
+  struct Params {
+    cutlass::conv::Conv2dProblemSize problem_size{};
+    cutlass::gemm::GemmCoord grid_tiled_shape{};
+    int swizzle_log_tile{0};
+    int gemm_k_iterations{0};
+    typename Mma::IteratorA::Params iterator_A{};
+    ElementA const* ptr_A = nullptr;
+    typename Mma::IteratorB::Params iterator_B{};
+    ElementB const* ptr_B = nullptr;
+    typename Mma::IteratorScaleBias::Params iterator_scale_bias{};
+    ElementScaleBias const* ptr_scale = nullptr;
+    ElementScaleBias const* ptr_shift = nullptr;
+    typename Epilogue::OutputTileIterator::Params iterator_D{};
+    ElementC* ptr_D = nullptr;
+    typename OutputOp::Params output_op{};
+    float* tile_sums = nullptr;  // [grid_tiled_shape.m(), 2K]: the epilogue's Σ and Σ² per tile row
+
+    Params() = default;
+
+    // x, w, c dense NHWC / KRSC / NPQK; scale and shift [C] in the activation dtype.
+    Params(cutlass::conv::Conv2dProblemSize const& p, ElementA const* x, ElementB const* w,
+           ElementScaleBias const* scale, ElementScaleBias const* shift, ElementC* c, float* tile_sums_)
+        : problem_size(p),
+          iterator_A(Mma::IteratorA::getParams(p, Layout::packed({p.N, p.H, p.W, p.C}))),
+          ptr_A(x),
+          iterator_B(p, Layout::packed({p.K, p.R, p.S, p.C})),
+          ptr_B(w),
+          iterator_scale_bias(p, typename Mma::IteratorScaleBias::Layout()),
+          ptr_scale(scale),
+          ptr_shift(shift),
+          iterator_D(OutputParameter::layout(TensorRefC(c, Layout::packed({p.N, p.P, p.Q, p.K})))),
+          ptr_D(c),
+          tile_sums(tile_sums_) {
+      gemm_k_iterations = cutlass::conv::implicit_gemm_k_iterations(cutlass::conv::Operator::kFprop, Shape::kK, p);
+      Swizzle swizzle;
+      grid_tiled_shape = swizzle.get_tiled_shape(
+          cutlass::conv::implicit_gemm_problem_size(cutlass::conv::Operator::kFprop, p),
+          {Shape::kM, Shape::kN, Shape::kK}, p.split_k_slices);
+      swizzle_log_tile = swizzle.get_log_tile(grid_tiled_shape);
+    }
+  };
+
+  union SharedStorage {
+    typename Mma::SharedStorage main_loop;
+    typename Epilogue::SharedStorage epilogue;
+  };
+
+  // What the kernel covers beyond conv_problem's rules (as cutlass::conv::device::ImplicitGemmConvolutionFusion
+  // checks it, for one k slice).
+  static bool can_implement(cutlass::conv::Conv2dProblemSize const& p) {
+    if (p.split_k_slices != 1 || Mma::IteratorA::can_implement(p) != cutlass::Status::kSuccess ||
+        Mma::IteratorB::can_implement(p) != cutlass::Status::kSuccess) {
+      return false;
+    }
+    const Params params(p, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
+    const dim3 grid = Swizzle().get_grid_shape(params.grid_tiled_shape);
+    return grid.y <= 65535 && grid.z <= 65535;
+  }
+
+  CUTLASS_DEVICE
+  void operator()(Params const& params, SharedStorage& shared_storage) {
+    Swizzle swizzle;
+    const cutlass::gemm::GemmCoord tile = swizzle.get_tile_offset(params.swizzle_log_tile);
+    if (params.grid_tiled_shape.m() <= tile.m() || params.grid_tiled_shape.n() <= tile.n()) {
+      return;
+    }
+    const int thread_idx = threadIdx.x;
+    typename Mma::IteratorA iterator_A(params.iterator_A, params.problem_size, params.ptr_A, thread_idx,
+                                       cutlass::MatrixCoord(tile.m() * Shape::kM, tile.k() * Shape::kK));
+    typename Mma::IteratorB iterator_B(params.iterator_B, params.problem_size, params.ptr_B, thread_idx,
+                                       cutlass::MatrixCoord(tile.k() * Shape::kK, tile.n() * Shape::kN));
+    typename Mma::IteratorScaleBias iterator_scale_bias(params.iterator_scale_bias, params.problem_size,
+                                                        params.ptr_scale, params.ptr_shift, thread_idx,
+                                                        cutlass::MatrixCoord(0, tile.k() * Shape::kK));
+    const int warp_idx = cutlass::canonical_warp_idx_sync();
+    const int lane_idx = threadIdx.x % 32;
+
+    Mma mma(shared_storage.main_loop, thread_idx, warp_idx, lane_idx);
+    typename Mma::FragmentC accumulators;
+    accumulators.clear();
+    mma(params.gemm_k_iterations, accumulators, iterator_A, iterator_B, iterator_scale_bias, accumulators);
+
+    const cutlass::MatrixCoord threadblock_offset(tile.m() * Shape::kM, tile.n() * Shape::kN);
+    const cutlass::MatrixCoord extent = OutputParameter::extent(params.problem_size);
+    typename Epilogue::OutputTileIterator iterator_D(params.iterator_D, params.ptr_D, extent, thread_idx,
+                                                     threadblock_offset);
+    // This tile's row of the workspace, advanced to its first column (what EpilogueWithStats expects).
+    float* tile_sums = params.tile_sums == nullptr
+                           ? nullptr
+                           : params.tile_sums + threadblock_offset.column() +
+                                 static_cast<int64_t>(tile.m()) * 2 * params.problem_size.K;
+    Epilogue epilogue(shared_storage.epilogue, thread_idx, warp_idx, lane_idx);
+    // The source and auxiliary-tensor iterators are unused by EpilogueWithStats.
+    epilogue(OutputOp(params.output_op), tile_sums, iterator_D, accumulators, iterator_D, iterator_D, extent,
+             threadblock_offset);
+  }
+};
+
+// kOutOfBoundsBits of a transform that has one (this file's bf16 transform), else 0.
+template <typename T, typename = void>
+struct OutOfBoundsBits {
+  static constexpr uint32_t value = 0;
+};
+template <typename T>
+struct OutOfBoundsBits<T, std::void_t<decltype(T::kOutOfBoundsBits)>> {
+  static constexpr uint32_t value = T::kOutOfBoundsBits;
+};
+
+// The prologue kernel per dtype: the components of CUTLASS's DefaultConv2dFpropFusion (tiles of
+// conv_cutlass_common.h; scale / shift vectors in the activation dtype, row-major [1, C]) assembled into its
+// fusion mainloop, with the bf16 activation iterator above for bf16, and ConvStats' EpilogueWithStats.
+template <typename Element>
+struct ConvStatsPrologue {
+  static constexpr bool kBf16 = std::is_same<Element, cutlass::bfloat16_t>::value;
+  using Stats = ConvStats<Element>;
+  using Swizzle = typename Stats::Swizzle;
+  using Default = cutlass::conv::kernel::DefaultConv2dFpropFusion<
+      Element, cutlass::layout::TensorNHWC, Element, cutlass::layout::TensorNHWC, Element, cutlass::layout::RowMajor,
+      Element, cutlass::layout::TensorNHWC, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass_conv::ThreadblockShape, cutlass_conv::WarpShape, cutlass_conv::InstructionShape,
+      typename Stats::OutputOp, Swizzle, cutlass_conv::kStages, cutlass::arch::OpMultiplyAdd,
+      cutlass::conv::IteratorAlgorithm::kOptimized>;
+  using IteratorA = typename std::conditional<kBf16, Bf16PaddedActivationIterator<typename Default::IteratorA>,
+                                              typename Default::IteratorA>::type;
+  using Mma = cutlass::conv::threadblock::ImplicitGemmFpropFusionMultistage<
+      cutlass_conv::ThreadblockShape, IteratorA, typename Default::SmemIteratorA,
+      cutlass::arch::CacheOperation::Always, typename Default::IteratorB, typename Default::SmemIteratorB,
+      cutlass::arch::CacheOperation::Global, typename Default::IteratorScaleBias,
+      typename Default::SmemIteratorScaleBias, cutlass::arch::CacheOperation::Always, typename Default::MmaPolicy,
+      typename Default::WarpIteratorScaleBias, cutlass_conv::kStages>;
+  using Kernel = ConvStatsPrologueKernel<Mma, typename Stats::Epilogue, Swizzle>;
+
+  // The bf16 kernel must run this file's bf16 transform (marker kBf16PadBitsX2), the fp16 one CUTLASS's.
+  using Transform = cutlass::conv::warp::FpropScaleBiasReluTransform<typename Mma::Operator::TransformedFragmentA,
+                                                                     typename Default::WarpIteratorScaleBias::Fragment>;
+  static_assert(kBf16 == (OutOfBoundsBits<Transform>::value == cutlass_conv::kBf16PadBitsX2),
+                "the bf16 kernel must use this file's bf16 transform, the fp16 kernel CUTLASS's");
+  // The warp-level scale/shift iterator puts shift one warp K-extent after scale in each stage, and the smem
+  // iterator one threadblock K-extent: they agree only with one warp along K.
+  static_assert(cutlass_conv::WarpShape::kK == cutlass_conv::ThreadblockShape::kK,
+                "the scale/shift iterators need one warp along the threadblock's K");
+  // EpilogueWithStats was assembled for the warp MMA of the plain conv: same accumulator fragment layout.
+  static_assert(std::is_same<typename Default::WarpMmaTensorOp, typename Stats::Epilogue::WarpMmaOperator>::value,
+                "the prologue mainloop and the stats epilogue must share the warp-level MMA");
+};
+
 // Merge of the tile sums: 32 channels x 8 rows per block.
 constexpr int kMergeChannels = 32;
 constexpr int kMergeRows = 8;
@@ -369,50 +672,120 @@ bool stats_can_implement(const cutlass::conv::Conv2dProblemSize& p) {
 }
 
 template <typename Element>
+bool prologue_can_implement(const cutlass::conv::Conv2dProblemSize& p) {
+  static const bool thread_map_ok = ConvStats<Element>::Epilogue::check_thread_map();
+  TORCH_CHECK(thread_map_ok, "resnet_fused::cutlass_conv_stats: unexpected CUTLASS epilogue thread map");
+  return ConvStatsPrologue<Element>::Kernel::can_implement(p);
+}
+
+// The statistics part of the workspace: chunk sums (fp64) first, then the tile sums (fp32) the conv's epilogue
+// writes; both written before they are read. `bytes` is rounded up to 256 so more can follow.
+struct TileSumsPlan {
+  int tiles = 0, tiles_per_chunk = 0, chunks = 0;
+  size_t chunk_bytes = 0, tile_bytes = 0, bytes = 0;
+
+  explicit TileSumsPlan(const cutlass::conv::Conv2dProblemSize& p) {
+    using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>;  // both kernels'
+    const cutlass::gemm::GemmCoord tiled = Swizzle().get_tiled_shape(
+        cutlass::conv::Operator::kFprop, p,
+        {cutlass_conv::ThreadblockShape::kM, cutlass_conv::ThreadblockShape::kN, cutlass_conv::ThreadblockShape::kK},
+        1);
+    tiles = tiled.m();
+    const int chunks_wanted = std::min(tiles, kMaxChunks);
+    tiles_per_chunk = (tiles + chunks_wanted - 1) / chunks_wanted;
+    chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+    chunk_bytes = sizeof(double) * static_cast<size_t>(chunks) * 2 * p.K;
+    tile_bytes = sizeof(float) * static_cast<size_t>(tiles) * 2 * p.K;
+    bytes = (chunk_bytes + tile_bytes + 255) / 256 * 256;
+  }
+  double* chunk_sums(char* base) const { return reinterpret_cast<double*>(base); }
+  float* tile_sums(char* base) const { return reinterpret_cast<float*>(base + chunk_bytes); }
+};
+
+// mean / var from the tile sums the conv wrote (two launches, fixed summation order).
+void merge_tile_sums(const TileSumsPlan& plan, char* base, const cutlass::conv::Conv2dProblemSize& p, float* mean,
+                     float* var, cudaStream_t stream) {
+  const int K = p.K;
+  const dim3 block(kMergeChannels, kMergeRows);
+  const unsigned channel_blocks = static_cast<unsigned>((K + kMergeChannels - 1) / kMergeChannels);
+  stats_chunk_kernel<<<dim3(channel_blocks, static_cast<unsigned>(plan.chunks)), block, 0, stream>>>(
+      plan.tile_sums(base), plan.tiles, plan.tiles_per_chunk, K, plan.chunk_sums(base));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const double n = static_cast<double>(p.N) * p.P * p.Q;
+  stats_finalize_kernel<<<channel_blocks, block, 0, stream>>>(plan.chunk_sums(base), plan.chunks, K, n, mean, var);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Element>
 void run_stats(const cutlass::conv::Conv2dProblemSize& p, void* x, void* w, void* c, float* mean, float* var,
                c10::DeviceIndex device) {
   using Conv = typename ConvStats<Element>::Conv;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const cutlass::gemm::GemmCoord tiled = typename ConvStats<Element>::Swizzle().get_tiled_shape(
-      cutlass::conv::Operator::kFprop, p,
-      {cutlass_conv::ThreadblockShape::kM, cutlass_conv::ThreadblockShape::kN, cutlass_conv::ThreadblockShape::kK},
-      1);
-  const int tiles = tiled.m();
-  const int chunks_wanted = std::min(tiles, kMaxChunks);
-  const int tiles_per_chunk = (tiles + chunks_wanted - 1) / chunks_wanted;
-  const int chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  const int K = p.K;
+  const TileSumsPlan plan(p);
 
-  // Workspace: the chunk sums (fp64) first, then the tile sums (fp32); both written before they are read.
-  const size_t chunk_bytes = sizeof(double) * static_cast<size_t>(chunks) * 2 * K;
-  const size_t tile_bytes = sizeof(float) * static_cast<size_t>(tiles) * 2 * K;
+  // Workspace: the statistics part, then CUTLASS's own (none for one k slice).
   const auto args = stats_arguments<Element>(p, x, w, c, nullptr);
   const size_t cutlass_bytes = Conv::get_workspace_size(args);
-  const size_t cutlass_offset = (chunk_bytes + tile_bytes + 255) / 256 * 256;
-  const c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(cutlass_offset + cutlass_bytes);
+  const c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(plan.bytes + cutlass_bytes);
   auto* base = static_cast<char*>(workspace.get());
-  auto* chunk_sums = reinterpret_cast<double*>(base);
-  auto* tile_sums = reinterpret_cast<float*>(base + chunk_bytes);
-  void* cutlass_workspace = cutlass_bytes > 0 ? base + cutlass_offset : nullptr;
+  void* cutlass_workspace = cutlass_bytes > 0 ? base + plan.bytes : nullptr;
 
   Conv conv;
   cutlass::Status status =
-      conv.initialize(stats_arguments<Element>(p, x, w, c, tile_sums), cutlass_workspace, stream);
+      conv.initialize(stats_arguments<Element>(p, x, w, c, plan.tile_sums(base)), cutlass_workspace, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats initialize failed: ",
               cutlass::cutlassGetStatusString(status));
   status = conv.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats launch failed: ",
               cutlass::cutlassGetStatusString(status));
   cutlass_conv::count_launch();
+  merge_tile_sums(plan, base, p, mean, var, stream);
+}
 
-  const dim3 block(kMergeChannels, kMergeRows);
-  const unsigned channel_blocks = static_cast<unsigned>((K + kMergeChannels - 1) / kMergeChannels);
-  stats_chunk_kernel<<<dim3(channel_blocks, static_cast<unsigned>(chunks)), block, 0, stream>>>(
-      tile_sums, tiles, tiles_per_chunk, K, chunk_sums);
+// out[0, C) = scale, out[C, 2C) = shift, rounded to nearest in the activation dtype.
+template <typename Element>
+__global__ void scale_shift_to_activation_dtype(const float* __restrict__ scale, const float* __restrict__ shift,
+                                                int C, Element* __restrict__ out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < C) {
+    const cutlass::NumericConverter<Element, float, cutlass::FloatRoundStyle::round_to_nearest> convert;
+    out[i] = convert(scale[i]);
+    out[C + i] = convert(shift[i]);
+  }
+}
+
+template <typename Element>
+void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x, const void* w,
+                        const float* in_scale, const float* in_shift, void* c, float* mean, float* var,
+                        c10::DeviceIndex device) {
+  using Kernel = typename ConvStatsPrologue<Element>::Kernel;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const TileSumsPlan plan(p);
+
+  // Workspace: the statistics part, then scale and shift in the activation dtype ([2, C], 16-byte aligned
+  // halves: C is a multiple of 8).
+  const c10::DataPtr workspace =
+      c10::cuda::CUDACachingAllocator::get()->allocate(plan.bytes + sizeof(Element) * 2 * static_cast<size_t>(p.C));
+  auto* base = static_cast<char*>(workspace.get());
+  auto* scale_shift = reinterpret_cast<Element*>(base + plan.bytes);
+
+  constexpr int kConvertThreads = 256;
+  scale_shift_to_activation_dtype<Element><<<(p.C + kConvertThreads - 1) / kConvertThreads, kConvertThreads, 0,
+                                              stream>>>(in_scale, in_shift, p.C, scale_shift);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const double n = static_cast<double>(p.N) * p.P * p.Q;
-  stats_finalize_kernel<<<channel_blocks, block, 0, stream>>>(chunk_sums, chunks, K, n, mean, var);
+
+  const typename Kernel::Params params(p, static_cast<const Element*>(x), static_cast<const Element*>(w), scale_shift,
+                                       scale_shift + p.C, static_cast<Element*>(c), plan.tile_sums(base));
+  constexpr int smem_bytes = static_cast<int>(sizeof(typename Kernel::SharedStorage));
+  if (smem_bytes >= (48 << 10)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem_bytes));
+  }
+  const dim3 grid = typename Kernel::Swizzle().get_grid_shape(params.grid_tiled_shape);
+  cutlass::Kernel<Kernel><<<grid, dim3(Kernel::kThreadCount), smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cutlass_conv::count_launch();
+  merge_tile_sums(plan, base, p, mean, var, stream);
 }
 
 }  // namespace
@@ -421,6 +794,15 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* fn = "resnet_fused::cutlass_conv_stats";
+  const bool prologue = in_scale.defined() || in_shift.defined();
+  if (prologue) {
+    TORCH_CHECK(in_scale.defined() && in_shift.defined(), fn, ": in_scale and in_shift must be given together");
+    TORCH_CHECK(x.dim() == 4, fn, ": x must be 4-D, got ", x.sizes());
+    const int64_t C = x.size(1);
+    TORCH_CHECK(in_scale.dim() == 1 && in_scale.size(0) == C && in_shift.dim() == 1 && in_shift.size(0) == C, fn,
+                ": in_scale and in_shift must have shape [C = ", C, "], got ", in_scale.sizes(), " and ",
+                in_shift.sizes());
+  }
   cutlass::conv::Conv2dProblemSize problem;
   if (!cutlass_conv::conv_problem(fn, x, w, c, stride, padding, dilation, groups, problem)) {
     return false;
@@ -433,11 +815,19 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
       return false;
     }
   }
-  if (in_scale.defined() || in_shift.defined()) {
-    return false;  // the BN+ReLU prologue is not implemented
+  if (prologue) {
+    for (const at::Tensor* t : {&in_scale, &in_shift}) {
+      if (t->scalar_type() != at::kFloat || t->device() != x.device() || !t->is_contiguous()) {
+        return false;
+      }
+    }
   }
   const bool half = x.scalar_type() == at::kHalf;
-  if (!(half ? stats_can_implement<cutlass::half_t>(problem) : stats_can_implement<cutlass::bfloat16_t>(problem))) {
+  const bool covered = prologue ? (half ? prologue_can_implement<cutlass::half_t>(problem)
+                                        : prologue_can_implement<cutlass::bfloat16_t>(problem))
+                                : (half ? stats_can_implement<cutlass::half_t>(problem)
+                                        : stats_can_implement<cutlass::bfloat16_t>(problem));
+  if (!covered) {
     return false;
   }
   const c10::cuda::CUDAGuard guard(x.device());
@@ -446,7 +836,17 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
   void* c_ptr = c.mutable_data_ptr();
   float* mean_ptr = mean.mutable_data_ptr<float>();
   float* var_ptr = var.mutable_data_ptr<float>();
-  if (half) {
+  if (prologue) {
+    const float* scale_ptr = in_scale.const_data_ptr<float>();
+    const float* shift_ptr = in_shift.const_data_ptr<float>();
+    if (half) {
+      run_stats_prologue<cutlass::half_t>(problem, x_ptr, w_ptr, scale_ptr, shift_ptr, c_ptr, mean_ptr, var_ptr,
+                                          x.get_device());
+    } else {
+      run_stats_prologue<cutlass::bfloat16_t>(problem, x_ptr, w_ptr, scale_ptr, shift_ptr, c_ptr, mean_ptr, var_ptr,
+                                              x.get_device());
+    }
+  } else if (half) {
     run_stats<cutlass::half_t>(problem, x_ptr, w_ptr, c_ptr, mean_ptr, var_ptr, x.get_device());
   } else {
     run_stats<cutlass::bfloat16_t>(problem, x_ptr, w_ptr, c_ptr, mean_ptr, var_ptr, x.get_device());

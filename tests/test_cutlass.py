@@ -9,7 +9,11 @@ NCHW, a misaligned input, float32), which must stay correct through the cuDNN pa
 ``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched. The training-path ``cutlass_conv_stats``
 (no op calls it yet) is reached through the test hook ``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its
 output against the reference conv, its mean / biased variance against fp64 statistics of that output, bitwise
-reproducibility, and the calls it declines (BN+ReLU prologue, C=3, float32).
+reproducibility, and the calls it declines (C=3, float32, a scale / shift that is not fp32, contiguous, on x's
+device); with the BN+ReLU prologue (in_scale / in_shift) the same checks against the reference's conv_stats with
+that prologue, padding included, plus bf16's own out-of-bounds marker (0x7eff, CUTLASS's fp16 one, is a finite
+bf16 value that must be read as a value). CPU: the cost of rounding scale / shift to the activation dtype against
+the tolerance, and that the bf16 marker is a NaN nobody produces.
 """
 
 from __future__ import annotations
@@ -251,14 +255,143 @@ def test_cutlass_conv_stats(dtype, shape):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_cutlass_conv_stats_declines_prologue_and_uncovered_calls():
+def test_cutlass_conv_stats_declines_uncovered_calls():
     torch.manual_seed(4)
     x, w = _rand(2, 16, 8, 8, dtype=torch.bfloat16), _weight(32, 16, 3, 3, torch.bfloat16)
     scale, shift = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    args = ([1, 1], [1, 1], [1, 1], 1)
     before = _launches()
-    assert not _conv_stats(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1)[3]  # BN+ReLU prologue: not implemented
     x3, w3 = _rand(2, 3, 8, 8, dtype=torch.bfloat16), _weight(32, 3, 3, 3, torch.bfloat16)
-    assert not _conv_stats(x3, w3, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # C = 3
+    assert not _conv_stats(x3, w3, None, None, *args)[3]  # C = 3
     xf, wf = x.float(), w.float()
-    assert not _conv_stats(xf, wf, None, None, [1, 1], [1, 1], [1, 1], 1)[3]  # float32
+    assert not _conv_stats(xf, wf, None, None, *args)[3]  # float32
+    assert not _conv_stats(xf, wf, scale, shift, *args)[3]  # float32, with the prologue
+    assert not _conv_stats(x, w, scale.double(), shift, *args)[3]  # float64 scale
+    assert not _conv_stats(x, w, scale, shift.cpu(), *args)[3]  # shift on another device
+    strided = torch.rand(32, device="cuda")[::2]
+    assert not _conv_stats(x, w, strided, shift, *args)[3]  # non-contiguous scale
     assert _launches() == before
+    with pytest.raises(RuntimeError, match="given together"):
+        _conv_stats(x, w, scale, None, *args)
+    with pytest.raises(RuntimeError, match="shape"):
+        _conv_stats(x, w, scale[:8], shift[:8], *args)
+
+
+# ------------------------------------------------------------- cutlass_conv_stats with the BN+ReLU prologue
+
+# name: (N, C, K, H, W, kernel, stride, padding): padding on every side, stride 2 with odd sizes, channel counts
+# that leave a partial 64-channel slice (24, 72) or need two (128), partial row / column tiles, 1x1 convs.
+PROLOGUE_SHAPES = {
+    "3x3_s1_c64_k64": (2, 64, 64, 14, 14, 3, 1, 1),
+    "3x3_s2_c24_k40": (3, 24, 40, 15, 11, 3, 2, 1),
+    "3x3_s1_c128_k64": (2, 128, 64, 10, 9, 3, 1, 1),
+    "3x3_s2_c72_k48": (2, 72, 48, 9, 9, 3, 2, 1),
+    "1x1_s1_c64_k256": (2, 64, 256, 7, 7, 1, 1, 0),
+    "1x1_s2_c128_k256": (2, 128, 256, 14, 14, 1, 2, 0),
+    "3x3_130_tiles": (4, 16, 32, 64, 65, 3, 1, 1),
+}
+
+
+def _bn_inputs(N, C, H, W, dtype, device="cuda"):
+    """x with per-channel offsets (many negative pre-activations) and a BN-style scale / shift in fp32: scale
+    mostly in [0.5, 1.5] with some negative channels, shift of order 1 (positive shifts make wrongly transformed
+    padding visible: relu(0*s + t) = t != 0)."""
+    x = torch.randn(N, C, H, W, device=device) + torch.linspace(-1, 1, C, device=device).view(1, -1, 1, 1)
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(C, device=device) + 0.5
+    scale[::5] *= -1
+    shift = torch.randn(C, device=device) * 0.5
+    return x, scale, shift
+
+
+def _rounded(t, dtype):
+    """What the kernel uses of an fp32 scale / shift: the value rounded to the activation dtype."""
+    return t.to(dtype).float()
+
+
+@pytest.mark.parametrize("shape", PROLOGUE_SHAPES.values(), ids=PROLOGUE_SHAPES.keys())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats_prologue(dtype, shape):
+    """c = conv(relu(x*scale + shift), W) in one CUTLASS launch: against the reference with the scale / shift the
+    kernel uses (rounded to the activation dtype) at the usual tolerance, and against the fp32 scale / shift at
+    twice it (the rounding's cost, see test_prologue_rounding_fits_the_tolerance); mean / biased variance against
+    fp64 statistics of the stored c; the same bits on a second run."""
+    torch.manual_seed(5)
+    N, C, K, H, W, k, s, p = shape
+    x, scale, shift = _bn_inputs(N, C, H, W, dtype)
+    w = _weight(K, C, k, k, dtype)
+    args = ([s, s], [p, p], [1, 1], 1)
+    before = _launches()
+    c, mean, var, ran = _conv_stats(x, w, scale, shift, *args)
+    assert ran and _launches() == before + 1
+    assert c.is_contiguous(memory_format=torch.channels_last)
+    ref_c, _, _ = reference.conv_stats(x, w, s, p, in_scale=_rounded(scale, dtype), in_shift=_rounded(shift, dtype))
+    assert_close(c.double(), ref_c.double(), dtype=dtype)
+    exact_c, _, _ = reference.conv_stats(x, w, s, p, in_scale=scale, in_shift=shift)
+    assert_close(c.double(), exact_c.double(), dtype=dtype, scale=2.0)
+    ref_var, ref_mean = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-5)
+    c2, mean2, var2, _ = _conv_stats(x, w, scale, shift, *args)
+    assert torch.equal(c2, c) and torch.equal(mean2, mean) and torch.equal(var2, var)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cutlass_conv_stats_prologue_bf16_reads_0x7eff_as_a_value():
+    """0x7eff, CUTLASS's fp16 out-of-bounds marker, is the finite bf16 1.6948e38: a channel pair holding it must be
+    transformed like any value, not zeroed like padding. With scale 2^-120 it becomes 127.5 before the shift."""
+    torch.manual_seed(6)
+    dtype = torch.bfloat16
+    x, scale, shift = _bn_inputs(2, 16, 9, 9, dtype)
+    big = torch.tensor([0x7EFF], dtype=torch.int16).view(torch.bfloat16).to("cuda")
+    for n, h, w_ in ((0, 0, 0), (0, 4, 5), (1, 8, 3)):
+        x[n, 0:2, h, w_] = big
+    scale[0:2] = 2.0**-120
+    w = _weight(32, 16, 3, 3, dtype)
+    c, _, _, ran = _conv_stats(x, w, scale, shift, [1, 1], [1, 1], [1, 1], 1)
+    assert ran
+    ref_c, _, _ = reference.conv_stats(x, w, 1, 1, in_scale=_rounded(scale, dtype), in_shift=_rounded(shift, dtype))
+    assert ref_c.double().abs().max() > 5  # the big activations reach the output
+    assert_close(c.double(), ref_c.double(), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------- CPU
+
+
+def test_prologue_rounding_fits_the_tolerance():
+    """The cost of rounding scale / shift to the activation dtype, measured in fp64 on the GPU tests' input
+    distribution (3x3 conv with padding): it must leave room in the tolerance the GPU test allows against the
+    fp32 scale / shift (twice the dtype's usual one), i.e. stay within the usual one."""
+    torch.manual_seed(7)
+    for dtype in (torch.float16, torch.bfloat16):
+        x, scale, shift = _bn_inputs(4, 64, 12, 12, dtype, device="cpu")
+        w = (torch.randn(64, 64, 3, 3) * (64 * 9) ** -0.5).to(dtype).double()
+
+        def conv(s, t):
+            a = torch.relu(x.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1))
+            return torch.nn.functional.conv2d(a.to(dtype).double(), w, padding=1)
+
+        assert_close(conv(_rounded(scale, dtype), _rounded(shift, dtype)), conv(scale, shift), dtype=dtype)
+
+
+def test_bf16_out_of_bounds_marker_is_a_nan_nobody_makes():
+    """The bf16 prologue's out-of-bounds marker (kBf16PadBits in csrc/conv_cutlass_stats.cu) must be a bf16 NaN
+    (so no finite input is mistaken for padding) that PyTorch and the hardware do not produce; CUTLASS's fp16
+    marker 0x7eff, a NaN in fp16, is finite in bf16 (why bf16 needs its own)."""
+    src = Path(__file__).resolve().parents[1] / "csrc" / "conv_cutlass_stats.cu"
+    bits = int(re.search(r"kBf16PadBits\s*=\s*0x([0-9a-fA-F]{4});", src.read_text()).group(1), 16)
+
+    def as_dtype(b, dtype):
+        return torch.tensor([b - (1 << 16) if b >= 1 << 15 else b], dtype=torch.int16).view(dtype)
+
+    assert torch.isnan(as_dtype(bits, torch.bfloat16)).all()
+    made = {int(torch.tensor(float("nan")).to(torch.bfloat16).view(torch.int16)) & 0xFFFF,
+            int((-torch.tensor(float("nan"))).to(torch.bfloat16).view(torch.int16)) & 0xFFFF,
+            int(torch.relu(torch.tensor([float("nan")], dtype=torch.bfloat16)).view(torch.int16)) & 0xFFFF,
+            0x7FFF}  # the canonical NaN of PTX arithmetic
+    assert bits not in made
+    assert torch.isfinite(as_dtype(0x7EFF, torch.bfloat16)).all()
+    assert torch.isnan(as_dtype(0x7EFF, torch.float16)).all()
