@@ -203,7 +203,7 @@ at::Tensor conv_bias_act_cuda(
   return out;
 }
 
-// Test hook for cutlass_conv_stats (conv_cutlass.h), which no op of the package calls yet: runs it on fresh
+// Test hook for cutlass_conv_stats (conv_cutlass.h), which the conv_stats op tries first: runs it on fresh
 // outputs (c dense channels_last) and returns (c, mean, var, ran); when ran is false nothing was launched and
 // the tensors are uninitialized. Registered in the separate library resnet_fused_debug.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(

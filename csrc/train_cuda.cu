@@ -26,7 +26,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "channel_pass.cuh"
@@ -447,6 +449,16 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& c, at::Memory
   return {mean, var};
 }
 
+// Whether bfloat16 conv_stats may apply the BN+ReLU prologue on load with scale and shift rounded to bfloat16
+// (environment RESNET_FUSED_BF16_PROLOGUE_ON_LOAD=1, read once): faster, less exact; see conv_stats_cuda.
+bool fused_bf16_prologue() {
+  static const bool on = [] {
+    const char* v = std::getenv("RESNET_FUSED_BF16_PROLOGUE_ON_LOAD");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
 // c = conv2d(a, weight) by cuDNN, made dense in `mf`, and its per-channel mean and biased variance (one read of c).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_then_stats(const at::Tensor& a, const at::Tensor& weight,
                                                                at::IntArrayRef stride, at::IntArrayRef padding,
@@ -472,15 +484,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
 
   // Tensor cores first: cutlass_conv_stats (conv_cutlass.h) is one implicit-GEMM launch whose epilogue also
   // writes per-tile statistics of c, plus their deterministic merge. It returns false, launching nothing, for a
-  // call it does not cover (float32, NCHW, groups > 1, channel counts not multiples of 8, ...). When it covers
-  // the convolution but not the BN+ReLU prologue on load, the activated input is made by one vectorized pass
-  // and the same kernel runs on it.
+  // call it does not cover (float32, NCHW, groups > 1, channel counts not multiples of 8, ...).
+  // The BN+ReLU prologue on load rounds scale and shift to the activation dtype (CUTLASS's fusion mainloop keeps
+  // them in it), an error relative to |x*s| + |t| rather than to the result. In float16 (2^-11) that is about
+  // the rounding c itself gets when stored; in bfloat16 (2^-8) it is several times that, so by default bfloat16
+  // inputs get the activated input made exactly first (fp32 math, one rounding, as the reference) by one
+  // vectorized pass, and the same kernel runs on it; fused_bf16_prologue() opts in to the fused bfloat16 path.
   const at::Tensor no_vec;
   if (mf == at::MemoryFormat::ChannelsLast) {
     at::Tensor c = empty_in_format(out_sizes, x.options(), mf);
     at::Tensor mean = at::empty({out_sizes[1]}, x.options().dtype(at::kFloat));
     at::Tensor var = at::empty_like(mean);
-    if (cutlass_conv_stats(x, weight, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
+    const bool fuse_prologue = x.scalar_type() != at::kBFloat16 || fused_bf16_prologue();
+    if ((!in_scale.has_value() || fuse_prologue) &&
+        cutlass_conv_stats(x, weight, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
                            padding, dilation, groups)) {
       return {c, mean, var};
     }

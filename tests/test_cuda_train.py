@@ -844,3 +844,32 @@ def test_block_train_step_cuda_matches_torchvision(case, fmt, cuda_build):
     y_tv.backward(grad)
 
     _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, torch.float32, grad_scale=4.0)
+
+
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_stats_cuda_takes_the_tensor_core_kernel(dtype, prologue, cuda_build):
+    """Covered fp16/bf16 channels_last calls run the CUTLASS conv-with-statistics kernel: the op's results are
+    bitwise those of the kernel called directly — on x with the prologue on load in fp16, on the exactly
+    activated input in bf16 (its on-load prologue rounds scale/shift to bf16, so it is opt-in)."""
+    from resnet_fused import _C
+
+    if not cuda_backend.build_info()["cutlass"] or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs the CUTLASS kernels (built with their headers, compute capability >= 8.0)")
+    torch.manual_seed(23)
+    x, w, st, pd, dl, g, s, t = _conv_stats_args((64, 64, 14, 14, 3, 1, 1, 1, 1), dtype, torch.channels_last,
+                                                  prologue, device="cuda", n=4)
+    w = w.contiguous(memory_format=torch.channels_last)
+    before = _C.cutlass_conv_launches()
+    got = ops.conv_stats(x, w, st, pd, dl, g, s, t)
+    assert _C.cutlass_conv_launches() == before + 1
+    if prologue and dtype == torch.bfloat16:
+        direct = torch.ops.resnet_fused_debug.cutlass_conv_stats(ops.affine_relu(x, s, t), w, None, None, st, pd,
+                                                                 dl, g)
+    else:
+        direct = torch.ops.resnet_fused_debug.cutlass_conv_stats(x, w, s, t, st, pd, dl, g)
+    assert direct[3]
+    for name, a, b in zip(("c", "mean", "var"), got, direct[:3]):
+        assert torch.equal(a, b), name
