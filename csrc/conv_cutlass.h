@@ -35,8 +35,9 @@ bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, cons
 // Training-path conv: c = conv2d(a, w) with a = x, or with the BN+ReLU prologue a = relu(x * in_scale[ch] +
 // in_shift[ch]) applied to the activation tile on load (padding contributes 0 after the activation); and mean /
 // var: per-output-channel mean and biased variance of the stored c over its N*P*Q pixels (fp32 [K],
-// preallocated, overwritten). The epilogue writes per-tile Σ / Σ² to a workspace, and two small kernels merge
-// them in a fixed order (deterministic; conv_cutlass_stats.cu). Launches on the current CUDA stream. Coverage as
+// preallocated, overwritten). The epilogue writes mean-centred per-tile statistics (count, mean, M2) to a
+// workspace, and two small kernels merge them with Chan's formula in fp64 in a fixed order (deterministic,
+// accurate whatever the mean; conv_cutlass_stats.cu). Launches on the current CUDA stream. Coverage as
 // cutlass_conv_fprop for x, w and c (c takes out's place), plus mean / var contiguous on x's device; with the
 // prologue also in_scale / in_shift float32 [C], contiguous, on x's device (given together; wrong shapes are
 // errors). Precision of the prologue: in_scale / in_shift are rounded to x's dtype (round to nearest) before use,

@@ -5,16 +5,23 @@
 //   Mainloop and tiles as cutlass_conv_fprop (conv_cutlass_common.h), fp16 or bf16, fp32 accumulation.
 //   Epilogue: EpilogueWithStats below, written for this kernel on CUTLASS's epilogue building blocks after the
 //   pattern of cutlass::epilogue::threadblock::EpilogueWithReduction. Each output tile goes through shared
-//   memory as usual, is rounded to the output dtype and stored; every thread adds the values it stored
-//   (converted back to fp32) and their squares into per-column sums; at the end the threads' sums are
-//   gathered in shared memory and added per column in a fixed order, and the tile writes one (Σ, Σ²) pair
-//   per column to a workspace [tiles_m, 2K] (row = tile row of the implicit GEMM). Rows past N*P*Q have zero
-//   accumulators (the mainloop zero-fills out-of-bounds loads; with the prologue they are padding, 0 after the
-//   activation), so they add nothing.
-//   Merge: two small kernels with a fixed summation order (bitwise reproducible results): fp64 sums of the
-//   tile rows in chunks, then over the chunks; mean = Σ/n, var = max(Σ²/n - mean², 0), n = N*P*Q.
-//   Precision: the fp32 tile sums bound the variance's relative error by roughly 1e-7 * (1 + mean²/var), the
-//   usual cost of Σ/Σ² statistics (cuDNN's fused conv + stats kernels also produce fp32 Σ and Σ²).
+//   memory as usual, is rounded to the output dtype and stored. Every thread keeps, per column it owns, shifted
+//   sums Σy, Σy² of y = v - pivot over the values v it stored (converted back to fp32), pivot = its first
+//   stored value in that column, and a count of the rows it stored (rows at or past N*P*Q are neither stored
+//   nor counted). At the end each thread turns them into (n, pivot, mean - pivot, M2); these are gathered in
+//   shared memory and merged per column in a fixed order with Chan's formula (fp32, means about a reference
+//   value ref, the first pivot), and the tile writes (n, ref) and (dmean = mean - ref, M2) per column to a
+//   workspace [tiles_m, 2K] of float pairs (row = tile row of the implicit GEMM).
+//   Merge: two small kernels with a fixed order (bitwise reproducible results, no atomics): Chan's formula in
+//   fp64 over the tile rows in chunks (tile mean = ref + dmean, exact in fp64), then over the chunks;
+//   var = max(M2/n, 0) (biased), n = Σ tile counts = N*P*Q.
+//   Precision: nothing is summed about zero, so the error does not depend on how far the mean is from zero.
+//   A thread's pivot is one of its n <= 16 values, so n*(mean - pivot)² <= (n-1)*M2 (Samuelson) and Σy² <= n*M2:
+//   the fp32 cancellation M2 = Σy² - (Σy)²/n and the summation cost at most ~n² ulps (worst case ~2e-5
+//   relative, typically ~1e-6). Chan's merges add non-negative terms and differences of means of the order
+//   of the spread of the values (O(ulp) relative each); the tile merges are fp64. The variance is therefore
+//   accurate to ~1e-6 relative (worst case ~2e-5) of the stored c's variance whatever mean²/var, the mean to
+//   fp32 rounding; the statistics are of the stored (rounded) c, as BatchNorm sees it.
 //
 // cutlass_conv_stats with in_scale / in_shift (the BN+ReLU prologue, "mainloop fusion"):
 //   c = conv2d(relu(x * in_scale[ch] + in_shift[ch]), W) and its statistics, in one conv launch (plus a tiny
@@ -158,11 +165,44 @@ bool cutlass_conv_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 namespace {
 
+// Count, mean and sum of squared deviations (M2) of a set of values, and Chan et al.'s merge of a second set
+// into it (the merge of channel_pass.cuh's Welford, here templated: float for the gather inside a tile, double
+// for the merge of the tiles). Merging an empty set changes nothing; every M2 term it adds is >= 0.
+template <typename T>
+struct Moments {
+  T n, mean, m2;
+
+  __device__ __forceinline__ void merge(T n_b, T mean_b, T m2_b) {
+    if (n_b == T(0)) {
+      return;
+    }
+    if (n == T(0)) {
+      n = n_b;
+      mean = mean_b;
+      m2 = m2_b;
+      return;
+    }
+    const T total = n + n_b;
+    const T w = n_b / total;
+    const T d = mean_b - mean;
+    mean += d * w;
+    m2 += m2_b + d * d * n * w;
+    n = total;
+  }
+};
+
+// Two floats of a tile's statistics workspace row (see EpilogueWithStats).
+struct alignas(8) TileStatsPair {
+  float first, second;
+};
+
 // Threadblock epilogue: stores the output tile (output op applied to the accumulators) and writes the tile's
-// per-column sums of the stored values and of their squares. Interface of the epilogues that
+// per-column statistics of the stored values: count n, a reference value ref (one of the values), the mean's
+// offset from it dmean (mean = ref + dmean) and M2 = Σ(v - mean)². Interface of the epilogues that
 // cutlass::conv::kernel::ImplicitGemmConvolutionWithFusedEpilogue runs: the "vector" pointer it passes is this
-// tile's row of the workspace, already advanced to the tile's first column; Σ goes to [0, K), Σ² to [K, 2K)
-// of that row. The source tensor C and the auxiliary tensor are not used.
+// tile's row of the workspace, already advanced to the tile's first column, in units of TileStatsPair (row
+// stride ldr = 2K pairs); (n, ref) go to pairs [0, K), (dmean, M2) to pairs [K, 2K) of that row. The source
+// tensor C and the auxiliary tensor are not used.
 template <typename Shape_, typename WarpMmaOperator_, int PartitionsK, typename OutputTileIterator_,
           typename AccumulatorFragmentIterator_, typename WarpTileIterator_, typename SharedLoadIterator_,
           typename OutputOp_, typename Padding_>
@@ -187,7 +227,7 @@ class EpilogueWithStats
 
   using ElementOutput = typename OutputTileIterator::Element;
   using ElementTensor = typename TensorTileIterator::Element;
-  using ElementVector = float;  // the workspace of tile sums
+  using ElementVector = TileStatsPair;  // the workspace of tile statistics
   using AccumulatorTile = typename Base::AccumulatorTile;
   using ThreadMap = typename OutputTileIterator::ThreadMap;
 
@@ -196,12 +236,15 @@ class EpilogueWithStats
   // Each thread covers the same columns in every row it stores: Iterations::kColumn vectors per row.
   static int const kColumnsPerThread = ThreadMap::Iterations::kColumn * kElementsPerAccess;
   static int const kRowsPerThread = ThreadMap::Iterations::kCount / ThreadMap::Iterations::kColumn;
-  // Threads' sums are gathered in a [kThreadRows, Shape::kN] grid: thread t fills row t / kThreadsPerRow at its
-  // own columns (check_thread_map() verifies on the host that this places every sum in its own cell).
+  // Threads' statistics are gathered in [kThreadRows, Shape::kN] grids: thread t fills row t / kThreadsPerRow at
+  // its own columns (check_thread_map() verifies on the host that this places every thread's column in its own
+  // cell).
   static int const kThreadsPerRow = Shape::kN / kColumnsPerThread;
   static int const kThreadRows = kThreads / kThreadsPerRow;
+  // The gather grids, in this order: n, pivot, mean - pivot, M2.
+  static int const kGatherGrids = 4;
 
-  using ColumnSums = cutlass::Array<float, kColumnsPerThread>;
+  using ColumnStats = cutlass::Array<float, kColumnsPerThread>;
 
   static_assert(kPartitionsK == 1, "EpilogueWithStats expects one warp along the GEMM K dimension");
   static_assert(SharedLoadIterator::Fragment::kElements == OutputTileIterator::Fragment::kElements,
@@ -209,20 +252,30 @@ class EpilogueWithStats
   static_assert(OutputTileIterator::Fragment::kElements == kRowsPerThread * kColumnsPerThread,
                 "an output fragment is kRowsPerThread rows of the thread's columns");
   static_assert(kThreadsPerRow * kColumnsPerThread == Shape::kN && kThreadRows * kThreadsPerRow == kThreads,
-                "the threads' column sums must tile the gather grid exactly");
+                "the threads' column statistics must tile the gather grid exactly");
 
   struct SharedStorage {
     union {
       typename Base::SharedStorage base;
-      cutlass::AlignedArray<float, 2 * kThreadRows * Shape::kN, 16> sums;  // Σ rows, then Σ² rows
+      cutlass::AlignedArray<float, kGatherGrids * kThreadRows * Shape::kN, 16> stats;
     };
 
     CUTLASS_HOST_DEVICE
     SharedStorage() {}
   };
 
-  // Host check of the gather-grid placement: every (thread, column) sum lands in a distinct cell whose column
-  // is the output column it belongs to.
+  // Offset of fragment row r (of an OutputTileIterator fragment) from the iterator's thread_start_row(): the
+  // row arithmetic of PredicatedTileIterator's store, whose guard row_offset + thread_start_row < extent_row
+  // decides whether the row is stored.
+  CUTLASS_HOST_DEVICE
+  static constexpr int fragment_row_offset(int r) {
+    return (r % ThreadMap::Iterations::kRow) * ThreadMap::Delta::kRow +
+           (r / ThreadMap::Iterations::kRow % ThreadMap::Iterations::kGroup) * ThreadMap::Delta::kGroup +
+           (r / (ThreadMap::Iterations::kRow * ThreadMap::Iterations::kGroup)) * ThreadMap::Delta::kCluster;
+  }
+
+  // Host check of the gather-grid placement: every (thread, column) lands in a distinct cell whose column is
+  // the output column it belongs to.
   static bool check_thread_map() {
     bool used[kThreadRows][Shape::kN] = {};
     for (int t = 0; t < kThreads; ++t) {
@@ -247,16 +300,22 @@ class EpilogueWithStats
   EpilogueWithStats(SharedStorage& shared_storage, int thread_idx, int warp_idx, int lane_idx)
       : Base(shared_storage.base, thread_idx, warp_idx, lane_idx),
         shared_load_iterator_(shared_storage.base.reference(), thread_idx),
-        sums_(shared_storage.sums.data()),
+        stats_(shared_storage.stats.data()),
         thread_idx_(thread_idx) {}
 
   CUTLASS_DEVICE
-  void operator()(OutputOp const& output_op, ElementVector* tile_sums, OutputTileIterator destination_iterator,
+  void operator()(OutputOp const& output_op, ElementVector* tile_stats, OutputTileIterator destination_iterator,
                   AccumulatorTile const& accumulators, OutputTileIterator, TensorTileIterator,
                   cutlass::MatrixCoord const& problem_size, cutlass::MatrixCoord const& threadblock_offset) {
-    ColumnSums sum, sum_sq;
+    // Per column the thread owns: shifted sums of y = v - pivot over the rows it stored, pivot = its first
+    // stored value in that column (set at the first stored row; count, the number of stored rows, is the same
+    // for all of the thread's columns). Rows at or past N*P*Q are not stored and not counted.
+    float count = 0.f;
+    ColumnStats pivot, sum, sum_sq;
+    pivot.clear();
     sum.clear();
     sum_sq.clear();
+    const int extent_row = destination_iterator.extent_row();
 
     using AccumulatorAccess = cutlass::Array<typename WarpTileIterator::Element, kElementsPerAccess>;
     using OutputAccess = cutlass::Array<ElementOutput, kElementsPerAccess>;
@@ -285,6 +344,7 @@ class EpilogueWithStats
       for (int i = 0; i < kAccesses; ++i) {
         output_ptr[i] = output_op(accum_ptr[i]);
       }
+      const int start_row = destination_iterator.thread_start_row();
       destination_iterator.store(output);
       ++destination_iterator;
 
@@ -293,37 +353,55 @@ class EpilogueWithStats
       const auto stored = to_float(output);
       CUTLASS_PRAGMA_UNROLL
       for (int row = 0; row < kRowsPerThread; ++row) {
+        if (start_row + fragment_row_offset(row) >= extent_row) {
+          continue;
+        }
+        if (count == 0.f) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int column = 0; column < kColumnsPerThread; ++column) {
+            pivot[column] = stored[row * kColumnsPerThread + column];
+          }
+        }
+        count += 1.f;
         CUTLASS_PRAGMA_UNROLL
         for (int column = 0; column < kColumnsPerThread; ++column) {
-          const float v = stored[row * kColumnsPerThread + column];
-          sum[column] += v;
-          sum_sq[column] = fmaf(v, v, sum_sq[column]);
+          const float y = stored[row * kColumnsPerThread + column] - pivot[column];
+          sum[column] += y;
+          sum_sq[column] = fmaf(y, y, sum_sq[column]);
         }
       }
     }
 
-    if (tile_sums != nullptr) {
-      write_tile_sums(tile_sums, sum, sum_sq, threadblock_offset.column(), problem_size.column());
+    if (tile_stats != nullptr) {
+      write_tile_stats(tile_stats, count, pivot, sum, sum_sq, threadblock_offset.column(), problem_size.column());
     }
   }
 
  private:
-  // Gathers the threads' column sums in shared memory and writes the tile's Σ and Σ² per column (the
-  // problem's columns only: tile_column + column < K = problem_columns), each added over the gather rows in
-  // order.
+  // Gathers the threads' (n, pivot, mean - pivot, M2) per column in shared memory and writes the tile's
+  // (n, ref) and (dmean, M2) per column (the problem's columns only: tile_column + column < K =
+  // problem_columns). Per column, the gather rows are merged in order with Chan's formula in fp32, about
+  // ref = the pivot of the first gather row with n > 0 (every tile has a stored row, so one exists).
   CUTLASS_DEVICE
-  void write_tile_sums(float* tile_sums, ColumnSums const& sum, ColumnSums const& sum_sq, int tile_column,
-                       int problem_columns) {
+  void write_tile_stats(ElementVector* tile_stats, float count, ColumnStats const& pivot, ColumnStats const& sum,
+                        ColumnStats const& sum_sq, int tile_column, int problem_columns) {
+    constexpr int kGrid = kThreadRows * Shape::kN;
     __syncthreads();  // the shared memory of the tile slices is reused
     const int first = ThreadMap::initial_offset(thread_idx_).column();
-    const int gather_row = thread_idx_ / kThreadsPerRow;
+    const int cell_row = (thread_idx_ / kThreadsPerRow) * Shape::kN;
     CUTLASS_PRAGMA_UNROLL
     for (int c = 0; c < ThreadMap::Iterations::kColumn; ++c) {
       CUTLASS_PRAGMA_UNROLL
       for (int e = 0; e < kElementsPerAccess; ++e) {
-        const int column = first + c * ThreadMap::Delta::kColumn + e;
-        sums_[gather_row * Shape::kN + column] = sum[c * kElementsPerAccess + e];
-        sums_[(kThreadRows + gather_row) * Shape::kN + column] = sum_sq[c * kElementsPerAccess + e];
+        const int i = c * kElementsPerAccess + e;
+        const int cell = cell_row + first + c * ThreadMap::Delta::kColumn + e;
+        // n * shifted mean² <= Σy² when the pivot is one of the n values, so the cancellation below costs at
+        // most a factor n (kRowsPerThread * kIterations) of fp32 rounding.
+        const float mean = count > 0.f ? sum[i] / count : 0.f;
+        stats_[cell] = count;
+        stats_[kGrid + cell] = pivot[i];
+        stats_[2 * kGrid + cell] = mean;
+        stats_[3 * kGrid + cell] = count > 0.f ? fmaxf(fmaf(-sum[i], mean, sum_sq[i]), 0.f) : 0.f;
       }
     }
     __syncthreads();
@@ -332,19 +410,29 @@ class EpilogueWithStats
       if (tile_column + column >= problem_columns) {
         continue;
       }
-      float s = 0.f, s2 = 0.f;
+      Moments<float> total{0.f, 0.f, 0.f};
+      float ref = 0.f;
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < kThreadRows; ++r) {
-        s += sums_[r * Shape::kN + column];
-        s2 += sums_[(kThreadRows + r) * Shape::kN + column];
+        const int cell = r * Shape::kN + column;
+        const float n = stats_[cell];
+        if (n == 0.f) {
+          continue;
+        }
+        if (total.n == 0.f) {
+          ref = stats_[kGrid + cell];
+        }
+        // The cell's mean about ref: pivot - ref is a difference of two stored values (exact, or rounded
+        // relative to itself), dmean is of the order of the spread of the values.
+        total.merge(n, (stats_[kGrid + cell] - ref) + stats_[2 * kGrid + cell], stats_[3 * kGrid + cell]);
       }
-      tile_sums[column] = s;
-      tile_sums[problem_columns + column] = s2;
+      tile_stats[column] = {total.n, ref};
+      tile_stats[problem_columns + column] = {total.mean, total.m2};
     }
   }
 
   SharedLoadIterator shared_load_iterator_;
-  float* sums_;
+  float* stats_;
   int thread_idx_;
 };
 
@@ -448,13 +536,13 @@ struct ConvStatsPrologueKernel {
     typename Epilogue::OutputTileIterator::Params iterator_D{};
     ElementC* ptr_D = nullptr;
     typename OutputOp::Params output_op{};
-    float* tile_sums = nullptr;  // [grid_tiled_shape.m(), 2K]: the epilogue's Σ and Σ² per tile row
+    TileStatsPair* tile_stats = nullptr;  // [grid_tiled_shape.m(), 2K]: the epilogue's statistics per tile row
 
     Params() = default;
 
     // x, w, c dense NHWC / KRSC / NPQK; scale and shift [C] in the activation dtype.
     Params(cutlass::conv::Conv2dProblemSize const& p, ElementA const* x, ElementB const* w,
-           ElementScaleBias const* scale, ElementScaleBias const* shift, ElementC* c, float* tile_sums_)
+           ElementScaleBias const* scale, ElementScaleBias const* shift, ElementC* c, TileStatsPair* tile_stats_)
         : problem_size(p),
           iterator_A(Mma::IteratorA::getParams(p, Layout::packed({p.N, p.H, p.W, p.C}))),
           ptr_A(x),
@@ -465,7 +553,7 @@ struct ConvStatsPrologueKernel {
           ptr_shift(shift),
           iterator_D(OutputParameter::layout(TensorRefC(c, Layout::packed({p.N, p.P, p.Q, p.K})))),
           ptr_D(c),
-          tile_sums(tile_sums_) {
+          tile_stats(tile_stats_) {
       gemm_k_iterations = cutlass::conv::implicit_gemm_k_iterations(cutlass::conv::Operator::kFprop, Shape::kK, p);
       Swizzle swizzle;
       grid_tiled_shape = swizzle.get_tiled_shape(
@@ -520,13 +608,13 @@ struct ConvStatsPrologueKernel {
     typename Epilogue::OutputTileIterator iterator_D(params.iterator_D, params.ptr_D, extent, thread_idx,
                                                      threadblock_offset);
     // This tile's row of the workspace, advanced to its first column (what EpilogueWithStats expects).
-    float* tile_sums = params.tile_sums == nullptr
-                           ? nullptr
-                           : params.tile_sums + threadblock_offset.column() +
-                                 static_cast<int64_t>(tile.m()) * 2 * params.problem_size.K;
+    TileStatsPair* tile_stats = params.tile_stats == nullptr
+                                    ? nullptr
+                                    : params.tile_stats + threadblock_offset.column() +
+                                          static_cast<int64_t>(tile.m()) * 2 * params.problem_size.K;
     Epilogue epilogue(shared_storage.epilogue, thread_idx, warp_idx, lane_idx);
     // The source and auxiliary-tensor iterators are unused by EpilogueWithStats.
-    epilogue(OutputOp(params.output_op), tile_sums, iterator_D, accumulators, iterator_D, iterator_D, extent,
+    epilogue(OutputOp(params.output_op), tile_stats, iterator_D, accumulators, iterator_D, iterator_D, extent,
              threadblock_offset);
   }
 };
@@ -579,80 +667,84 @@ struct ConvStatsPrologue {
                 "the prologue mainloop and the stats epilogue must share the warp-level MMA");
 };
 
-// Merge of the tile sums: 32 channels x 8 rows per block.
+// Merge of the tile statistics: 32 channels x 8 rows per block, Chan's formula in fp64.
 constexpr int kMergeChannels = 32;
 constexpr int kMergeRows = 8;
-// Tile rows are summed in at most this many chunks (one block row each) before the final pass.
+// Tile rows are merged in at most this many chunks (one block row each) before the final pass.
 constexpr int kMaxChunks = 128;
 
-// Adds the 8 row-partials of each channel held in `part` (fp64, [2][kMergeRows][kMergeChannels]) in row order.
-__device__ __forceinline__ void add_rows(double (&part)[2][kMergeRows][kMergeChannels], double& s, double& s2) {
-  s = 0.0;
-  s2 = 0.0;
+// Merges the 8 row-partials of channel threadIdx.x held in `part` (fp64, [3][kMergeRows][kMergeChannels]:
+// n, mean, M2) in row order.
+__device__ __forceinline__ Moments<double> merge_rows(double (&part)[3][kMergeRows][kMergeChannels]) {
+  Moments<double> total{0.0, 0.0, 0.0};
 #pragma unroll
   for (int r = 0; r < kMergeRows; ++r) {
-    s += part[0][r][threadIdx.x];
-    s2 += part[1][r][threadIdx.x];
+    total.merge(part[0][r][threadIdx.x], part[1][r][threadIdx.x], part[2][r][threadIdx.x]);
   }
+  return total;
 }
 
-// chunk_sums[g] = Σ over tile rows t in chunk g of tile_sums[t] (both halves: Σ and Σ²), in fp64.
-//   tile_sums   [tiles, 2K] fp32        chunk_sums  [gridDim.y, 2K] fp64
-// Thread (x, y) adds rows y, y + 8, ... of its chunk for channel k; the 8 partials are then added in order.
+// chunk_stats[g] = the (n, mean, M2) of channel k over the tile rows t of chunk g, merged in fp64; a tile's
+// mean is ref + dmean (exact in fp64).
+//   tile_stats  [tiles, 2K] pairs: (n, ref) at [0, K), (dmean, M2) at [K, 2K)
+//   chunk_stats [gridDim.y, 3K] fp64: n at [0, K), mean at [K, 2K), M2 at [2K, 3K)
+// Thread (x, y) merges rows y, y + 8, ... of its chunk for channel k; the 8 partials are then merged in order.
 __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
-    stats_chunk_kernel(const float* __restrict__ tile_sums, int tiles, int tiles_per_chunk, int K,
-                       double* __restrict__ chunk_sums) {
-  __shared__ double part[2][kMergeRows][kMergeChannels];
+    stats_chunk_kernel(const TileStatsPair* __restrict__ tile_stats, int tiles, int tiles_per_chunk, int K,
+                       double* __restrict__ chunk_stats) {
+  __shared__ double part[3][kMergeRows][kMergeChannels];
   const int k = blockIdx.x * kMergeChannels + threadIdx.x;
   const int begin = blockIdx.y * tiles_per_chunk;
   const int end = min(begin + tiles_per_chunk, tiles);
-  double s = 0.0, s2 = 0.0;
+  Moments<double> m{0.0, 0.0, 0.0};
   if (k < K) {
     for (int t = begin + threadIdx.y; t < end; t += kMergeRows) {
-      const float* row = tile_sums + static_cast<int64_t>(t) * 2 * K;
-      s += row[k];
-      s2 += row[K + k];
+      const TileStatsPair* row = tile_stats + static_cast<int64_t>(t) * 2 * K;
+      const TileStatsPair n_ref = row[k], dmean_m2 = row[K + k];
+      m.merge(n_ref.first, static_cast<double>(n_ref.second) + static_cast<double>(dmean_m2.first),
+              dmean_m2.second);
     }
   }
-  part[0][threadIdx.y][threadIdx.x] = s;
-  part[1][threadIdx.y][threadIdx.x] = s2;
+  part[0][threadIdx.y][threadIdx.x] = m.n;
+  part[1][threadIdx.y][threadIdx.x] = m.mean;
+  part[2][threadIdx.y][threadIdx.x] = m.m2;
   __syncthreads();
   if (threadIdx.y == 0 && k < K) {
-    add_rows(part, s, s2);
-    double* out = chunk_sums + static_cast<int64_t>(blockIdx.y) * 2 * K;
-    out[k] = s;
-    out[K + k] = s2;
+    const Moments<double> total = merge_rows(part);
+    double* out = chunk_stats + static_cast<int64_t>(blockIdx.y) * 3 * K;
+    out[k] = total.n;
+    out[K + k] = total.mean;
+    out[2 * K + k] = total.m2;
   }
 }
 
-// mean[k] = S/n, var[k] = max(S2/n - mean², 0) from the chunk sums (added like the tile rows above).
+// mean[k], var[k] = max(M2/n, 0) (biased) from the chunk statistics (merged like the tile rows above).
 __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
-    stats_finalize_kernel(const double* __restrict__ chunk_sums, int chunks, int K, double n,
-                          float* __restrict__ mean, float* __restrict__ var) {
-  __shared__ double part[2][kMergeRows][kMergeChannels];
+    stats_finalize_kernel(const double* __restrict__ chunk_stats, int chunks, int K, float* __restrict__ mean,
+                          float* __restrict__ var) {
+  __shared__ double part[3][kMergeRows][kMergeChannels];
   const int k = blockIdx.x * kMergeChannels + threadIdx.x;
-  double s = 0.0, s2 = 0.0;
+  Moments<double> m{0.0, 0.0, 0.0};
   if (k < K) {
     for (int g = threadIdx.y; g < chunks; g += kMergeRows) {
-      const double* row = chunk_sums + static_cast<int64_t>(g) * 2 * K;
-      s += row[k];
-      s2 += row[K + k];
+      const double* row = chunk_stats + static_cast<int64_t>(g) * 3 * K;
+      m.merge(row[k], row[K + k], row[2 * K + k]);
     }
   }
-  part[0][threadIdx.y][threadIdx.x] = s;
-  part[1][threadIdx.y][threadIdx.x] = s2;
+  part[0][threadIdx.y][threadIdx.x] = m.n;
+  part[1][threadIdx.y][threadIdx.x] = m.mean;
+  part[2][threadIdx.y][threadIdx.x] = m.m2;
   __syncthreads();
   if (threadIdx.y == 0 && k < K) {
-    add_rows(part, s, s2);
-    const double m = s / n;
-    mean[k] = static_cast<float>(m);
-    var[k] = static_cast<float>(fmax(s2 / n - m * m, 0.0));
+    const Moments<double> total = merge_rows(part);
+    mean[k] = static_cast<float>(total.mean);
+    var[k] = static_cast<float>(fmax(total.m2 / total.n, 0.0));
   }
 }
 
 template <typename Element>
 typename ConvStats<Element>::Conv::Arguments stats_arguments(const cutlass::conv::Conv2dProblemSize& p, void* x,
-                                                             void* w, void* c, float* tile_sums) {
+                                                             void* w, void* c, TileStatsPair* tile_stats) {
   using Layout = cutlass::layout::TensorNHWC;
   const Layout c_layout = Layout::packed({p.N, p.P, p.Q, p.K});
   auto* c_ptr = static_cast<Element*>(c);
@@ -660,7 +752,8 @@ typename ConvStats<Element>::Conv::Arguments stats_arguments(const cutlass::conv
       p, {static_cast<Element*>(x), Layout::packed({p.N, p.H, p.W, p.C})},
       {static_cast<Element*>(w), Layout::packed({p.K, p.R, p.S, p.C})}, {c_ptr, c_layout}, {c_ptr, c_layout},
       typename ConvStats<Element>::OutputOp::Params(), cutlass::conv::SplitKMode::kSerial,
-      /*ptr_Vector=*/tile_sums, /*ptr_Tensor=*/nullptr, /*ldr=*/2 * p.K, /*ldt=*/0);
+      // The kernel indexes ptr_Vector as the epilogue's ElementVector (TileStatsPair): ldr counts pairs.
+      /*ptr_Vector=*/tile_stats, /*ptr_Tensor=*/nullptr, /*ldr=*/2 * p.K, /*ldt=*/0);
 }
 
 template <typename Element>
@@ -678,13 +771,14 @@ bool prologue_can_implement(const cutlass::conv::Conv2dProblemSize& p) {
   return ConvStatsPrologue<Element>::Kernel::can_implement(p);
 }
 
-// The statistics part of the workspace: chunk sums (fp64) first, then the tile sums (fp32) the conv's epilogue
-// writes; both written before they are read. `bytes` is rounded up to 256 so more can follow.
-struct TileSumsPlan {
+// The statistics part of the workspace: the chunk statistics (fp64 n, mean, M2: 3K per chunk) first, then the
+// tile statistics the conv's epilogue writes (2K TileStatsPair per tile row); both written before they are read.
+// `bytes` is rounded up to 256 so more can follow.
+struct TileStatsPlan {
   int tiles = 0, tiles_per_chunk = 0, chunks = 0;
   size_t chunk_bytes = 0, tile_bytes = 0, bytes = 0;
 
-  explicit TileSumsPlan(const cutlass::conv::Conv2dProblemSize& p) {
+  explicit TileStatsPlan(const cutlass::conv::Conv2dProblemSize& p) {
     using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>;  // both kernels'
     const cutlass::gemm::GemmCoord tiled = Swizzle().get_tiled_shape(
         cutlass::conv::Operator::kFprop, p,
@@ -694,25 +788,24 @@ struct TileSumsPlan {
     const int chunks_wanted = std::min(tiles, kMaxChunks);
     tiles_per_chunk = (tiles + chunks_wanted - 1) / chunks_wanted;
     chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-    chunk_bytes = sizeof(double) * static_cast<size_t>(chunks) * 2 * p.K;
-    tile_bytes = sizeof(float) * static_cast<size_t>(tiles) * 2 * p.K;
+    chunk_bytes = sizeof(double) * static_cast<size_t>(chunks) * 3 * p.K;
+    tile_bytes = sizeof(TileStatsPair) * static_cast<size_t>(tiles) * 2 * p.K;
     bytes = (chunk_bytes + tile_bytes + 255) / 256 * 256;
   }
-  double* chunk_sums(char* base) const { return reinterpret_cast<double*>(base); }
-  float* tile_sums(char* base) const { return reinterpret_cast<float*>(base + chunk_bytes); }
+  double* chunk_stats(char* base) const { return reinterpret_cast<double*>(base); }
+  TileStatsPair* tile_stats(char* base) const { return reinterpret_cast<TileStatsPair*>(base + chunk_bytes); }
 };
 
-// mean / var from the tile sums the conv wrote (two launches, fixed summation order).
-void merge_tile_sums(const TileSumsPlan& plan, char* base, const cutlass::conv::Conv2dProblemSize& p, float* mean,
-                     float* var, cudaStream_t stream) {
+// mean / var from the tile statistics the conv wrote (two launches, fixed merge order).
+void merge_tile_stats(const TileStatsPlan& plan, char* base, const cutlass::conv::Conv2dProblemSize& p,
+                      float* mean, float* var, cudaStream_t stream) {
   const int K = p.K;
   const dim3 block(kMergeChannels, kMergeRows);
   const unsigned channel_blocks = static_cast<unsigned>((K + kMergeChannels - 1) / kMergeChannels);
   stats_chunk_kernel<<<dim3(channel_blocks, static_cast<unsigned>(plan.chunks)), block, 0, stream>>>(
-      plan.tile_sums(base), plan.tiles, plan.tiles_per_chunk, K, plan.chunk_sums(base));
+      plan.tile_stats(base), plan.tiles, plan.tiles_per_chunk, K, plan.chunk_stats(base));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const double n = static_cast<double>(p.N) * p.P * p.Q;
-  stats_finalize_kernel<<<channel_blocks, block, 0, stream>>>(plan.chunk_sums(base), plan.chunks, K, n, mean, var);
+  stats_finalize_kernel<<<channel_blocks, block, 0, stream>>>(plan.chunk_stats(base), plan.chunks, K, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -721,9 +814,13 @@ void run_stats(const cutlass::conv::Conv2dProblemSize& p, void* x, void* w, void
                c10::DeviceIndex device) {
   using Conv = typename ConvStats<Element>::Conv;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const TileSumsPlan plan(p);
+  const TileStatsPlan plan(p);
 
-  // Workspace: the statistics part, then CUTLASS's own (none for one k slice).
+  // Workspace: the statistics part, then CUTLASS's own (none for one k slice). The epilogue's gather shares the
+  // kernel's shared memory with the mainloop (a union) and must not enlarge it.
+  static_assert(sizeof(typename ConvStats<Element>::Epilogue::SharedStorage) <=
+                    sizeof(typename ConvStats<Element>::Base::Mma::SharedStorage),
+                "the statistics gather must fit in the mainloop's shared memory");
   const auto args = stats_arguments<Element>(p, x, w, c, nullptr);
   const size_t cutlass_bytes = Conv::get_workspace_size(args);
   const c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(plan.bytes + cutlass_bytes);
@@ -732,14 +829,14 @@ void run_stats(const cutlass::conv::Conv2dProblemSize& p, void* x, void* w, void
 
   Conv conv;
   cutlass::Status status =
-      conv.initialize(stats_arguments<Element>(p, x, w, c, plan.tile_sums(base)), cutlass_workspace, stream);
+      conv.initialize(stats_arguments<Element>(p, x, w, c, plan.tile_stats(base)), cutlass_workspace, stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats initialize failed: ",
               cutlass::cutlassGetStatusString(status));
   status = conv.run(stream);
   TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats launch failed: ",
               cutlass::cutlassGetStatusString(status));
   cutlass_conv::count_launch();
-  merge_tile_sums(plan, base, p, mean, var, stream);
+  merge_tile_stats(plan, base, p, mean, var, stream);
 }
 
 // out[0, C) = scale, out[C, 2C) = shift, rounded to nearest in the activation dtype.
@@ -760,7 +857,7 @@ void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x
                         c10::DeviceIndex device) {
   using Kernel = typename ConvStatsPrologue<Element>::Kernel;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const TileSumsPlan plan(p);
+  const TileStatsPlan plan(p);
 
   // Workspace: the statistics part, then scale and shift in the activation dtype ([2, C], 16-byte aligned
   // halves: C is a multiple of 8).
@@ -775,7 +872,7 @@ void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const typename Kernel::Params params(p, static_cast<const Element*>(x), static_cast<const Element*>(w), scale_shift,
-                                       scale_shift + p.C, static_cast<Element*>(c), plan.tile_sums(base));
+                                       scale_shift + p.C, static_cast<Element*>(c), plan.tile_stats(base));
   constexpr int smem_bytes = static_cast<int>(sizeof(typename Kernel::SharedStorage));
   if (smem_bytes >= (48 << 10)) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -785,7 +882,7 @@ void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x
   cutlass::Kernel<Kernel><<<grid, dim3(Kernel::kThreadCount), smem_bytes, stream>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   cutlass_conv::count_launch();
-  merge_tile_sums(plan, base, p, mean, var, stream);
+  merge_tile_stats(plan, base, p, mean, var, stream);
 }
 
 }  // namespace
