@@ -134,21 +134,26 @@ at::Tensor conv_bias_act_cutlass(
       bias_f32.defined() && reinterpret_cast<std::uintptr_t>(bias_f32.data_ptr()) % 32 != 0 ? bias_f32.clone()
                                                                                             : bias_f32;
   const at::Tensor res = residual.has_value() ? *residual : at::Tensor();
+  // Filters in the kernels' KRSC layout (a copy of the small weight tensor only when it is NCHW); activations
+  // are taken as they are.
+  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor sw = shortcut_weight.has_value() ? shortcut_weight->contiguous(at::MemoryFormat::ChannelsLast)
+                                                    : at::Tensor();
   at::Tensor out = empty_in_format(out_sizes, x.options(), mf);
   if (!shortcut_x.has_value()) {
-    const bool ran = cutlass_conv_fprop(x, weight, bias_d, res, out, stride, padding, dilation, groups, relu);
+    const bool ran = cutlass_conv_fprop(x, w, bias_d, res, out, stride, padding, dilation, groups, relu);
     return ran ? out : at::Tensor();
   }
   at::Tensor sc = empty_in_format(out_sizes, x.options(), mf);
   const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
-  if (!cutlass_conv_fprop_supported(*shortcut_x, *shortcut_weight, at::Tensor(), res, sc, shortcut_stride,
+  if (!cutlass_conv_fprop_supported(*shortcut_x, sw, at::Tensor(), res, sc, shortcut_stride,
                                     no_padding, no_dilation, 1) ||
-      !cutlass_conv_fprop_supported(x, weight, bias_d, sc, out, stride, padding, dilation, groups)) {
+      !cutlass_conv_fprop_supported(x, w, bias_d, sc, out, stride, padding, dilation, groups)) {
     return at::Tensor();
   }
-  const bool ran = cutlass_conv_fprop(*shortcut_x, *shortcut_weight, at::Tensor(), res, sc, shortcut_stride,
+  const bool ran = cutlass_conv_fprop(*shortcut_x, sw, at::Tensor(), res, sc, shortcut_stride,
                                       no_padding, no_dilation, 1, /*relu=*/false) &&
-                   cutlass_conv_fprop(x, weight, bias_d, sc, out, stride, padding, dilation, groups, relu);
+                   cutlass_conv_fprop(x, w, bias_d, sc, out, stride, padding, dilation, groups, relu);
   TORCH_CHECK(ran, "resnet_fused::conv_bias_act: a CUTLASS convolution checked as supported did not run");
   return out;
 }

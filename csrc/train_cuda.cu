@@ -496,14 +496,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
     at::Tensor mean = at::empty({out_sizes[1]}, x.options().dtype(at::kFloat));
     at::Tensor var = at::empty_like(mean);
     const bool fuse_prologue = x.scalar_type() != at::kBFloat16 || fused_bf16_prologue();
+    const at::Tensor w = weight.contiguous(mf);  // KRSC filters for the kernel (copied only when NCHW)
     if ((!in_scale.has_value() || fuse_prologue) &&
-        cutlass_conv_stats(x, weight, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
+        cutlass_conv_stats(x, w, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
                            padding, dilation, groups)) {
       return {c, mean, var};
     }
     if (in_scale.has_value()) {
       const at::Tensor a = affine_relu_cuda(x, *in_scale, *in_shift);
-      if (cutlass_conv_stats(a, weight, no_vec, no_vec, c, mean, var, stride, padding, dilation, groups)) {
+      if (cutlass_conv_stats(a, w, no_vec, no_vec, c, mean, var, stride, padding, dilation, groups)) {
         return {c, mean, var};
       }
       return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);

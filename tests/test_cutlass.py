@@ -185,7 +185,7 @@ def _fallback_case(name, dtype):
     return (x, w, b, 1, 1, 1, groups, residual, sx, sw, 2)
 
 
-FALLBACK = ["c3_stem", "groups2", "nchw", "weight_nchw", "misaligned", "shortcut_c3"]
+FALLBACK = ["c3_stem", "groups2", "nchw", "misaligned", "shortcut_c3"]
 
 
 @pytest.mark.parametrize("name", FALLBACK)
@@ -205,6 +205,22 @@ def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
             assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
     finally:
         torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@needs_gpu
+def test_nchw_weights_are_taken_to_krsc_and_run_cutlass(dtype):
+    """channels_last activations with NCHW-contiguous filters (a model whose weights were not converted): the
+    filters are made KRSC for the kernels, the shortcut and main convs both run on CUTLASS, and stay correct."""
+    torch.manual_seed(2)
+    args = _fallback_case("weight_nchw", dtype)
+    assert not args[1].is_contiguous(memory_format=torch.channels_last)
+    before = _launches()
+    out = cuda_backend.conv_bias_act(*args, relu=True)
+    _check(out, args, True, dtype)
+    if before is not None:
+        assert _launches() == before + 2
 
 
 # ------------------------------------------------------------------------- cutlass_conv_stats (training path)
