@@ -386,7 +386,7 @@ def test_prologue_rounding_fits_the_tolerance():
         x, scale, shift = _bn_inputs(4, 64, 12, 12, dtype, device="cpu")
         w = (torch.randn(64, 64, 3, 3) * (64 * 9) ** -0.5).to(dtype).double()
 
-        def conv(s, t):
+        def conv(s, t, x=x, w=w, dtype=dtype):
             a = torch.relu(x.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1))
             return torch.nn.functional.conv2d(a.to(dtype).double(), w, padding=1)
 
