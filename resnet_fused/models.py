@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, norm
-from .backends.reference import affine_relu, memory_format
+from .backends.reference import memory_format
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
            "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -365,7 +365,7 @@ class ResNet(_Fused):
             if not norm.uses_batch_stats(self.bn1):
                 return run.eval(be, xc, dtype, None, None)
             c, scale, shift = run.train(be, xc, dtype)
-            return affine_relu(c, scale, shift)
+            return be.bn_relu(c, scale, shift)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         x = self.maxpool(self._stem(x))

@@ -182,6 +182,21 @@ def test_affine_relu_backward_cpu(dtype, fmt):
         assert_close(got.double(), exp.double(), dtype=dtype, scale=SUM_SCALE)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bn_relu_autograd_cpu(fmt):
+    """cuda_backend.bn_relu (the affine_relu op with its registered autograd) through the extension's CPU kernels:
+    gradients of x, scale and shift against autograd through the reference's PyTorch ops, in fp64."""
+    torch.manual_seed(6)
+    x, s, t = _rand(3, 5, 4, 3, dtype=torch.float64, mf=FORMATS[fmt]), _rand(5, dtype=torch.float64), _rand(
+        5, dtype=torch.float64)
+    da = _rand(3, 5, 4, 3, dtype=torch.float64)
+    leaves, ref_leaves = _leaves([x, s, t]), _leaves([x, s, t])
+    got = _grads([cuda_backend.bn_relu(*leaves)], leaves, [da])
+    want = _grads([reference.affine_relu(*ref_leaves)], ref_leaves, [da])
+    for g, e in zip(got, want):
+        assert_close(g, e, dtype=torch.float64, scale=SUM_SCALE)
+
+
 def _tail_inputs(dtype, mf, dual, device="cpu", shape=(3, 5, 4, 3)):
     vec = _vec_dtype(dtype)
     C = shape[1]

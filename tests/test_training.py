@@ -244,6 +244,28 @@ def _saved_activation_bytes(model: nn.Module, x: torch.Tensor) -> tuple[int, int
     return acts, vectors
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_bn_relu_matches_pytorch_and_saves_only_its_input(backend, fmt):
+    """The stem's BN+ReLU op: value and the gradients of x, scale and shift against autograd through PyTorch's
+    own ops; autograd keeps x (alive anyway) and the two per-channel vectors, where PyTorch's ops keep more."""
+    mod = backends.load(backend)
+    torch.manual_seed(5)
+    x = torch.randn(2, 8, 5, 5, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
+    scale = (torch.rand(8, device=DEVICE) + 0.5).requires_grad_()
+    shift = (torch.randn(8, device=DEVICE) * 0.5).requires_grad_()
+    grad = torch.randn(2, 8, 5, 5, device=DEVICE)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = mod.bn_relu(x, scale, shift)
+    want = torch.relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+    _check(out, want, torch.float32)
+    assert out.is_contiguous(memory_format=fmt)
+    for got, exp in zip(torch.autograd.grad(out, (x, scale, shift), grad),
+                        torch.autograd.grad(want, (x, scale, shift), grad)):
+        _check(got, exp, torch.float32)
+    assert sum(t.numel() for t in saved if t.dim() == 4) == x.numel()
+
+
 @pytest.mark.parametrize("kind", ["BasicBlock", "Bottleneck"])
 def test_saved_activation_memory(backend, kind):
     """Per block of a resnet layer, the NormConv blocks save x (the previous block's output) and the raw conv

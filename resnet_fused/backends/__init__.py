@@ -1,7 +1,8 @@
 """Backend registry: which implementation of the fused ops runs a given input.
 
-Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> str | None`` and the three ops
-``conv_bias_act``, ``conv_stats``, ``scale_bias_add_relu`` (see :mod:`resnet_fused.backends.reference`), and
+Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> str | None`` and the ops
+``conv_bias_act``, ``conv_stats``, ``scale_bias_add_relu``, ``bn_relu`` (see :mod:`resnet_fused.backends.reference`),
+and
 optionally ``finalize``, a fused BatchNorm finalize (see :func:`resnet_fused.norm.batch_scale_shift`):
 
 * ``reference`` — plain PyTorch, every device and floating dtype: the oracle and the CPU path;

@@ -19,6 +19,8 @@ What is fused, and why:
 * ``finalize`` (``bn_finalize``) — BN's batch statistics to per-channel ``scale``/``shift`` and the running-statistics
   update in one launch instead of about ten tiny ones; :mod:`resnet_fused.norm` calls it (SyncBN's all-reduce,
   ``num_batches_tracked`` and ``momentum=None`` stay there).
+* ``bn_relu`` (``affine_relu``) — a BatchNorm + ReLU on its own (the ResNet stem's in training): one pass, and
+  one pass back with the ReLU mask recomputed from the saved input.
 * ``scale_bias_add_relu`` — the training tail ``relu(c*s + t + idn)`` (or ``+ idn*s_d + t_d`` with a downsample
   branch) is one vectorized memory pass over c and idn instead of eager's chain of elementwise kernels.
 
@@ -119,6 +121,13 @@ def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, id
     """``relu(c*scale + shift + (idn*idn_scale + idn_shift or idn))``: ``ops.resnet_fused.scale_bias_add_relu``."""
     _require()
     return torch.ops.resnet_fused.scale_bias_add_relu(c, scale, shift, idn, idn_scale, idn_shift)
+
+
+def bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``relu(x*scale + shift)`` in one pass, differentiable, saving only its inputs (a BatchNorm + ReLU on its
+    own, like the ResNet stem's): ``torch.ops.resnet_fused.affine_relu``."""
+    _require()
+    return torch.ops.resnet_fused.affine_relu(x, scale, shift)
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups=1,
@@ -284,6 +293,17 @@ def _scale_bias_add_relu_backward(ctx, grad):
             (dt.clone() if dual and need[5] else None))
 
 
+def _affine_relu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _affine_relu_backward(ctx, grad):
+    """One pass: g = da·[x*s + t > 0] with the mask recomputed; dx = g*s, ds = Σ g·x, dt = Σ g."""
+    dx, ds, dt = torch.ops.resnet_fused.affine_relu_backward(grad, *ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None), (ds if need[1] else None), (dt if need[2] else None)
+
+
 class _BnFinalize(torch.autograd.Function):
     """``(scale, shift) = bn_finalize(mean, var, γ, β, ...)`` with the running-statistics update as a side effect.
 
@@ -331,5 +351,6 @@ def _register() -> None:
     for name, backward, setup_context in (
             ("conv_bias_act", _conv_bias_act_backward, _conv_bias_act_setup_context),
             ("scale_bias_add_relu", _scale_bias_add_relu_backward, _scale_bias_add_relu_setup_context),
-            ("conv_stats", _conv_stats_backward, _conv_stats_setup_context)):
+            ("conv_stats", _conv_stats_backward, _conv_stats_setup_context),
+            ("affine_relu", _affine_relu_backward, _affine_relu_setup_context)):
         torch.library.register_autograd(f"resnet_fused::{name}", backward, setup_context=setup_context)

@@ -13,6 +13,7 @@ Ops (all differentiable w.r.t. every tensor argument):
 * ``conv_stats``  training path: ``c = conv(a, W)`` with ``a = relu(x*s + t)`` (the previous BN+ReLU,
   applied on load) or ``a = x``; returns ``c`` and its per-channel mean and biased variance.
 * ``scale_bias_add_relu``  training tail: ``relu(c*s + t + idn)`` or ``relu(c*s + t + c_d*s_d + t_d)``.
+* ``bn_relu``  a BatchNorm (as scale/shift) + ReLU on its own: ``relu(x*s + t)`` (the stem in training).
 
 Per-channel vectors (bias, scale, shift, mean, var) are kept in the accumulation dtype: float32, or float64
 for float64 inputs.
@@ -146,12 +147,36 @@ class ConvStatsFunction(torch.autograd.Function):
         ga, gw = _conv_grads(g, a, weight, stride, padding, dilation, groups, need_a, need[1])
         if not prologue or ga is None:
             return ga, gw, None, None, None, None, None, None
-        xa = x.to(acc)
-        gp = ga.to(acc) * (xa * _chan(in_scale) + _chan(in_shift) > 0)
-        gx = (gp * _chan(in_scale)).to(x.dtype) if need[0] else None
-        gs = (gp * xa).sum(_CHANNEL_DIMS) if need[2] else None
-        gt = gp.sum(_CHANNEL_DIMS) if need[3] else None
+        gx, gs, gt = _affine_relu_grads(ga, x, in_scale, in_shift, (need[0], need[2], need[3]))
         return gx, gw, gs, gt, None, None, None, None
+
+
+def _affine_relu_grads(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tensor, need) -> tuple:
+    """Backward of ``a = relu(x*s + t)`` with the ReLU mask recomputed from the inputs: ``g = da*[x*s + t > 0]``,
+    ``dx = g*s``, ``ds = Σ g*x``, ``dt = Σ g`` (each only where ``need`` asks for it, else None)."""
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    g = grad_a.to(acc) * (xa * _chan(scale) + _chan(shift) > 0)
+    gx = (g * _chan(scale)).to(x.dtype) if need[0] else None
+    gs = (g * xa).sum(_CHANNEL_DIMS) if need[1] else None
+    gt = g.sum(_CHANNEL_DIMS) if need[2] else None
+    return gx, gs, gt
+
+
+class BnReluFunction(torch.autograd.Function):
+    """``a = relu(x*s + t)``: a BatchNorm (as scale/shift) and its ReLU as one op that saves only its inputs.
+
+    Autograd through the PyTorch ops of :func:`affine_relu` would keep fp32 copies of x and of the
+    pre-activation alive until backward; this keeps x (already alive) and two per-channel vectors."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        ctx.save_for_backward(x, scale, shift)
+        return affine_relu(x, scale, shift)
+
+    @staticmethod
+    def backward(ctx, grad_a):
+        return _affine_relu_grads(grad_a, *ctx.saved_tensors, ctx.needs_input_grad)
 
 
 class ScaleBiasAddReluFunction(torch.autograd.Function):
@@ -208,6 +233,11 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, group
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     return ConvStatsFunction.apply(x, weight, in_scale, in_shift, stride, padding, dilation, groups)
+
+
+def bn_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``relu(x*scale + shift)``, differentiable in all three, saving only its inputs (the ResNet stem's BN+ReLU)."""
+    return BnReluFunction.apply(x, scale, shift)
 
 
 def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Tensor | None = None,

@@ -32,9 +32,9 @@ __all__ = ["NAME", "unsupported", "conv_bias_act"]
 if _IMPORT_ERROR is None:
     from ._launch import launch_count, reset_launch_count
     from .conv import SUPPORTED_DTYPES, conv2d_fused
-    from .train import conv_stats, scale_bias_add_relu
+    from .train import bn_relu, conv_stats, scale_bias_add_relu
 
-    __all__ += ["conv_stats", "scale_bias_add_relu", "conv2d_fused", "launch_count", "reset_launch_count"]
+    __all__ += ["bn_relu", "conv_stats", "scale_bias_add_relu", "conv2d_fused", "launch_count", "reset_launch_count"]
 
 
 def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:

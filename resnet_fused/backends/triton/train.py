@@ -72,6 +72,27 @@ class ScaleBiasAddReluFunction(torch.autograd.Function):
         return dc, dscale, dshift, didn, didn_scale, didn_shift
 
 
+class BnReluFunction(torch.autograd.Function):
+    """a = relu(x*scale + shift) in one pass; saves x, scale, shift; backward is one pass too."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift):
+        ctx.save_for_backward(x, scale, shift)
+        return affine_relu_fwd(x, scale, shift)
+
+    @staticmethod
+    def backward(ctx, da):
+        dx, dscale, dshift = affine_relu_bwd(da, *ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        return dx if need[0] else None, dscale if need[1] else None, dshift if need[2] else None
+
+
+def bn_relu(x, scale, shift):
+    """relu(x*scale + shift) per channel (fp32 math, x's dtype), differentiable in all three, saving only its
+    inputs: a BatchNorm + ReLU on its own, like the ResNet stem's."""
+    return BnReluFunction.apply(x, scale, shift)
+
+
 def conv_stats(x, weight, stride, padding, dilation=1, groups=1, in_scale=None, in_shift=None):
     """(c, mean, var): c = conv2d(relu(x*in_scale + in_shift) if in_scale is given else x, weight) in x's
     dtype, mean/var its per-output-channel fp32 batch mean and biased variance. Differentiable in x,
