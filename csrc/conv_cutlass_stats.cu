@@ -673,13 +673,20 @@ constexpr int kMergeRows = 8;
 // Tile rows are merged in at most this many chunks (one block row each) before the final pass.
 constexpr int kMaxChunks = 128;
 
-// Merges the 8 row-partials of channel threadIdx.x held in `part` (fp64, [3][kMergeRows][kMergeChannels]:
-// n, mean, M2) in row order.
-__device__ __forceinline__ Moments<double> merge_rows(double (&part)[3][kMergeRows][kMergeChannels]) {
+// Merges the block's kMergeRows partials of channel threadIdx.x (one per thread row) in row order through shared
+// memory. Every thread of the block calls it; the total is that of row threadIdx.y == 0.
+__device__ __forceinline__ Moments<double> merge_block_rows(const Moments<double>& m) {
+  __shared__ double part[3][kMergeRows][kMergeChannels];
+  part[0][threadIdx.y][threadIdx.x] = m.n;
+  part[1][threadIdx.y][threadIdx.x] = m.mean;
+  part[2][threadIdx.y][threadIdx.x] = m.m2;
+  __syncthreads();
   Moments<double> total{0.0, 0.0, 0.0};
+  if (threadIdx.y == 0) {
 #pragma unroll
-  for (int r = 0; r < kMergeRows; ++r) {
-    total.merge(part[0][r][threadIdx.x], part[1][r][threadIdx.x], part[2][r][threadIdx.x]);
+    for (int r = 0; r < kMergeRows; ++r) {
+      total.merge(part[0][r][threadIdx.x], part[1][r][threadIdx.x], part[2][r][threadIdx.x]);
+    }
   }
   return total;
 }
@@ -692,7 +699,6 @@ __device__ __forceinline__ Moments<double> merge_rows(double (&part)[3][kMergeRo
 __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
     stats_chunk_kernel(const TileStatsPair* __restrict__ tile_stats, int tiles, int tiles_per_chunk, int K,
                        double* __restrict__ chunk_stats) {
-  __shared__ double part[3][kMergeRows][kMergeChannels];
   const int k = blockIdx.x * kMergeChannels + threadIdx.x;
   const int begin = blockIdx.y * tiles_per_chunk;
   const int end = min(begin + tiles_per_chunk, tiles);
@@ -705,12 +711,8 @@ __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
               dmean_m2.second);
     }
   }
-  part[0][threadIdx.y][threadIdx.x] = m.n;
-  part[1][threadIdx.y][threadIdx.x] = m.mean;
-  part[2][threadIdx.y][threadIdx.x] = m.m2;
-  __syncthreads();
+  const Moments<double> total = merge_block_rows(m);
   if (threadIdx.y == 0 && k < K) {
-    const Moments<double> total = merge_rows(part);
     double* out = chunk_stats + static_cast<int64_t>(blockIdx.y) * 3 * K;
     out[k] = total.n;
     out[K + k] = total.mean;
@@ -722,7 +724,6 @@ __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
 __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
     stats_finalize_kernel(const double* __restrict__ chunk_stats, int chunks, int K, float* __restrict__ mean,
                           float* __restrict__ var) {
-  __shared__ double part[3][kMergeRows][kMergeChannels];
   const int k = blockIdx.x * kMergeChannels + threadIdx.x;
   Moments<double> m{0.0, 0.0, 0.0};
   if (k < K) {
@@ -731,12 +732,8 @@ __global__ void __launch_bounds__(kMergeChannels* kMergeRows)
       m.merge(row[k], row[K + k], row[2 * K + k]);
     }
   }
-  part[0][threadIdx.y][threadIdx.x] = m.n;
-  part[1][threadIdx.y][threadIdx.x] = m.mean;
-  part[2][threadIdx.y][threadIdx.x] = m.m2;
-  __syncthreads();
+  const Moments<double> total = merge_block_rows(m);
   if (threadIdx.y == 0 && k < K) {
-    const Moments<double> total = merge_rows(part);
     mean[k] = static_cast<float>(total.mean);
     var[k] = static_cast<float>(fmax(total.m2 / total.n, 0.0));
   }
