@@ -10,7 +10,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cutlass/conv/conv2d_problem_size.h"
@@ -49,13 +51,23 @@ inline bool under_2gb(const at::Tensor& t) {
   return t.numel() < (int64_t{1} << 31) / static_cast<int64_t>(t.element_size());
 }
 
+// False when the environment variable RESNET_FUSED_CUTLASS is "0" (read once per process): every call then takes
+// its cuDNN path, e.g. to tell a fault or a slowdown of these kernels from one elsewhere.
+inline bool enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("RESNET_FUSED_CUTLASS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 inline bool compute_capability_8_plus(c10::DeviceIndex device) {
   int major = 0;
   return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
 }
 
 // Checks the shape rules every caller must keep (TORCH_CHECK: errors, not coverage questions) and returns
-// true, filling `problem`, when x, w and out are operands the kernels cover: CUDA, fp16 or bf16, dense NHWC /
+// true, filling `problem`, when the kernels are enabled() and x, w and out are operands they cover: CUDA, fp16 or bf16, dense NHWC /
 // KRSC and 16-byte aligned, groups 1, C and K multiples of 8, nothing empty, each tensor under 2 GiB, a device
 // of compute capability >= 8.0.
 inline bool conv_problem(const char* fn, const at::Tensor& x, const at::Tensor& w, const at::Tensor& out,
@@ -75,7 +87,7 @@ inline bool conv_problem(const char* fn, const at::Tensor& x, const at::Tensor& 
               out.sizes());
 
   const auto dtype = x.scalar_type();
-  if (!x.is_cuda() || (dtype != at::kHalf && dtype != at::kBFloat16) || groups != 1) {
+  if (!enabled() || !x.is_cuda() || (dtype != at::kHalf && dtype != at::kBFloat16) || groups != 1) {
     return false;
   }
   if (!dense_nhwc(x) || !aligned(x.const_data_ptr(), kTensorAlignment) || !like_x(w, x) || !like_x(out, x)) {

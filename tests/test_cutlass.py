@@ -411,3 +411,28 @@ def test_bf16_out_of_bounds_marker_is_a_nan_nobody_makes():
     assert bits not in made
     assert torch.isfinite(as_dtype(0x7EFF, torch.bfloat16)).all()
     assert torch.isnan(as_dtype(0x7EFF, torch.float16)).all()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_env_switch_turns_the_cutlass_kernels_off():
+    """RESNET_FUSED_CUTLASS=0 (read once per process): covered calls take the cuDNN path, and stay correct."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch, resnet_fused._C as C
+from resnet_fused.backends import cuda as be, reference as ref
+x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+out = be.conv_bias_act(x, w, None, 1, 1, relu=True)
+c, mean, var = be.conv_stats(x, w, 1, 1)
+torch.testing.assert_close(out.float(), ref.conv_bias_act(x, w, None, 1, 1, relu=True).float(), rtol=2e-2, atol=2e-2)
+torch.cuda.synchronize()
+print(C.cutlass_conv_launches())
+"""
+    env = dict(os.environ, RESNET_FUSED_CUTLASS="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "0"
