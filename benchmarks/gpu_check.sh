@@ -16,6 +16,8 @@
 # groups, BENCH_TIMEOUT=150 (the quick sweep itself stops starting rows after BENCH_BUDGET=120 s, and writes
 # what it measured when the limit stops it).
 # A failing step is recorded and the next one still runs; the exit status is the first failure's.
+# A CUDA fault is sticky for the process it happens in: the tests and the benchmark run in separate processes, and
+# RESNET_FUSED_CUTLASS=0 (passed through) reruns everything with the CUTLASS kernels off, to isolate them.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
