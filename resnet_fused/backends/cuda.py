@@ -13,9 +13,9 @@ What is fused, and why:
   implicit-GEMM conv on tensor cores whose epilogue also writes per-tile Σ/Σ² of the stored output, merged per
   channel in a fixed order (deterministic). The previous BN+ReLU is applied on load for float16; for bfloat16 it
   is one exact vectorized pass before the kernel, because the on-load version rounds scale and shift to bfloat16
-  (``RESNET_FUSED_BF16_PROLOGUE_ON_LOAD=1`` opts in to it). Everything else: that pass, cuDNN, then the per-channel batch mean and biased
-  variance in ONE read of the output (Welford per thread, a deterministic merge of per-block partials) — instead
-  of eager's BN-apply, ReLU and two-pass statistics.
+  (``RESNET_FUSED_BF16_PROLOGUE_ON_LOAD=1`` opts in to it). Everything else: that pass, cuDNN, then the
+  per-channel batch mean and biased variance in ONE read of the output (Welford per thread, a deterministic merge
+  of per-block partials) — instead of eager's BN-apply, ReLU and two-pass statistics.
 * ``finalize`` (``bn_finalize``) — BN's batch statistics to per-channel ``scale``/``shift`` and the running-statistics
   update in one launch instead of about ten tiny ones; :mod:`resnet_fused.norm` calls it (SyncBN's all-reduce,
   ``num_batches_tracked`` and ``momentum=None`` stay there).
