@@ -11,9 +11,9 @@ optionally ``finalize``, a fused BatchNorm finalize (see :func:`resnet_fused.nor
 
 ``auto`` takes the first backend that can run the input, in an order per device: CPU tensors always use
 ``reference``; CUDA tensors try the faster of ``triton`` and ``cuda`` first — measured once per GPU and dtype
-and cached (:mod:`.autoselect`) — then the other, then ``reference``. When ``auto`` has to fall back because a preferred backend cannot run a config
-(grouped convolution, an odd dtype), it warns once per reason. A backend named explicitly that cannot run
-raises a ``RuntimeError`` that says why.
+and cached (:mod:`.autoselect`) — then the other, then ``reference``. When ``auto`` has to fall back because a
+preferred backend cannot run a config (grouped convolution, an odd dtype), it warns once per reason. A backend
+named explicitly that cannot run raises a ``RuntimeError`` that says why.
 """
 
 from __future__ import annotations
