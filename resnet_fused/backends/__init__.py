@@ -1,9 +1,9 @@
 """Backend registry: which implementation of the fused ops runs a given input.
 
-Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> str | None`` and the ops
-``conv_bias_act``, ``conv_stats``, ``scale_bias_add_relu``, ``bn_relu`` (see :mod:`resnet_fused.backends.reference`),
-and
-optionally ``finalize``, a fused BatchNorm finalize (see :func:`resnet_fused.norm.batch_scale_shift`):
+Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> str | None``, the ops
+``conv_bias_act``, ``conv_stats``, ``scale_bias_add_relu`` and ``bn_relu`` (see
+:mod:`resnet_fused.backends.reference`), and optionally ``finalize``, a fused BatchNorm finalize (see
+:func:`resnet_fused.norm.batch_scale_shift`):
 
 * ``reference`` — plain PyTorch, every device and floating dtype: the oracle and the CPU path;
 * ``triton``    — Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
@@ -76,29 +76,23 @@ def resolve(name: str, x: torch.Tensor, groups: int = 1, dilation: int = 1) -> M
         if reason is not None:
             raise RuntimeError(f"resnet_fused backend {name!r} cannot run this input: {reason}")
         return mod
-    order = _auto_order(x, groups, dilation)
+    # Why each backend of the order cannot run x (None: it can), asked once per call.
+    if x.device.type == "cuda":
+        reasons = {b: _why_not(load(b), x, groups, dilation) for b in BACKENDS}
+        runnable = {b: load(b) for b in autoselect.CANDIDATES if reasons[b] is None}
+        order = autoselect.order(x.device, x.dtype, runnable)
+    else:
+        reasons, order = {"reference": reference.unsupported(x, groups, dilation)}, ("reference",)
+    first = reasons[order[0]]
+    if first is not None and first not in _warned:
+        _warned.add(first)
+        warnings.warn(f"resnet_fused: backend {order[0]!r} cannot run this input ({first}); falling back",
+                      RuntimeWarning, stacklevel=3)
     for candidate in order:
-        mod = load(candidate)
-        reason = _why_not(mod, x, groups, dilation)
-        if reason is None:
-            return mod
-        if candidate == order[0] and reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"resnet_fused: backend {candidate!r} cannot run this input ({reason}); "
-                          f"falling back", RuntimeWarning, stacklevel=3)
+        if reasons[candidate] is None:
+            return load(candidate)
     return reference
 
 
 def _why_not(mod: ModuleType | str, x: torch.Tensor, groups: int, dilation: int) -> str | None:
     return mod if isinstance(mod, str) else mod.unsupported(x, groups, dilation)
-
-
-def _auto_order(x: torch.Tensor, groups: int, dilation: int) -> tuple[str, ...]:
-    if x.device.type != "cuda":
-        return ("reference",)
-    runnable = {}
-    for name in autoselect.CANDIDATES:
-        mod = load(name)
-        if _why_not(mod, x, groups, dilation) is None:
-            runnable[name] = mod
-    return autoselect.order(x.device, x.dtype, runnable)

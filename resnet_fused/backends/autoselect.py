@@ -164,8 +164,7 @@ def choice(device: torch.device, dtype: torch.dtype, runnable: dict,
     """
     if len(runnable) < 2:
         return None
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
+    device = _indexed(device)
     entry = _memory.get((device, dtype))
     if entry is None:
         key = cache_key(device, dtype)
@@ -195,9 +194,12 @@ def order(device: torch.device, dtype: torch.dtype, runnable: dict) -> tuple[str
 
 def stored(device: torch.device, dtype: torch.dtype) -> dict | None:
     """The choice this process made for (``device``, ``dtype``), if it made one."""
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    return _memory.get((device, dtype))
+    return _memory.get((_indexed(device), dtype))
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:<current>"), the key of the in-memory choices."""
+    return device if device.index is not None else torch.device(device.type, torch.cuda.current_device())
 
 
 def clear_memory() -> None:
