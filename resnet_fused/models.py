@@ -3,10 +3,11 @@
 ``BasicBlock``, ``Bottleneck`` and ``ResNet`` have torchvision's constructor signatures, submodule names and
 therefore its exact ``state_dict`` keys, plus one keyword, ``backend``. Only ``forward`` differs:
 
-* Every BatchNorm uses running statistics (eval): BN is folded into its convolution and each convolution is
-  one ``conv_bias_act`` launch; the block's last convolution takes the identity as ``residual`` or the 1x1
-  downsample convolution as ``shortcut`` in the same accumulator, so a BasicBlock is 2 launches and a
-  Bottleneck 3, downsample included.
+* Every BatchNorm uses running statistics (eval): each convolution is one ``conv_bn_act`` launch that applies
+  its BN as a per-channel scale and shift in fp32 in the epilogue, computed from the BN's live tensors on every
+  call (nothing folded or cached, so no weight edit can be missed), plus the ReLU; the block's last convolution
+  takes the identity as ``residual`` or the downsample branch (1x1 conv + its BN) as ``shortcut`` in the same
+  launch, so a BasicBlock is 2 launches and a Bottleneck 3, downsample included.
 * Otherwise (training): NormConv. ``conv_stats`` produces each raw conv output with its batch statistics,
   :mod:`resnet_fused.norm` turns them into per-channel scale/shift (updating running statistics), the next
   ``conv_stats`` applies that BN+ReLU to its input on load, and ``scale_bias_add_relu`` is the tail, with the
@@ -22,9 +23,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from . import backends, norm
-from .backends.reference import memory_format
+from .backends.reference import Shortcut
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
            "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -50,8 +52,16 @@ def _square(v: tuple[int, ...]) -> bool:
     return all(e == v[0] for e in v)
 
 
+def _plain_conv(conv: nn.Module) -> bool:
+    """An ``nn.Conv2d`` whose forward is ``nn.Conv2d``'s: the class itself, or the class
+    ``torch.nn.utils.parametrize`` derives from it (its ``weight`` is recomputed on every access, so the fused
+    path sees the parametrized weight live and differentiates through it)."""
+    cls = type(conv)
+    return cls is nn.Conv2d or (parametrize.is_parametrized(conv) and cls.__bases__ == (nn.Conv2d,))
+
+
 def _fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.bias is None and conv.padding_mode == "zeros"
+    return (_plain_conv(conv) and conv.bias is None and conv.padding_mode == "zeros"
             and isinstance(conv.padding, tuple) and all(map(_square, (conv.stride, conv.padding, conv.dilation)))
             and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.num_features == conv.out_channels)
 
@@ -104,34 +114,23 @@ def _finalize(be):
 class _FusedForward:
     """Runs a chain of (conv, BN) stages plus a shortcut through one backend."""
 
-    def __init__(self, owner: nn.Module, stages: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> None:
-        self.owner = owner
+    def __init__(self, stages: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> None:
         self.stages = stages
 
-    def _fold(self, slot: int, conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype,
-              memory_format: torch.memory_format) -> tuple[Tensor, Tensor]:
-        differentiable = torch.is_grad_enabled() and any(
-            p is not None and p.requires_grad for p in (conv.weight, bn.weight, bn.bias))
-        if differentiable or torch.compiler.is_compiling():
-            return norm.fold(conv.weight, bn, dtype, memory_format)
-        return self.owner._fold_cache.get(slot, conv.weight, bn, dtype, memory_format)
-
     def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None) -> Tensor:
-        """One ``conv_bias_act`` (+ReLU) per stage, BN folded in; the last takes the shortcut or identity."""
+        """One ``conv_bn_act`` (+ReLU) per stage with its BN from the live tensors; the last takes the shortcut
+        or the identity."""
         h = x
         last = len(self.stages) - 1
-        fmt = memory_format(x)
         for i, (conv, bn) in enumerate(self.stages):
-            w, b = self._fold(i, conv, bn, dtype, fmt)
             extra: dict[str, Any] = {}
             if i == last and shortcut is not None:
-                wd, bd = self._fold(len(self.stages), shortcut[0], shortcut[1], dtype, fmt)
-                b = b + bd
-                extra = dict(shortcut_x=x, shortcut_weight=wd, shortcut_stride=shortcut[0].stride[0])
+                conv_d, bn_d = shortcut
+                extra = dict(shortcut=Shortcut(x, _cast(conv_d.weight, dtype), norm.eval_bn(bn_d), conv_d.stride[0]))
             elif i == last and identity is not None:
                 extra = dict(residual=identity)
-            h = be.conv_bias_act(h, w, b, conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups,
-                                 relu=True, **extra)
+            h = be.conv_bn_act(h, _cast(conv.weight, dtype), norm.eval_bn(bn), conv.stride[0], conv.padding[0],
+                               conv.dilation[0], conv.groups, relu=True, **extra)
         return h
 
     def train(self, be, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -154,7 +153,7 @@ def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn
     conv2 = stages[1][0]
     be = backends.resolve(block.backend, x, conv2.groups, conv2.dilation[0])
     dtype = _compute_dtype(x, block.conv1.weight)
-    run = _FusedForward(block, stages)
+    run = _FusedForward(stages)
     # A downsample of another shape than conv1x1+BN runs as the module it is and joins as the residual.
     generic = block.downsample(x) if block.downsample is not None and shortcut is None else None
     with torch.autocast(x.device.type, enabled=False):
@@ -173,13 +172,12 @@ def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn
 
 
 class _Fused(nn.Module):
-    """What every fused module carries: the backend name and the cache of BN-folded weights."""
+    """What every fused module carries: the backend name."""
 
     backend: str
 
     def _init_fused(self, backend: str) -> None:
         self.backend = backends.check_name(backend)
-        self._fold_cache = norm.FoldCache()
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -352,14 +350,14 @@ class ResNet(_Fused):
         return nn.Sequential(*layers)
 
     def _stem(self, x: Tensor) -> Tensor:
-        """``relu(bn1(conv1(x)))``: one conv_bias_act launch in eval, conv_stats + BN + ReLU in training."""
+        """``relu(bn1(conv1(x)))``: one conv_bn_act launch in eval, conv_stats + BN + ReLU in training."""
         if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point()
                 or not _fusable_pair(self.conv1, self.bn1)):
             return self.relu(self.bn1(self.conv1(x)))
         check_input(x, self.conv1)
         be = backends.resolve(self.backend, x)
         dtype = _compute_dtype(x, self.conv1.weight)
-        run = _FusedForward(self, [(self.conv1, self.bn1)])
+        run = _FusedForward([(self.conv1, self.bn1)])
         with torch.autocast(x.device.type, enabled=False):
             xc = _cast(x, dtype)
             if not norm.uses_batch_stats(self.bn1):

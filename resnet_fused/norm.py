@@ -2,8 +2,11 @@
 
 The fused ops never see a BatchNorm module. They see ``y = x*scale + shift`` per channel, where
 
-* in eval (running statistics): ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` — and for the one-launch eval
-  path these are folded into the convolution itself: ``W' = W·scale``, ``b' = shift`` (in fp32, then cast);
+* in eval (running statistics): ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale``. The one-launch eval path gets
+  the module's live tensors (:func:`eval_bn`) and applies ``scale``/``shift`` in its convolution's epilogue in
+  fp32, computing them on every call: nothing is folded into or cached beside the weights, so no edit of a
+  weight or buffer (an optimizer step, ``load_state_dict``, an in-place write through ``.data``, which bumps no
+  version counter) can ever be missed;
 * in training (batch statistics): the convolution's epilogue produced the batch mean and biased variance; the
   finalize step here turns them into ``scale``/``shift``, updates ``running_mean``/``running_var`` (unbiased
   variance, ``momentum=None`` = cumulative average) and ``num_batches_tracked`` exactly as
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backends.reference import acc_dtype
+from .backends.reference import EvalBN, acc_dtype, eval_scale_shift
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -33,13 +36,19 @@ def _affine_params(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor | None,
     return bn.weight.to(acc), bn.bias.to(acc)
 
 
-def running_scale_shift(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+def eval_bn(bn: nn.Module) -> EvalBN:
+    """The live tensors of an eval-mode BatchNorm (``BatchNorm2d``, ``SyncBatchNorm`` or torchvision's
+    ``FrozenBatchNorm2d``) as an :class:`EvalBN`: the module's own parameters and buffers, never copies."""
+    weight = getattr(bn, "weight", None)
+    bias = getattr(bn, "bias", None)
+    if getattr(bn, "affine", True) is False:
+        weight = bias = None
+    return EvalBN(weight, bias, bn.running_mean, bn.running_var, float(bn.eps))
+
+
+def running_scale_shift(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` from the running statistics, in dtype ``acc``."""
-    gamma, beta = _affine_params(bn, acc)
-    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = invstd if gamma is None else gamma * invstd
-    shift = -bn.running_mean.to(acc) * scale
-    return scale, (shift if beta is None else shift + beta)
+    return eval_scale_shift(eval_bn(bn), acc)
 
 
 def _check_batch_size(count: int, shape: torch.Size) -> None:
@@ -133,46 +142,3 @@ def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor], finali
     if uses_batch_stats(bn):
         return batch_scale_shift(bn, mean, var, c.numel() // max(c.shape[1], 1), c.shape, finalize)
     return running_scale_shift(bn, mean.dtype)
-
-
-def fold(weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype,
-         memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
-    """Fold eval-mode ``bn`` into the preceding conv: ``(W·scale in dtype, shift in the accumulation dtype)``.
-
-    ``W·scale`` is laid out in ``memory_format``: the activations' layout, so no kernel has to convert it."""
-    acc = acc_dtype(dtype)
-    scale, shift = running_scale_shift(bn, acc)
-    return (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype, memory_format=memory_format), shift
-
-
-def _version_key(t: Tensor | None):
-    if t is None:
-        return None
-    return (t._version, t.data_ptr(), t.dtype, t.device)
-
-
-class FoldCache:
-    """Folded (W', b') per conv, keyed on the version, storage, dtype and device of W, γ, β, μ, σ².
-
-    An optimizer step, ``load_state_dict``, ``.to()`` or any in-place write bumps a key, so a fold is never
-    stale. Only used when no gradient has to flow through the fold (the fold is then a constant).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[tuple, tuple[Tensor, Tensor]]] = {}
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, slot: int, weight: Tensor, bn: nn.BatchNorm2d, dtype: torch.dtype,
-            memory_format: torch.memory_format = torch.contiguous_format) -> tuple[Tensor, Tensor]:
-        # A fold made under inference_mode is an inference tensor, which autograd may not save.
-        key = (dtype, memory_format, bn.eps, torch.is_inference_mode_enabled(),
-               tuple(_version_key(t) for t in (weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)))
-        hit = self._entries.get(slot)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            folded = fold(weight, bn, dtype, memory_format)
-        self._entries[slot] = (key, folded)
-        return folded

@@ -17,13 +17,13 @@ class FakeBackend:
     def __init__(self, name, ms=None, error=None):
         self.NAME, self.ms, self.error = name, ms, error
 
-    def conv_bias_act(self, *args, **kwargs):
+    def conv_bn_act(self, *args, **kwargs):
         if self.error:
             raise RuntimeError(self.error)
         return self.ms
 
     def conv_stats(self, *args, **kwargs):
-        return self.conv_bias_act(), None, None
+        return self.conv_bn_act(), None, None
 
     def scale_bias_add_relu(self, c, *args):
         return c
@@ -39,7 +39,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(autoselect.ENV_CACHE_DIR, str(tmp_path))
     monkeypatch.delenv(autoselect.ENV_FORCE, raising=False)
     monkeypatch.setattr(autoselect, "cache_key", lambda device, dtype: f"gpu|{dtype}")
-    monkeypatch.setattr(autoselect, "probe_calls", lambda mod, device, dtype: [mod.conv_bias_act] * 3)
+    monkeypatch.setattr(autoselect, "probe_calls", lambda mod, device, dtype: [mod.conv_bn_act] * 3)
     autoselect.clear_memory()
     yield tmp_path / autoselect.CACHE_FILE
     autoselect.clear_memory()

@@ -386,14 +386,14 @@ BLOCK_CASES = {
 @pytest.mark.parametrize("case", BLOCK_CASES.values(), ids=BLOCK_CASES.keys())
 def test_blocks_through_extension_cpu_kernels(monkeypatch, case, train):
     """resnet_fused blocks with backend="cuda", routed to the extension's CPU kernels, match torchvision (fp64):
-    the ops' argument conventions (fp32/fp64 folded bias, shortcut fusion, dual tail) are the blocks' own."""
+    the ops' argument conventions (live eval BN, shortcut fusion, dual tail) are the blocks' own."""
     import torchvision.models.resnet as tvr
 
     import resnet_fused
 
     kind, inplanes, planes, stride, down = case
     monkeypatch.setattr(cuda_backend, "unsupported", lambda x, groups=1, dilation=1: None)
-    calls = {"conv_bias_act": 0, "scale_bias_add_relu": 0}
+    calls = {"conv_bn_act": 0, "scale_bias_add_relu": 0}
     for name in calls:
         op = getattr(cuda_backend, name)
 
@@ -435,7 +435,7 @@ def test_blocks_through_extension_cpu_kernels(monkeypatch, case, train):
     if train:
         assert calls["scale_bias_add_relu"] == 1
     else:
-        assert calls["conv_bias_act"] == len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) - down
+        assert calls["conv_bn_act"] == len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) - down
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

@@ -186,11 +186,12 @@ def test_gradcheck_reference_scale_bias_add_relu(dual):
 
 
 def _losses(model, steps):
-    """Per-step losses of plain SGD on two fixed synthetic batches of 4x3x64x64 (the model can fit them, so
-    the loss falls steadily; with fewer values per channel the batch statistics of layer4 make training
-    chaotic and any two implementations part ways within a few steps)."""
+    """Per-step losses of plain SGD on two fixed synthetic batches of 4x3x64x64 in the model's dtype (the model
+    can fit them, so the loss falls steadily; with fewer values per channel the batch statistics of layer4 make
+    training chaotic and any two implementations part ways within a few steps)."""
+    dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(5)
-    data = torch.randn(2, 4, 3, 64, 64, generator=gen).to(DEVICE)
+    data = torch.randn(2, 4, 3, 64, 64, generator=gen).to(DEVICE, dtype)
     labels = torch.randint(0, 10, (2, 4), generator=gen).to(DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     losses = []
@@ -200,7 +201,7 @@ def _losses(model, steps):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return torch.tensor(losses)
+    return torch.tensor(losses, dtype=torch.float64)
 
 
 # A ResNet-18 step takes the Triton interpreter about half a minute: 2 steps there, 20 everywhere else.
@@ -209,17 +210,22 @@ TRAIN_STEPS = {"reference": 20, "triton": 20 if torch.cuda.is_available() else 2
 
 @pytest.mark.slow
 def test_resnet18_training_run(backend):
+    """A short fp32 training run of the fused model against torchvision in float64 (the oracle), with eager fp32
+    torchvision's own distance from that oracle as the measure of normal rounding drift: the fused run may drift
+    at most twice as far, step by step over the first steps and over the whole run."""
     torch.manual_seed(6)
     tv = tvr.resnet18(num_classes=10).to(DEVICE)
     fused = resnet_fused.resnet18(num_classes=10, backend=backend).to(DEVICE)
     fused.load_state_dict(tv.state_dict())
+    tv64 = copy.deepcopy(tv).double()
     steps = TRAIN_STEPS[backend]
-    expected = _losses(tv, steps)
-    actual = _losses(fused, steps)
-    # the first steps agree to rounding; fp32 rounding differences then grow slowly over the run
-    torch.testing.assert_close(actual[:3], expected[:3], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(actual, expected, rtol=2e-2, atol=1e-3)
-    assert expected[-1] < expected[0]  # a run that trains
+    oracle = _losses(tv64, steps)
+    eager_drift = (_losses(tv, steps) - oracle).abs()
+    fused_drift = (_losses(fused, steps) - oracle).abs()
+    first = slice(0, 3)
+    assert (fused_drift[first] <= 2 * eager_drift[first] + 1e-5).all(), (fused_drift, eager_drift)
+    assert fused_drift.max() <= 2 * eager_drift.max() + 1e-5, (fused_drift, eager_drift)
+    assert oracle[-1] < oracle[0]  # a run that trains
 
 
 # --------------------------------------------------------------------------------------- activation memory

@@ -1,8 +1,8 @@
-"""The Triton fused implicit-GEMM convolution (``conv2d_fused``) and the backend's ``conv_bias_act``.
+"""The Triton fused implicit-GEMM convolution (``conv2d_fused``) and the backend's ``conv_bn_act``.
 
 Every result is compared with PyTorch computed in the test (float64 ``F.conv2d`` of the same, already rounded
 inputs) on random inputs: kernel sizes 1/3/7, strides, padding, dilation, groups, odd N/C/H/W that leave
-partial tiles in every dimension, NCHW and channels_last, the residual/shortcut/ReLU epilogue, the BN+ReLU
+partial tiles in every dimension, NCHW and channels_last, the eval-BN/residual/shortcut/ReLU epilogue, the BN+ReLU
 prologue (with positive shifts, so a padded zero that went through the activation would show) and the
 per-channel statistics. Fusion is checked with the launch counter. CPU runs use the Triton interpreter.
 """
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import resnet_fused.backends.triton as tb
+from resnet_fused.backends.reference import EvalBN, Shortcut
 from resnet_fused.backends.triton import _launch, conv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,17 +55,38 @@ def _weight(k, c, r, s, dtype=torch.float32):
     return _rand(k, c, r, s, dtype=dtype, scale=(c * r * s) ** -0.5)
 
 
-def _ref(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, residual=None, shortcut_x=None,
-         shortcut_weight=None, shortcut_stride=1, relu=False, in_scale=None, in_shift=None):
+def _bn(k, affine=True, dtype=torch.float32, requires_grad=False):
+    """A random eval BatchNorm of k channels (γ, β, μ of order 1, σ² in [0.5, 1.5])."""
+    def vec(t):
+        return t.to(dtype).requires_grad_(requires_grad)
+
+    weight = vec(torch.randn(k, device=DEVICE)) if affine else None
+    bias = vec(torch.randn(k, device=DEVICE)) if affine else None
+    return EvalBN(weight, bias, vec(torch.randn(k, device=DEVICE) * 0.5), vec(torch.rand(k, device=DEVICE) + 0.5),
+                  1e-5)
+
+
+def _apply_bn(y, bn):
+    """bn(y) = (y − μ)·γ/√(σ² + ε) + β in y's dtype (float64 here), differentiable in every BN tensor."""
+    if bn is None:
+        return y
+    d = y.dtype
+    scale = torch.rsqrt(bn.var.to(d) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(d)
+    y = (y - bn.mean.to(d).view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+    return y if bn.bias is None else y + bn.bias.to(d).view(1, -1, 1, 1)
+
+
+def _ref(x, weight, bn=None, stride=1, padding=0, dilation=1, groups=1, residual=None, shortcut_x=None,
+         shortcut_weight=None, shortcut_stride=1, relu=False, in_scale=None, in_shift=None, shortcut_bn=None):
     """The fused op in float64 PyTorch (the prologue in fp32 and rounded to x's dtype, as specified)."""
     d = torch.float64
     if in_scale is not None:
         x = torch.relu(x.float() * in_scale.view(1, -1, 1, 1) + in_shift.view(1, -1, 1, 1)).to(x.dtype)
-    y = F.conv2d(x.to(d), weight.to(d), None, stride, padding, dilation, groups)
-    if bias is not None:
-        y = y + bias.to(d).view(1, -1, 1, 1)
+    y = _apply_bn(F.conv2d(x.to(d), weight.to(d), None, stride, padding, dilation, groups), bn)
     if shortcut_x is not None:
-        y = y + F.conv2d(shortcut_x.to(d), shortcut_weight.to(d), None, shortcut_stride)
+        y = y + _apply_bn(F.conv2d(shortcut_x.to(d), shortcut_weight.to(d), None, shortcut_stride), shortcut_bn)
     if residual is not None:
         y = y + residual.to(d)
     return torch.relu(y) if relu else y
@@ -98,13 +120,13 @@ SHAPES = {
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_conv_bias_relu_matches_pytorch(name, channels_last):
+def test_conv_bn_relu_matches_pytorch(name, channels_last):
     n, c, h, w, k, r, s, stride, padding, dilation, groups = SHAPES[name]
     x = _rand(n, c, h, w, channels_last=channels_last)
     weight = _weight(k, c // groups, r, s)
-    bias = _rand(k)
-    y = conv.conv2d_fused(x, weight, bias, stride, padding, dilation, groups, relu=True)
-    ref = _ref(x, weight, bias, stride, padding, dilation, groups, relu=True)
+    bn = _bn(k)
+    y = conv.conv2d_fused(x, weight, bn, stride, padding, dilation, groups, relu=True)
+    ref = _ref(x, weight, bn, stride, padding, dilation, groups, relu=True)
     assert y.shape == ref.shape and y.dtype == x.dtype
     assert _is_cl(y) == channels_last
     _close(y, ref, torch.float32)
@@ -114,33 +136,35 @@ def test_conv_bias_relu_matches_pytorch(name, channels_last):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_residual_epilogue(dtype, channels_last):
-    """BasicBlock tail: relu(conv(x) + b + residual); the residual is a strided view in the other layout."""
+    """BasicBlock tail: relu(bn(conv(x)) + residual); the residual is a strided view in the other layout."""
     x = _rand(3, 5, 7, 7, dtype=dtype, channels_last=channels_last)
     weight = _weight(6, 5, 3, 3, dtype)
-    bias = _rand(6, dtype=dtype)
+    bn = _bn(6)
     big = _rand(3, 9, 7, 7, dtype=dtype, channels_last=not channels_last)
     residual = big[:, 2:8]
-    y = conv.conv2d_fused(x, weight, bias, 1, 1, residual=residual, relu=True)
+    y = conv.conv2d_fused(x, weight, bn, 1, 1, residual=residual, relu=True)
     assert _is_cl(y) == channels_last and y.dtype == dtype
-    _close(y, _ref(x, weight, bias, 1, 1, residual=residual, relu=True), dtype)
+    _close(y, _ref(x, weight, bn, 1, 1, residual=residual, relu=True), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("main", ["1x1", "3x3"])
 def test_shortcut_conv_in_same_accumulator(main, dtype):
-    """Block tail with downsample: relu(conv(h) + b + conv1x1_s2(x, W_d)) in one launch."""
+    """Block tail with downsample: relu(bn(conv(h)) + bn_d(conv1x1_s2(x, W_d))) in one launch, each branch with
+    its own BN scale (two accumulators)."""
     r = 1 if main == "1x1" else 3
     h = _rand(3, 6, 5, 5, dtype=dtype, channels_last=True)
     weight = _weight(66, 6, r, r, dtype)
-    bias = _rand(66, dtype=dtype)
+    bn = _bn(66)
     sx = _rand(3, 70, 9, 10, dtype=dtype)
     sw = _weight(66, 70, 1, 1, dtype)
     _launch.reset_launch_count()
-    y = conv.conv2d_fused(h, weight, bias, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2,
-                          relu=True)
+    sbn = _bn(66)
+    y = conv.conv2d_fused(h, weight, bn, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_bn=sbn,
+                          shortcut_stride=2, relu=True)
     assert _launch.launch_count() == 1
-    _close(y, _ref(h, weight, bias, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True),
-           dtype)
+    _close(y, _ref(h, weight, bn, 1, r // 2, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True,
+                   shortcut_bn=sbn), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -177,9 +201,9 @@ def test_stats_epilogue(prologue, dtype):
 def test_stats_of_grouped_strided_conv_with_epilogue():
     x = _rand(2, 6, 7, 7, channels_last=True)
     weight = _weight(10, 3, 3, 3)
-    bias = _rand(10)
-    y, mean, var = conv.conv2d_fused(x, weight, bias, 2, 1, groups=2, relu=True, stats=True)
-    _close(y, _ref(x, weight, bias, 2, 1, groups=2, relu=True), torch.float32)
+    bn = _bn(10)
+    y, mean, var = conv.conv2d_fused(x, weight, bn, 2, 1, groups=2, relu=True, stats=True)
+    _close(y, _ref(x, weight, bn, 2, 1, groups=2, relu=True), torch.float32)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
     torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
@@ -219,40 +243,49 @@ def test_empty_batch_launches_nothing():
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "linear"])
 @pytest.mark.parametrize("tail", ["residual", "shortcut"])
-def test_conv_bias_act_gradients(tail, relu):
-    """Every gradient of conv_bias_act against autograd of the PyTorch formula (fp32)."""
+def test_conv_bn_act_gradients(tail, relu):
+    """Every gradient of conv_bn_act (x, W, every BN tensor, the residual or the shortcut's input, weight and
+    BN tensors) against autograd of the float64 PyTorch formula."""
     x = _rand(2, 5, 7, 7, channels_last=True).requires_grad_()
     weight = _weight(6, 5, 3, 3).requires_grad_()
-    bias = _rand(6).requires_grad_()
+    bn = _bn(6, requires_grad=True)
+    leaves = [x, weight, *bn[:4]]
     if tail == "residual":
-        extra = dict(residual=_rand(2, 6, 4, 4).requires_grad_())
+        residual = _rand(2, 6, 4, 4).requires_grad_()
+        extra, ref_extra = dict(residual=residual), dict(residual=residual)
+        leaves.append(residual)
     else:
-        extra = dict(shortcut_x=_rand(2, 7, 13, 13).requires_grad_(), shortcut_weight=_weight(6, 7, 1, 1)
-                     .requires_grad_(), shortcut_stride=4)
-    leaves = [x, weight, bias] + [v for v in extra.values() if isinstance(v, torch.Tensor)]
+        sc = Shortcut(_rand(2, 7, 13, 13).requires_grad_(), _weight(6, 7, 1, 1).requires_grad_(),
+                      _bn(6, requires_grad=True), 4)
+        extra = dict(shortcut=sc)
+        ref_extra = dict(shortcut_x=sc.x, shortcut_weight=sc.weight, shortcut_bn=sc.bn, shortcut_stride=4)
+        leaves += [sc.x, sc.weight, *sc.bn[:4]]
     _launch.reset_launch_count()
-    y = tb.conv_bias_act(x, weight, bias, 2, 1, relu=relu, **extra)
+    y = tb.conv_bn_act(x, weight, bn, 2, 1, relu=relu, **extra)
     assert _launch.launch_count() == 1
     dy = torch.randn_like(y)
     grads = torch.autograd.grad(y, leaves, dy)
-    ref = _ref(x, weight, bias, 2, 1, relu=relu, **extra).float()
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    ref_grads = torch.autograd.grad(ref, leaves, dy)
-    for name, g, rg in zip(["x", "weight", "bias", "tail", "tail_weight"], grads, ref_grads):
-        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4, msg=lambda m: f"grad {name}: {m}")
+    ref = _ref(x, weight, bn, 2, 1, relu=relu, **ref_extra)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    ref_grads = torch.autograd.grad(ref, leaves, dy.double())
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == leaves[i].dtype and g.shape == leaves[i].shape
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad of leaf {i}: {m}")
 
 
-def test_conv_bias_act_without_bias_and_grouped():
+def test_conv_bn_act_without_affine_and_grouped():
+    """A BN with affine=False (γ, β None) on a grouped conv; gradients of x, W and the running statistics."""
     x = _rand(2, 8, 5, 5).requires_grad_()
     weight = _weight(8, 2, 3, 3).requires_grad_()
-    y = tb.conv_bias_act(x, weight, None, 1, 1, groups=4)
+    bn = _bn(8, affine=False, requires_grad=True)
+    y = tb.conv_bn_act(x, weight, bn, 1, 1, groups=4)
     dy = torch.randn_like(y)
-    gx, gw = torch.autograd.grad(y, [x, weight], dy)
-    ref = torch.relu(F.conv2d(x, weight, None, 1, 1, 1, 4))
-    rgx, rgw = torch.autograd.grad(ref, [x, weight], dy)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gx, rgx, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gw, rgw, rtol=1e-4, atol=1e-4)
+    leaves = [x, weight, bn.mean, bn.var]
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = _ref(x, weight, bn, 1, 1, groups=4, relu=True)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    for g, rg in zip(grads, torch.autograd.grad(ref, leaves, dy.double())):
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4)
 
 
 def _bad_inputs():
@@ -266,13 +299,18 @@ def _bad_inputs():
         ("groups", dict(x=x, weight=w, groups=3), ValueError, "divisible by groups"),
         ("too small", dict(x=x, weight=w, padding=0, dilation=3), ValueError, "does not fit"),
         ("stride", dict(x=x, weight=w, stride=0), ValueError, "stride >= 1"),
-        ("bias shape", dict(x=x, weight=w, bias=_rand(5)), ValueError, "bias must have shape"),
+        ("bn channels", dict(x=x, weight=w, bn=_bn(5)), ValueError, "bn.weight must be"),
+        ("bn half affine", dict(x=x, weight=w, bn=_bn(6)._replace(bias=None)), ValueError, "together"),
         ("residual", dict(x=x, weight=w, padding=1, residual=_rand(2, 6, 4, 4)), ValueError, "residual"),
         ("shortcut pair", dict(x=x, weight=w, shortcut_x=x), ValueError, "given together"),
-        ("shortcut spatial", dict(x=x, weight=w, padding=1, shortcut_x=_rand(2, 3, 5, 5),
-                                  shortcut_weight=_weight(6, 3, 1, 1), shortcut_stride=2), ValueError, "shortcut"),
-        ("shortcut weight", dict(x=x, weight=w, padding=1, shortcut_x=_rand(2, 3, 5, 5),
-                                 shortcut_weight=_weight(6, 4, 1, 1)), ValueError, "shortcut_weight must"),
+        ("shortcut without bn", dict(x=x, weight=w, padding=1, shortcut_x=_rand(2, 3, 5, 5),
+                                     shortcut_weight=_weight(6, 3, 1, 1)), ValueError, "needs bn and shortcut_bn"),
+        ("shortcut spatial", dict(x=x, weight=w, bn=_bn(6), padding=1, shortcut_x=_rand(2, 3, 5, 5),
+                                  shortcut_weight=_weight(6, 3, 1, 1), shortcut_bn=_bn(6), shortcut_stride=2),
+         ValueError, "shortcut"),
+        ("shortcut weight", dict(x=x, weight=w, bn=_bn(6), padding=1, shortcut_x=_rand(2, 3, 5, 5),
+                                 shortcut_weight=_weight(6, 4, 1, 1), shortcut_bn=_bn(6)), ValueError,
+         "shortcut_weight must"),
         ("scale dtype", dict(x=x, weight=w, in_scale=_rand(4).double(), in_shift=_rand(4)), ValueError, "in_scale"),
         ("scale alone", dict(x=x, weight=w, in_scale=_rand(4)), ValueError, "together"),
     ]
@@ -307,35 +345,38 @@ def test_unsupported_reasons(monkeypatch):
 def test_registered_op_passes_opcheck(stats):
     """Schema, fake kernel (shapes, dtype, channels-last layout) and AOT dispatch of the registered op."""
     x = _rand(2, 5, 7, 7, channels_last=True)
-    args = (x, _weight(6, 5, 3, 3), _rand(6), [2, 2], [1, 1], [1, 1], 1, _rand(2, 6, 4, 4), None, None, 1, True,
-            None, None, stats)
+    bn = _bn(6)
+    args = (x, _weight(6, 5, 3, 3), *bn[:4], bn.eps, [2, 2], [1, 1], [1, 1], 1, _rand(2, 6, 4, 4), None, None,
+            None, None, None, None, 0.0, 1, True, None, None, stats)
     torch.library.opcheck(torch.ops.resnet_fused.triton_conv2d_fused.default, args)
 
 
 def test_torch_compile_fullgraph():
-    """torch.compile(fullgraph=True) traces conv_bias_act (autograd.Function around the registered op)
+    """torch.compile(fullgraph=True) traces conv_bn_act (autograd.Function around the registered op)
     without graph breaks, forward and backward."""
     x = _rand(2, 5, 7, 7, channels_last=True).requires_grad_()
     w = _weight(6, 5, 3, 3).requires_grad_()
-    b = _rand(6).requires_grad_()
+    bn = _bn(6, requires_grad=True)
     res = _rand(2, 6, 7, 7)
-    fn = torch.compile(lambda x, w, b: tb.conv_bias_act(x, w, b, 1, 1, residual=res), fullgraph=True)
-    y = fn(x, w, b)
-    ref = _ref(x, w, b, 1, 1, residual=res, relu=True).float()
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    fn = torch.compile(lambda x, w, g, b: tb.conv_bn_act(x, w, bn._replace(weight=g, bias=b), 1, 1, residual=res),
+                       fullgraph=True)
+    y = fn(x, w, bn.weight, bn.bias)
+    ref = _ref(x, w, bn, 1, 1, residual=res, relu=True)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     dy = torch.randn_like(y)
-    for g, rg in zip(torch.autograd.grad(y, [x, w, b], dy), torch.autograd.grad(ref, [x, w, b], dy)):
-        torch.testing.assert_close(g, rg, rtol=1e-4, atol=1e-4)
+    leaves = [x, w, bn.weight, bn.bias]
+    for g, rg in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(ref, leaves, dy.double())):
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4)
 
 
 # Specialisation the JIT gives a channels-last ResNet layer (batch 256, 64 channels at 56x56): unit channel
 # strides become constants, strides and sizes divisible by 16 carry that hint.
 _UNIT_STRIDES = ("stride_xc", "stride_wc", "stride_rc", "stride_sxc", "stride_swc", "stride_yc")
 _HOPPER_CASES = {  # name: (dtype, R, stride, flags)
-    "basic-conv2-residual": ("bf16", 3, 1, dict(HAS_BIAS=True, HAS_RESIDUAL=True, RELU=True)),
-    "bottleneck-tail-shortcut": ("bf16", 1, 1, dict(HAS_BIAS=True, HAS_SHORTCUT=True, RELU=True)),
+    "basic-conv2-residual": ("bf16", 3, 1, dict(HAS_BN=True, HAS_RESIDUAL=True, RELU=True)),
+    "bottleneck-tail-shortcut": ("bf16", 1, 1, dict(HAS_BN=True, HAS_SHORTCUT=True, RELU=True)),
     "train-prologue-stats-s2": ("bf16", 3, 2, dict(IN_AFFINE_RELU=True, STATS=True)),
-    "stem-fp32-tf32": ("fp32", 7, 2, dict(HAS_BIAS=True, RELU=True)),
+    "stem-fp32-tf32": ("fp32", 7, 2, dict(HAS_BN=True, RELU=True)),
 }
 _HOPPER_SMEM = 232448
 
@@ -357,7 +398,8 @@ def _hopper_compile_report() -> None:
     cfg = next(c for c in conv._configs() if c.kwargs["BLOCK_M"] != c.kwargs["BLOCK_N"])  # catches transposes
     for name, (dt, r, st, flags) in _HOPPER_CASES.items():
         consts = dict(R=r, S=r, STRIDE_H=st, STRIDE_W=st, PAD_H=r // 2, PAD_W=r // 2, DIL_H=1, DIL_W=1, GROUPS=1,
-                      SC_STRIDE=2, HAS_BIAS=False, HAS_RESIDUAL=False, HAS_SHORTCUT=False, RELU=False,
+                      SC_STRIDE=2, HAS_BN=False, BN_AFFINE=True, SBN_AFFINE=True, HAS_RESIDUAL=False,
+                      HAS_SHORTCUT=False, RELU=False,
                       IN_AFFINE_RELU=False, STATS=False, STATS_ROWS=conv.STATS_ROWS,
                       INPUT_PRECISION="tf32" if dt == "fp32" else "ieee", DOT_IN_FP32=False, **cfg.kwargs)
         consts.update(flags)
@@ -367,9 +409,11 @@ def _hopper_compile_report() -> None:
             if arg in consts:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
-                fp32 = arg in ("b_ptr", "scale_ptr", "shift_ptr") or arg.startswith("part_")
+                fp32 = arg.startswith(("bn_", "sbn_", "part_")) or arg in ("scale_ptr", "shift_ptr")
                 signature[arg] = "*fp32" if fp32 else f"*{dt}"
                 attrs[(i,)] = [["tt.divisibility", 16]]
+            elif arg.endswith("_eps"):
+                signature[arg] = "fp32"
             else:
                 signature[arg] = "i32"
                 if arg not in ("H", "W", "P", "Q", "HS", "WS"):
@@ -416,9 +460,9 @@ def test_gpu_resnet_shapes(name, dtype):
     n, c, h, w, k, r, s, stride, padding = RESNET_SHAPES[name]
     x = _rand(n, c, h, w, dtype=dtype, channels_last=True)
     weight = _weight(k, c, r, s, dtype)
-    bias = _rand(k, dtype=dtype)
-    y, mean, var = conv.conv2d_fused(x, weight, bias, stride, padding, relu=True, stats=True)
-    _close(y, _ref(x, weight, bias, stride, padding, relu=True), dtype)
+    bn = _bn(k)
+    y, mean, var = conv.conv2d_fused(x, weight, bn, stride, padding, relu=True, stats=True)
+    _close(y, _ref(x, weight, bn, stride, padding, relu=True), dtype)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
@@ -431,11 +475,14 @@ def test_gpu_resnet_shapes(name, dtype):
 def test_gpu_bottleneck_tail_with_downsample(dtype):
     h = _rand(8, 128, 28, 28, dtype=dtype, channels_last=True)
     weight = _weight(512, 128, 1, 1, dtype)
-    bias = _rand(512, dtype=dtype)
+    bn = _bn(512)
     sx = _rand(8, 256, 56, 56, dtype=dtype, channels_last=True)
     sw = _weight(512, 256, 1, 1, dtype)
-    y = conv.conv2d_fused(h, weight, bias, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True)
-    _close(y, _ref(h, weight, bias, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True), dtype)
+    sbn = _bn(512)
+    y = conv.conv2d_fused(h, weight, bn, shortcut_x=sx, shortcut_weight=sw, shortcut_bn=sbn, shortcut_stride=2,
+                          relu=True)
+    _close(y, _ref(h, weight, bn, shortcut_x=sx, shortcut_weight=sw, shortcut_stride=2, relu=True,
+                   shortcut_bn=sbn), dtype)
 
 
 @pytest.mark.gpu

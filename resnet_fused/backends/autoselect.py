@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from . import reference
+
 CANDIDATES = ("triton", "cuda")
 DEFAULT_ORDER = ("triton", "cuda", "reference")
 ENV_FORCE = "RESNET_FUSED_AUTO_BACKEND"
@@ -114,13 +116,15 @@ def probe_calls(backend, device: torch.device, dtype: torch.dtype) -> list[Calla
 
         x = rand(n, c, h, w).contiguous(memory_format=torch.channels_last)
         weight = (rand(k, c, r, r) * (c * r * r) ** -0.5).contiguous(memory_format=torch.channels_last)
-        bias, scale, shift = rand(k, dt=torch.float32), rand(c, dt=torch.float32), rand(c, dt=torch.float32)
+        scale, shift = rand(c, dt=torch.float32), rand(c, dt=torch.float32)
+        bn = reference.EvalBN(rand(k, dt=torch.float32), rand(k, dt=torch.float32), rand(k, dt=torch.float32),
+                              rand(k, dt=torch.float32).abs() + 0.5, 1e-5)
         p = (h + 2 * (r // 2) - r) // stride + 1
         res = rand(n, k, p, p).contiguous(memory_format=torch.channels_last)
         c_scale, c_shift = rand(k, dt=torch.float32), rand(k, dt=torch.float32)
 
-        def eval_call(x=x, weight=weight, bias=bias, res=res, stride=stride, pad=r // 2):
-            return backend.conv_bias_act(x, weight, bias, stride, pad, residual=res, relu=True)
+        def eval_call(x=x, weight=weight, bn=bn, res=res, stride=stride, pad=r // 2):
+            return backend.conv_bn_act(x, weight, bn, stride, pad, residual=res, relu=True)
 
         def train_call(x=x, weight=weight, scale=scale, shift=shift, res=res, c_scale=c_scale, c_shift=c_shift,
                        stride=stride, pad=r // 2):

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from . import reference
+
 NAME = "cuda"
 
 _NOT_BUILT = "resnet_fused._C is not built: reinstall with CUDA_HOME set (pip install --no-build-isolation -e .)"
@@ -114,6 +116,38 @@ def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padd
     return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation),
                                                 int(groups), residual, shortcut_x, shortcut_weight,
                                                 _pair(shortcut_stride), bool(relu))
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bn: reference.EvalBN, stride=1, padding=0, dilation=1, groups=1,
+                residual: Tensor | None = None, shortcut: reference.Shortcut | None = None,
+                relu: bool = True) -> Tensor:
+    """The eval conv with its BatchNorm applied from the live BN tensors (see
+    :func:`resnet_fused.backends.reference.conv_bn_act`).
+
+    Composed from this extension's ops: the convolution(s) by ``conv_bias_act`` without epilogue, then one fused
+    per-channel pass (``scale_bias_add_relu`` or ``affine_relu``) applying each BN's scale and shift in fp32, the
+    residual or the shortcut branch and the ReLU; the per-channel ``s``/``t`` come from the BN tensors on every
+    call. Differentiable in every tensor argument through those ops' autograd.
+    """
+    _require()
+    reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
+                               "cuda conv_bn_act")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    scale, shift = reference.eval_scale_shift(bn, acc)
+    c = conv_bias_act(x, weight, None, stride, padding, dilation, groups, relu=False)
+    if shortcut is not None:
+        c_d = conv_bias_act(shortcut.x, shortcut.weight, None, shortcut.stride, 0, relu=False)
+        s_d, t_d = reference.eval_scale_shift(shortcut.bn, acc)
+        if relu:
+            return scale_bias_add_relu(c, scale, shift, c_d, s_d, t_d)
+        residual = reference.affine(c_d, s_d, t_d) if residual is None else residual + reference.affine(c_d, s_d,
+                                                                                                          t_d)
+    if relu and residual is not None:
+        return scale_bias_add_relu(c, scale, shift, residual)
+    if relu:
+        return bn_relu(c, scale, shift)
+    y = reference.affine(c, scale, shift)
+    return y if residual is None else (y + residual).to(x.dtype)
 
 
 def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Tensor | None = None,

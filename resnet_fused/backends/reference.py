@@ -8,8 +8,9 @@ activated tensor it needs instead of keeping it alive between forward and backwa
 
 Ops (all differentiable w.r.t. every tensor argument):
 
-* ``conv_bias_act``  eval path, BN folded into the weights:
-  ``y = act(conv(x, W) + b [+ residual] [+ conv1x1(shortcut_x, W_d)])``
+* ``conv_bn_act``  eval path, BN applied in the epilogue from its live tensors (never a folded copy):
+  ``y = act(conv(x, W)·s + t [+ residual] [+ conv1x1(x_d, W_d)·s_d + t_d])`` with ``s = γ/√(σ²+ε)``,
+  ``t = β − μ·s`` computed in the accumulation dtype on every call (:class:`EvalBN`, :class:`Shortcut`)
 * ``conv_stats``  training path: ``c = conv(a, W)`` with ``a = relu(x*s + t)`` (the previous BN+ReLU,
   applied on load) or ``a = x``; returns ``c`` and its per-channel mean and biased variance.
 * ``scale_bias_add_relu``  training tail: ``relu(c*s + t + idn)`` or ``relu(c*s + t + c_d*s_d + t_d)``.
@@ -20,6 +21,8 @@ for float64 inputs.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +58,11 @@ def _chan(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x*scale + shift`` per channel, computed in the accumulation dtype, stored in x's dtype."""
+    return (x.to(acc_dtype(x.dtype)) * _chan(scale) + _chan(shift)).to(x.dtype)
+
+
 def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``relu(x*scale + shift)`` computed in the accumulation dtype, stored in x's dtype."""
     return torch.relu(x.to(acc_dtype(x.dtype)) * _chan(scale) + _chan(shift)).to(x.dtype)
@@ -74,44 +82,192 @@ def _pair(v) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [v, v]
 
 
-class ConvBiasActFunction(torch.autograd.Function):
-    """``y = act(conv(x, W) + b + residual + conv1x1(shortcut_x, W_d))``; saves x, W, shortcut_x, W_d, y."""
+class EvalBN(NamedTuple):
+    """A BatchNorm in its eval form, as the live tensors of the module (never a copy):
+    ``bn(c) = (c − mean)·weight/√(var + eps) + bias`` = ``c·s + t``; ``weight``/``bias`` None for
+    ``affine=False``. Any dtype (a half model's buffers included); the ops compute ``s`` and ``t`` from these
+    tensors in the accumulation dtype on every call, so an in-place edit (``.data`` included) is always seen."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    mean: Tensor
+    var: Tensor
+    eps: float
+
+
+class Shortcut(NamedTuple):
+    """A block's downsample branch ``bn(conv1x1(x, weight, stride))``, added to its last convolution's output
+    before the final ReLU (one launch with it on the fused backends)."""
+
+    x: Tensor
+    weight: Tensor
+    bn: EvalBN
+    stride: int
+
+
+def eval_scale_shift(bn: EvalBN, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` of :class:`EvalBN` in dtype ``acc``: ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` (differentiable)."""
+    invstd = torch.rsqrt(bn.var.to(acc) + bn.eps)
+    scale = invstd if bn.weight is None else bn.weight.to(acc) * invstd
+    shift = -bn.mean.to(acc) * scale
+    return scale, (shift if bn.bias is None else shift + bn.bias.to(acc))
+
+
+def check_eval_bn(op: str, name: str, bn: EvalBN, channels: int, device: torch.device) -> None:
+    """Validate the tensors of :class:`EvalBN` ``bn`` for ``channels`` output channels on ``device``."""
+    if not isinstance(bn, EvalBN):
+        raise TypeError(f"{op}: {name} must be an EvalBN, got {type(bn).__name__}")
+    if (bn.weight is None) != (bn.bias is None):
+        raise ValueError(f"{op}: {name}.weight and {name}.bias must be given together (affine) or both None")
+    for field in ("weight", "bias", "mean", "var"):
+        t = getattr(bn, field)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != channels or not t.is_floating_point():
+            raise ValueError(f"{op}: {name}.{field} must be a floating-point vector of {channels} channels, got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name}.{field} is on {t.device} but x is on {device}")
+    if not isinstance(bn.eps, (int, float)) or not bn.eps >= 0:
+        raise ValueError(f"{op}: {name}.eps must be a non-negative number, got {bn.eps!r}")
+
+
+def _flat_bn(bn: EvalBN | None) -> tuple:
+    """``(weight, bias, mean, var)`` of ``bn`` (all None without one): the tensor arguments of the ops."""
+    return (None,) * 4 if bn is None else (bn.weight, bn.bias, bn.mean, bn.var)
+
+
+def _bn_param_grads(ds: Tensor | None, dt: Tensor | None, bn: tuple, eps: float, scale: Tensor,
+                    need: tuple) -> tuple:
+    """Gradients of the BN tensors ``bn = (γ, β, μ, σ²)`` from those of ``s = γ·invstd`` and ``t = β − μ·s``
+    (invstd = 1/√(σ²+ε)): ``dβ = dt``, ``ds' = ds − μ·dt``, ``dγ = ds'·invstd``, ``dμ = −s·dt``,
+    ``dσ² = −½·ds'·γ·invstd³``; each in its tensor's dtype, None where ``need`` does not ask for it."""
+    if not any(need):
+        return None, None, None, None
+    weight, bias, mean, var = bn
+    acc = scale.dtype
+    invstd = torch.rsqrt(var.to(acc) + eps)
+    ds_total = ds - mean.to(acc) * dt
+    gw = (ds_total * invstd).to(weight.dtype) if need[0] else None
+    gb = dt.to(bias.dtype, copy=True) if need[1] else None  # never shared with the other branch's dβ
+    gm = (-scale * dt).to(mean.dtype) if need[2] else None
+    gv = None
+    if need[3]:
+        gamma = 1.0 if weight is None else weight.to(acc)
+        gv = (-0.5 * ds_total * gamma * invstd.pow(3)).to(var.dtype)
+    return gw, gb, gm, gv
+
+
+def _branch_grads(g: Tensor, x: Tensor, weight: Tensor, bn: tuple, eps: float, scale: Tensor, dt: Tensor | None,
+                  conv: tuple, need: tuple) -> tuple:
+    """Gradients of one branch ``c·s + t`` with ``c = conv(x, W)`` given ``g = ∂L/∂(c·s + t)``:
+    ``dx = dgrad(g·s, W)``; with ``G = wgrad(g, x)``: ``dW = G·s``, ``ds = Σ_{c,r,s} G·W`` (so the raw conv
+    output is never needed), then the BN tensors' gradients by :func:`_bn_param_grads`. ``need`` is
+    (x, W, γ, β, μ, σ²); returns those six gradients."""
+    stride, padding, dilation, groups = conv
+    need_x, need_w, need_bn = need[0], need[1], tuple(need[2:])
+    acc = scale.dtype
+    gx = G = None
+    if need_x:
+        gs = (g.to(acc) * _chan(scale)).to(g.dtype)
+        gx, _ = _conv_grads(gs, x, weight, stride, padding, dilation, groups, True, False)
+    if need_w or any(need_bn):
+        _, G = _conv_grads(g, x, weight, stride, padding, dilation, groups, False, True)
+    gw = (G.to(acc) * scale.view(-1, 1, 1, 1)).to(weight.dtype) if need_w else None
+    ds = (G.to(acc) * weight.to(acc)).sum((1, 2, 3)) if any(need_bn) else None
+    return (gx, gw) + _bn_param_grads(ds, dt, bn, eps, scale, need_bn)
+
+
+class ConvBnActFunction(torch.autograd.Function):
+    """``y = act(conv(x, W)·s + t + residual + conv1x1(x_d, W_d)·s_d + t_d)`` with (s, t), (s_d, t_d) computed
+    from the live BN tensors (:class:`EvalBN`) in the accumulation dtype; saves x, W, x_d, W_d, y and the BN
+    tensors (alive anyway). Backward (:func:`conv_bn_act_backward`) is shared by every backend."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
-                groups, shortcut_stride, relu):
+    def forward(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var,
+                conf):
+        stride, padding, dilation, groups, eps, s_eps, s_stride, relu = conf
         acc = acc_dtype(x.dtype)
-        if acc == x.dtype and (bias is None or bias.dtype == acc):
-            y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        else:
-            y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc)
-            if bias is not None:
-                y += _chan(bias.to(acc))
-        # y is this op's own buffer: the epilogue runs in place on it.
-        if shortcut_x is not None:
-            y += F.conv2d(shortcut_x, shortcut_weight, None, shortcut_stride)
+        scale, shift = eval_scale_shift(EvalBN(bn_w, bn_b, bn_mean, bn_var, eps), acc)
+        y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc) * _chan(scale) + _chan(shift)
+        if sx is not None:
+            s_scale, s_shift = eval_scale_shift(EvalBN(sbn_w, sbn_b, sbn_mean, sbn_var, s_eps), acc)
+            y += F.conv2d(sx, sw, None, s_stride).to(acc) * _chan(s_scale) + _chan(s_shift)
         if residual is not None:
-            y += residual
+            y += residual.to(acc)
         if relu:
             y.relu_()
         y = y.to(x.dtype)
-        ctx.conf = (stride, padding, dilation, groups, shortcut_stride, relu)
-        ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, y)
+        conv_bn_act_save(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean,
+                         sbn_var, conf, y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, shortcut_x, shortcut_weight, y = ctx.saved_tensors
-        stride, padding, dilation, groups, shortcut_stride, relu = ctx.conf
-        need = ctx.needs_input_grad
-        g = grad_y * (y > 0) if relu else grad_y
-        grad_bias = g.sum(_CHANNEL_DIMS, dtype=acc_dtype(g.dtype)) if need[2] else None
-        grad_residual = g if need[3] else None
-        gx, gw = _conv_grads(g, x, weight, stride, padding, dilation, groups, need[0], need[1])
-        gsx = gsw = None
-        if shortcut_x is not None:
-            gsx, gsw = _conv_grads(g, shortcut_x, shortcut_weight, shortcut_stride, 0, 1, 1, need[4], need[5])
-        return gx, gw, grad_bias, grad_residual, gsx, gsw, None, None, None, None, None, None
+        return conv_bn_act_backward(ctx, grad_y)
+
+
+def conv_bn_act_save(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean,
+                     sbn_var, conf, y) -> None:
+    """What every backend's ``conv_bn_act`` saves for :func:`conv_bn_act_backward` (same arguments as the
+    op's forward, plus its output ``y``)."""
+    ctx.conf = conf
+    ctx.save_for_backward(x, weight, bn_w, bn_b, bn_mean, bn_var, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, y)
+
+
+def conv_bn_act_backward(ctx, grad_y) -> tuple:
+    """Backward of :class:`ConvBnActFunction` from what :func:`conv_bn_act_save` saved: the 13 tensor inputs'
+    gradients by :func:`conv_bn_act_grads`, None for ``conf``."""
+    return conv_bn_act_grads(grad_y, ctx.saved_tensors, ctx.conf, ctx.needs_input_grad[:13]) + (None,)
+
+
+def conv_bn_act_grads(grad_y: Tensor, saved: tuple, conf: tuple, need: tuple) -> tuple:
+    """The backward of ``conv_bn_act`` that every backend shares (its forward kernels differ, its math does not).
+
+    ``saved = (x, W, γ, β, μ, σ², x_d, W_d, γ_d, β_d, μ_d, σ²_d, y)`` (None for what is absent), ``conf`` as in
+    :func:`conv_bn_act_args`, ``need``: whether each of the 13 tensor inputs ``(x, W, γ, β, μ, σ², residual,
+    x_d, W_d, γ_d, β_d, μ_d, σ²_d)`` needs its gradient; returns those 13 gradients (None where not needed).
+
+    ``g = dy·[y > 0]`` (ReLU) or ``dy``; ``d residual = g``; ``dt = Σ_{n,p,q} g`` for both branches; each branch's
+    input, weight and BN gradients by :func:`_branch_grads` (aten ``convolution_backward`` for the convolutions).
+    """
+    x, weight, bn_w, bn_b, bn_mean, bn_var, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, y = saved
+    stride, padding, dilation, groups, eps, s_eps, s_stride, relu = conf
+    acc = acc_dtype(x.dtype)
+    g = torch.ops.aten.threshold_backward(grad_y, y, 0) if relu else grad_y
+    main_bn, sc_bn = (bn_w, bn_b, bn_mean, bn_var), (sbn_w, sbn_b, sbn_mean, sbn_var)
+    dt = g.sum(_CHANNEL_DIMS, dtype=acc) if any(need[2:6]) or any(need[9:13]) else None
+    with torch.no_grad():
+        scale, _ = eval_scale_shift(EvalBN(*main_bn, eps), acc)
+        main = _branch_grads(g, x, weight, main_bn, eps, scale, dt, (stride, padding, dilation, groups),
+                             need[0:6])
+        short = (None,) * 6
+        if sx is not None:
+            s_scale, _ = eval_scale_shift(EvalBN(*sc_bn, s_eps), acc)
+            short = _branch_grads(g, sx, sw, sc_bn, s_eps, s_scale, dt, (s_stride, 0, 1, 1),
+                                  (need[7], need[8]) + tuple(need[9:13]))
+    return main + ((g if need[6] else None),) + short
+
+
+def conv_bn_act_args(x: Tensor, weight: Tensor, bn: EvalBN, stride, padding, dilation, groups: int,
+                     residual: Tensor | None, shortcut: Shortcut | None, relu: bool, op: str) -> tuple:
+    """Validate the BN and shortcut arguments of ``conv_bn_act`` (the convolution's own are the kernels' to check)
+    and flatten them into the positional arguments of :class:`ConvBnActFunction` and the backends' functions:
+    ``(x, W, γ, β, μ, σ², residual, x_d, W_d, γ_d, β_d, μ_d, σ²_d, conf)`` with ``conf = (stride, padding,
+    dilation, groups, eps, eps_d, stride_d, relu)``."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be a 4-D tensor [K, C/groups, R, S]")
+    check_eval_bn(op, "bn", bn, weight.shape[0], x.device)
+    s_eps, s_stride, sx, sw = 0.0, 1, None, None
+    if shortcut is not None:
+        if not isinstance(shortcut, Shortcut):
+            raise TypeError(f"{op}: shortcut must be a Shortcut, got {type(shortcut).__name__}")
+        check_eval_bn(op, "shortcut.bn", shortcut.bn, weight.shape[0], x.device)
+        if not isinstance(shortcut.stride, int) or shortcut.stride < 1:
+            raise ValueError(f"{op}: shortcut.stride must be a positive int, got {shortcut.stride!r}")
+        sx, sw, s_eps, s_stride = shortcut.x, shortcut.weight, float(shortcut.bn.eps), shortcut.stride
+    conf = (stride, padding, dilation, groups, float(bn.eps), s_eps, s_stride, bool(relu))
+    return (x, weight, *_flat_bn(bn), residual, sx, sw, *_flat_bn(shortcut.bn if shortcut else None), conf)
 
 
 class ConvStatsFunction(torch.autograd.Function):
@@ -217,14 +373,13 @@ def _tail_preact(c, scale, shift, idn, idn_scale, idn_shift) -> Tensor:
     return z + idn.to(acc) * _chan(idn_scale) + _chan(idn_shift)
 
 
-def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0, dilation=1, groups=1,
-                  residual: Tensor | None = None, shortcut_x: Tensor | None = None,
-                  shortcut_weight: Tensor | None = None, shortcut_stride=1, relu: bool = True) -> Tensor:
-    """Eval-path convolution: ``act(conv(x, W) + b [+ residual] [+ conv1x1(shortcut_x, W_d)])``."""
-    if (shortcut_x is None) != (shortcut_weight is None):
-        raise ValueError("shortcut_x and shortcut_weight must be given together")
-    return ConvBiasActFunction.apply(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
-                                     dilation, groups, shortcut_stride, relu)
+def conv_bn_act(x: Tensor, weight: Tensor, bn: EvalBN, stride=1, padding=0, dilation=1, groups=1,
+                residual: Tensor | None = None, shortcut: Shortcut | None = None, relu: bool = True) -> Tensor:
+    """Eval-path convolution with its BatchNorm in the epilogue, from the live BN tensors:
+    ``act(conv(x, W)·s + t [+ residual] [+ conv1x1(shortcut.x, shortcut.weight)·s_d + t_d])``."""
+    args = conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
+                            "conv_bn_act")
+    return ConvBnActFunction.apply(*args)
 
 
 def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, groups=1,

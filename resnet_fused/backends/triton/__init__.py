@@ -1,10 +1,10 @@
 """Triton backend: the three fused ops of resnet_fused on Triton kernels.
 
-* ``conv_bias_act`` (eval path, BN folded into the weights): ONE launch of the implicit-GEMM kernel of
-  :mod:`.conv` per convolution — bias, residual, a strided 1x1 downsample conv and ReLU all happen in that
-  launch, so a block's tail ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` never materialises its two branches.
-  Backward: ReLU mask from the saved output, bias gradient Σ, data/weight gradients of both convolutions by
-  ``torch.ops.aten.convolution_backward``.
+* ``conv_bn_act`` (eval path): ONE launch of the implicit-GEMM kernel of :mod:`.conv` per convolution — the
+  BatchNorm (scale and shift computed in the kernel from the BN's live tensors, applied in fp32), residual, a
+  strided 1x1 downsample conv with its own BN and ReLU all happen in that launch, so a block's tail
+  ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` never materialises its two branches. Backward: the reference
+  backend's (:func:`~resnet_fused.backends.reference.conv_bn_act_backward`).
 * ``conv_stats``, ``scale_bias_add_relu`` (training path, NormConv scheme): see :mod:`.train`.
 
 CUDA tensors run natively; CPU tensors only under ``TRITON_INTERPRET=1`` (set before importing triton), which
@@ -28,7 +28,7 @@ except ImportError as err:
 else:
     _IMPORT_ERROR = None
 
-__all__ = ["NAME", "unsupported", "conv_bias_act"]
+__all__ = ["NAME", "unsupported", "conv_bn_act"]
 if _IMPORT_ERROR is None:
     from ._launch import launch_count, reset_launch_count
     from .conv import SUPPORTED_DTYPES, conv2d_fused
@@ -54,32 +54,31 @@ def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:
     return None
 
 
-class ConvBiasActFunction(reference.ConvBiasActFunction):
-    """``y = act(conv(x, W) + b + residual + conv1x1(shortcut_x, W_d))`` in one kernel launch.
-
-    Backward is the reference backend's: with ``g = dy·[y > 0]`` (ReLU) or ``dy``: ``db = Σ_{n,p,q} g``,
-    ``dresidual = g``, ``(dx, dW) = conv_backward(g, x, W)``, ``(dshortcut_x, dW_d) = conv_backward(g,
-    shortcut_x, W_d)``. Saves x, W, shortcut_x, W_d and y.
-    """
+class ConvBnActFunction(reference.ConvBnActFunction):
+    """``y = act(bn(conv(x, W)) + residual + bn_d(conv1x1(x_d, W_d)))`` in one kernel launch; backward is the
+    reference backend's (same saved tensors)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding, dilation,
-                groups, shortcut_stride, relu):
-        y = conv2d_fused(x, weight, bias, stride, padding, dilation, groups, residual=residual,
-                         shortcut_x=shortcut_x, shortcut_weight=shortcut_weight,
-                         shortcut_stride=shortcut_stride, relu=relu)
-        ctx.conf = (stride, padding, dilation, groups, shortcut_stride, relu)
-        ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, y)
+    def forward(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var,
+                conf):
+        stride, padding, dilation, groups, eps, s_eps, s_stride, relu = conf
+        shortcut_bn = reference.EvalBN(sbn_w, sbn_b, sbn_mean, sbn_var, s_eps) if sx is not None else None
+        y = conv2d_fused(x, weight, reference.EvalBN(bn_w, bn_b, bn_mean, bn_var, eps), stride, padding, dilation,
+                         groups, residual=residual, shortcut_x=sx, shortcut_weight=sw, shortcut_bn=shortcut_bn,
+                         shortcut_stride=s_stride, relu=relu)
+        reference.conv_bn_act_save(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b,
+                                   sbn_mean, sbn_var, conf, y)
         return y
 
 
-def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation=1, groups: int = 1,
-                  residual: Tensor | None = None, shortcut_x: Tensor | None = None,
-                  shortcut_weight: Tensor | None = None, shortcut_stride: int = 1, relu: bool = True) -> Tensor:
-    """``act(conv2d(x, weight) + bias + residual + conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride))``
-    with ``act = relu`` if ``relu`` else identity; one kernel launch, differentiable in every tensor argument.
-    Output in x's dtype and memory format."""
+def conv_bn_act(x: Tensor, weight: Tensor, bn: reference.EvalBN, stride=1, padding=0, dilation=1, groups: int = 1,
+                residual: Tensor | None = None, shortcut: reference.Shortcut | None = None,
+                relu: bool = True) -> Tensor:
+    """``act(bn(conv2d(x, weight)) + residual + shortcut.bn(conv1x1(shortcut.x, shortcut.weight)))`` with
+    ``act = relu`` if ``relu`` else identity and each BN applied from its live tensors in the epilogue; one
+    kernel launch, differentiable in every tensor argument. Output in x's dtype and memory format."""
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"resnet_fused triton backend: {_IMPORT_ERROR}")
-    return ConvBiasActFunction.apply(x, weight, bias, residual, shortcut_x, shortcut_weight, stride, padding,
-                                     dilation, groups, shortcut_stride, relu)
+    args = reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
+                                      "triton conv_bn_act")
+    return ConvBnActFunction.apply(*args)

@@ -7,9 +7,13 @@ costs one launch per convolution in inference and no extra elementwise/reduction
   to every loaded input element in registers — the activated tensor never exists in memory;
 * main loop: implicit GEMM over NHWC activations, ``M = N·P·Q`` output pixels × ``K`` output channels with
   reduction ``R·S·C`` (channels innermost, so loads are contiguous along C), fp32 accumulation;
-* ``HAS_SHORTCUT``: a second reduction over the ``C_s`` channels of a strided 1x1 shortcut convolution into the
-  SAME accumulator (K-concatenation), so ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` is a single launch;
-* epilogue: ``+ bias[k]``, ``+ residual``, ReLU, store in the input dtype and, with ``STATS``, per-tile
+* ``HAS_SHORTCUT``: a second reduction, over the ``C_s`` channels of a strided 1x1 shortcut convolution, in the
+  same launch into a second accumulator (the two branches carry different BN scales), so
+  ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` is a single launch;
+* epilogue: with ``HAS_BN``, the eval BatchNorm ``acc·s[k] + t[k]`` (and ``acc_d·s_d[k] + t_d[k]`` for the
+  shortcut) with ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` computed in fp32 from the BN's live tensors in every tile (no
+  folded weights, nothing cached: an edit of any of them is seen by the next launch), ``+ residual``, ReLU,
+  store in the input dtype and, with ``STATS``, per-tile
   count/mean/M2 partial statistics of the stored output, merged with Chan's parallel formula by
   ``_stats_merge_kernel`` into the per-channel mean and biased variance (numerically stable, deterministic,
   no atomics).
@@ -31,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import memory_format
+from ..reference import EvalBN, check_eval_bn, memory_format
 from . import _launch
 
 INTERPRET = _launch.INTERPRET
@@ -70,6 +74,22 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _bn_scale_shift(w_ptr, b_ptr, mean_ptr, var_ptr, eps, k, k_ok, AFFINE: tl.constexpr):
+    """Per-channel ``(s, t)`` of an eval BatchNorm for channels ``k``, in fp32 from its live tensors (any float
+    dtype): ``s = γ/√(σ²+ε)`` (γ = 1 without AFFINE), ``t = β − μ·s`` (β = 0), correctly rounded sqrt and
+    division as PyTorch's eager BatchNorm."""
+    var = tl.load(var_ptr + k, mask=k_ok, other=1.0).to(tl.float32)
+    mean = tl.load(mean_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    scale = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if AFFINE:
+        scale = tl.load(w_ptr + k, mask=k_ok, other=0.0).to(tl.float32) * scale
+    shift = -mean * scale
+    if AFFINE:
+        shift = shift + tl.load(b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
 def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc += a·b ([BLOCK_M, BLOCK_K]·[BLOCK_K, BLOCK_N]), or acc += bᵀ·aᵀ into a transposed accumulator
     [BLOCK_N, BLOCK_M] when TRANSPOSED. The transposed form is used when ``a`` was computed in registers (the
@@ -88,15 +108,22 @@ def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_P
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
 # use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
 @triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS",
-                                          "HAS_RESIDUAL", "IN_AFFINE_RELU", "STATS"])
+                                          "HAS_RESIDUAL", "HAS_SHORTCUT", "IN_AFFINE_RELU", "STATS"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,            # input activations [N, C, H, W], any strides (NHWC-contiguous is the fast case)
     w_ptr,            # weight [K, C/GROUPS, R, S], any strides (channel stride 1 is the fast case)
-    b_ptr,            # bias [K] (HAS_BIAS)
+    bn_w_ptr,         # eval BN of the output: weight γ [K] (HAS_BN and BN_AFFINE), any float dtype
+    bn_b_ptr,         # ... bias β [K] (HAS_BN and BN_AFFINE)
+    bn_mean_ptr,      # ... running mean μ [K] (HAS_BN)
+    bn_var_ptr,       # ... running variance σ² [K] (HAS_BN)
     res_ptr,          # residual [N, K, P, Q] (HAS_RESIDUAL)
     sx_ptr,           # shortcut input [N, CS, HS, WS] (HAS_SHORTCUT)
     sw_ptr,           # shortcut 1x1 weight [K, CS, 1, 1] (HAS_SHORTCUT)
+    sbn_w_ptr,        # the shortcut's eval BN: γ_d [K] (HAS_SHORTCUT and SBN_AFFINE)
+    sbn_b_ptr,        # ... β_d [K] (HAS_SHORTCUT and SBN_AFFINE)
+    sbn_mean_ptr,     # ... μ_d [K] (HAS_SHORTCUT)
+    sbn_var_ptr,      # ... σ²_d [K] (HAS_SHORTCUT)
     scale_ptr,        # prologue scale [C], fp32 (IN_AFFINE_RELU)
     shift_ptr,        # prologue shift [C], fp32 (IN_AFFINE_RELU)
     y_ptr,            # output [N, K, P, Q], dtype of x
@@ -110,21 +137,25 @@ def _conv_fwd_kernel(
     stride_sxn, stride_sxc, stride_sxh, stride_sxw,
     stride_swk, stride_swc,
     stride_yn, stride_yc, stride_yh, stride_yw,
+    bn_eps, sbn_eps,  # the two BNs' ε (fp32)
     M_BUCKET,         # next power of two of N*P*Q: autotune key only
     R: tl.constexpr, S: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     GROUPS: tl.constexpr, SC_STRIDE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
+    HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr, SBN_AFFINE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
     IN_AFFINE_RELU: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[m, k] = act(Σ_{r,s,c} a[n, c, p·sh − ph + r·dh, q·sw − pw + s·dw] · w[k, c, r, s]
-                     + Σ_{c'} sx[n, c', p·ss, q·ss] · sw[k, c'] + bias[k] + res[m, k])
+    """y[m, k] = act(bn(Σ_{r,s,c} a[n, c, p·sh − ph + r·dh, q·sw − pw + s·dw] · w[k, c, r, s])
+                     + bn_d(Σ_{c'} sx[n, c', p·ss, q·ss] · sw[k, c']) + res[m, k])
 
-    with m = (n, p, q), a = relu(x·in_scale[c] + in_shift[c]) (IN_AFFINE_RELU) or x, a = 0 at padding
+    with bn(v) = v·s[k] + t[k] (HAS_BN; identity otherwise), s and t of the eval BatchNorm computed from its
+    tensors here (see _bn_scale_shift), m = (n, p, q), a = relu(x·in_scale[c] + in_shift[c]) (IN_AFFINE_RELU) or
+    x, a = 0 at padding
     positions, act = relu (RELU) or identity, and the reduction restricted to the input channels of k's group.
     DOT_IN_FP32 upcasts the operands before tl.dot (exact for bf16 products); it is set only under the
     interpreter, whose tl.dot multiplies the raw bit patterns of bfloat16 operands (triton issue #11584).
@@ -190,7 +221,15 @@ def _conv_fwd_kernel(
         b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _mma(a, b, acc, IN_AFFINE_RELU, DOT_IN_FP32, INPUT_PRECISION)
 
+    if IN_AFFINE_RELU:
+        acc = tl.trans(acc)
+    if HAS_BN:
+        scale, shift = _bn_scale_shift(bn_w_ptr, bn_b_ptr, bn_mean_ptr, bn_var_ptr, bn_eps, k, k_ok, BN_AFFINE)
+        acc = acc * scale[None, :] + shift[None, :]
     if HAS_SHORTCUT:
+        # The shortcut's own accumulator (its BN scale differs from the main branch's; the launcher never
+        # combines it with the prologue).
+        acc_d = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         sx_row = n_img.to(tl.int64) * stride_sxn + (p * SC_STRIDE) * stride_sxh + (q * SC_STRIDE) * stride_sxw
         for c0 in range(0, CS, BLOCK_K):
             c = c0 + offs_c
@@ -199,13 +238,12 @@ def _conv_fwd_kernel(
                         mask=m_ok[:, None] & c_ok[None, :], other=0.0)
             b = tl.load(sw_ptr + (k * stride_swk)[None, :] + (c * stride_swc)[:, None],
                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = _mma(a, b, acc, IN_AFFINE_RELU, DOT_IN_FP32, INPUT_PRECISION)
+            acc_d = _mma(a, b, acc_d, False, DOT_IN_FP32, INPUT_PRECISION)
+        scale_d, shift_d = _bn_scale_shift(sbn_w_ptr, sbn_b_ptr, sbn_mean_ptr, sbn_var_ptr, sbn_eps, k, k_ok,
+                                           SBN_AFFINE)
+        acc += acc_d * scale_d[None, :] + shift_d[None, :]
 
-    if IN_AFFINE_RELU:
-        acc = tl.trans(acc)
     out_mask = m_ok[:, None] & k_ok[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         r_ptrs = (res_ptr + (n_img.to(tl.int64) * stride_rn + p * stride_rh + q * stride_rw)[:, None]
                   + (k * stride_rc)[None, :])
@@ -344,10 +382,13 @@ def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], di
     return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
 
 
-def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bn_eps: float, stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor],
-                       shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
-                       relu: bool, in_scale: Optional[Tensor], in_shift: Optional[Tensor], stats: bool
+                       shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor],
+                       sbn_weight: Optional[Tensor], sbn_bias: Optional[Tensor], sbn_mean: Optional[Tensor],
+                       sbn_var: Optional[Tensor], sbn_eps: float, shortcut_stride: int, relu: bool,
+                       in_scale: Optional[Tensor], in_shift: Optional[Tensor], stats: bool
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Allocate and launch (inputs already checked by :func:`conv2d_fused`); returns (y, mean, var) with
     empty mean/var when ``stats`` is False."""
@@ -372,6 +413,10 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     # Absent operands are stood in for by read-only inputs the kernel never dereferences (never by an
     # output, which would make the kernel look like it aliased a mutated buffer when traced).
     res = residual if residual is not None else xc
+
+    def present(t: Optional[Tensor]) -> Tensor:
+        return t if t is not None else wc
+
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
     k_g = k // groups
 
@@ -379,8 +424,9 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"]),)
 
     _launch.wrap(_conv_fwd_kernel)[grid](
-        xc, wc, bias if bias is not None else wc, res, sx, sw,
-        in_scale if in_scale is not None else wc, in_shift if in_shift is not None else wc,
+        xc, wc, present(bn_weight), present(bn_bias), present(bn_mean), present(bn_var), res, sx, sw,
+        present(sbn_weight), present(sbn_bias), present(sbn_mean), present(sbn_var),
+        present(in_scale), present(in_shift),
         y, part_cnt, part_mean, part_m2,
         n, c, h, w, k, p, q, cs, hs, ws,
         xc.stride(0), xc.stride(1), xc.stride(2), xc.stride(3),
@@ -389,10 +435,12 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
         sx.stride(0), sx.stride(1), sx.stride(2), sx.stride(3),
         sw.stride(0), sw.stride(1),
         y.stride(0), y.stride(1), y.stride(2), y.stride(3),
+        float(bn_eps), float(sbn_eps),
         triton.next_power_of_2(m),
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
+        HAS_BN=bn_mean is not None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
+        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
         IN_AFFINE_RELU=in_scale is not None, STATS=stats, STATS_ROWS=STATS_ROWS,
         INPUT_PRECISION=_input_precision(x.dtype), DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
@@ -404,10 +452,13 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride
     return y, mean, var
 
 
-def _conv2d_fused_fake(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+def _conv2d_fused_fake(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                       bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bn_eps: float, stride: List[int],
                        padding: List[int], dilation: List[int], groups: int, residual: Optional[Tensor],
-                       shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor], shortcut_stride: int,
-                       relu: bool, in_scale: Optional[Tensor], in_shift: Optional[Tensor], stats: bool
+                       shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor],
+                       sbn_weight: Optional[Tensor], sbn_bias: Optional[Tensor], sbn_mean: Optional[Tensor],
+                       sbn_var: Optional[Tensor], sbn_eps: float, shortcut_stride: int, relu: bool,
+                       in_scale: Optional[Tensor], in_shift: Optional[Tensor], stats: bool
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Output metadata of :func:`_conv2d_fused_impl` without running it."""
     stat_shape = (weight.shape[0] if stats else 0,)
@@ -423,20 +474,32 @@ def _check_device(name: str, t: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None,
-                 shortcut_weight: Optional[Tensor] = None, shortcut_stride: int = 1, relu: bool = False,
-                 in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None, stats: bool = False):
-    """``y = act(conv2d(a, weight, stride, padding, dilation, groups) + bias + residual
-    + conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride))`` in one kernel launch.
+def _bn_args(bn: Optional[EvalBN]) -> tuple:
+    """``(γ, β, μ, σ², ε)`` of ``bn`` as the op's arguments: contiguous vectors (None without one)."""
+    if bn is None:
+        return None, None, None, None, 0.0
+    vecs = tuple(None if t is None else t.contiguous() for t in (bn.weight, bn.bias, bn.mean, bn.var))
+    return (*vecs, float(bn.eps))
 
-    ``a = relu(x*in_scale[c] + in_shift[c])`` (fp32, cast to x's dtype, zero padding after the activation)
-    when ``in_scale``/``in_shift`` are given, else ``x``; act = ReLU when ``relu``. ``x`` may be NCHW or
-    channels-last; ``y`` has x's dtype and memory format. ``bias`` is x's dtype or fp32; ``in_scale`` and
-    ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel fp32 mean and
-    biased variance of the stored ``y`` (two extra tiny merge launches). Not differentiable by itself: the
-    backend's autograd functions wrap it.
+
+def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None,
+                 shortcut_weight: Optional[Tensor] = None, shortcut_bn: Optional[EvalBN] = None,
+                 shortcut_stride: int = 1, relu: bool = False, in_scale: Optional[Tensor] = None,
+                 in_shift: Optional[Tensor] = None, stats: bool = False):
+    """``y = act(bn(conv2d(a, weight, stride, padding, dilation, groups)) + residual
+    + shortcut_bn(conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride)))`` in one kernel launch.
+
+    ``bn``/``shortcut_bn`` are eval BatchNorms (:class:`~resnet_fused.backends.reference.EvalBN`, live tensors)
+    applied as ``v·s + t`` in fp32 in the epilogue, ``s`` and ``t`` computed in the kernel; ``bn=None`` means
+    none. A shortcut needs both BNs and no prologue. ``a = relu(x*in_scale[c] + in_shift[c])`` (fp32, cast to
+    x's dtype, zero padding after the activation) when ``in_scale``/``in_shift`` are given, else ``x``; act =
+    ReLU when ``relu``. ``x`` may be NCHW or channels-last; ``y`` has x's dtype and memory format.
+    ``in_scale`` and ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel
+    fp32 mean and biased variance of the stored ``y`` (two extra tiny merge launches). Not differentiable by
+    itself: the backend's autograd functions wrap it.
     """
+    op = "triton conv2d_fused"
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("x and weight must be tensors")
     if x.dim() != 4:
@@ -461,20 +524,15 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     if c_g != c // groups:
         raise ValueError(f"weight expects {c_g * groups} input channels (shape {tuple(weight.shape)}, "
                          f"groups={groups}) but x has {c}")
-    p, q = _output_hw(x, weight, stride, padding, dilation)
-    if p < 1 or q < 1:
+    if h + 2 * padding[0] < dilation[0] * (r - 1) + 1 or w + 2 * padding[1] < dilation[1] * (s - 1) + 1:
         raise ValueError(f"the {r}x{s} kernel (dilation {dilation}, padding {padding}) does not fit the "
                          f"{h}x{w} input")
+    p, q = _output_hw(x, weight, stride, padding, dilation)
     _check_device("weight", weight, x)
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if bias is not None:
-        _check_device("bias", bias, x)
-        if bias.shape != (k,):
-            raise ValueError(f"bias must have shape [{k}], got {tuple(bias.shape)}")
-        if bias.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"bias dtype {bias.dtype} must be x's ({x.dtype}) or float32")
-        bias = bias.contiguous()
+    if bn is not None:
+        check_eval_bn(op, "bn", bn, k, x.device)
     if residual is not None:
         _check_device("residual", residual, x)
         if residual.shape != (n, k, p, q):
@@ -484,6 +542,11 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
     if (shortcut_x is None) != (shortcut_weight is None):
         raise ValueError("shortcut_x and shortcut_weight must be given together")
     if shortcut_x is not None:
+        if bn is None or shortcut_bn is None:
+            raise ValueError("a shortcut needs bn and shortcut_bn (each branch is scaled by its own BatchNorm)")
+        if in_scale is not None:
+            raise ValueError("a shortcut cannot be combined with the BN+ReLU prologue")
+        check_eval_bn(op, "shortcut_bn", shortcut_bn, k, x.device)
         _check_device("shortcut_x", shortcut_x, x)
         _check_device("shortcut_weight", shortcut_weight, x)
         if shortcut_x.dtype != x.dtype or shortcut_weight.dtype != x.dtype:
@@ -503,7 +566,7 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
             raise ValueError(f"the shortcut conv (stride {shortcut_stride}) of a {tuple(shortcut_x.shape[2:])} "
                              f"input gives {ps}x{qs} outputs, the main conv {p}x{q}")
     else:
-        shortcut_stride = 1
+        shortcut_stride, shortcut_bn = 1, None
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     if in_scale is not None:
@@ -512,7 +575,7 @@ def conv2d_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, strid
             if t.shape != (c,) or t.dtype != torch.float32:
                 raise ValueError(f"{name} must be float32 of shape [{c}], got {t.dtype} {tuple(t.shape)}")
         in_scale, in_shift = in_scale.contiguous(), in_shift.contiguous()
-    y, mean, var = _conv2d_fused_op(x, weight, bias, stride, padding, dilation, groups, residual, shortcut_x,
-                                    shortcut_weight, shortcut_stride, bool(relu), in_scale, in_shift,
-                                    bool(stats))
+    y, mean, var = _conv2d_fused_op(x, weight, *_bn_args(bn), stride, padding, dilation, groups, residual,
+                                    shortcut_x, shortcut_weight, *_bn_args(shortcut_bn), shortcut_stride,
+                                    bool(relu), in_scale, in_shift, bool(stats))
     return (y, mean, var) if stats else y
