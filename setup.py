@@ -21,12 +21,12 @@ Environment switches:
                                    and CUTLASS headers the extension is built with ``RESNET_FUSED_WITH_CUTLASS``;
                                    without the headers it still builds, and conv_bias_act keeps its cuDNN path
                                    (``build_info()["cutlass"]`` is None).
-``CUDNN_FRONTEND_PATH``            a cudnn-frontend checkout whose ``include/`` holds ``cudnn_frontend.h`` (header-only).
-                                   Unset: the ``include/`` of the ``nvidia-cudnn-frontend`` wheel when it is installed
-                                   (``pip install --no-deps nvidia-cudnn-frontend==1.32.0``). With CUDA, the frontend
-                                   headers and torch's own cuDNN (``nvidia/cudnn``: headers, ``libcudnn.so.9``) the
-                                   extension gains the cuDNN graph engine ``csrc/cudnn/`` (macro
-                                   ``RESNET_FUSED_WITH_CUDNN_FRONTEND``, ``build_info()["cudnn_frontend"]``).
+``CUDNN_FRONTEND_PATH``            a cudnn-frontend checkout whose ``include/`` holds ``cudnn_frontend.h``
+                                   (header-only). Unset: the ``include/`` of the ``nvidia-cudnn-frontend`` wheel
+                                   when it is installed (``pip install --no-deps nvidia-cudnn-frontend==1.32.0``).
+                                   With CUDA, the frontend headers and torch's own cuDNN (``nvidia/cudnn``: headers,
+                                   ``libcudnn.so.9``) the extension gains the cuDNN graph engine ``csrc/cudnn/``
+                                   (macro ``RESNET_FUSED_WITH_CUDNN_FRONTEND``, ``build_info()["cudnn_frontend"]``).
 ``RESNET_FUSED_NO_CUDNN_FRONTEND=1`` build without that engine even when the headers are there.
 
 Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).

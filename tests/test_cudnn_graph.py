@@ -18,6 +18,10 @@ channel means far from zero, every gradient — and the cache.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -503,3 +507,38 @@ def test_gpu_graph_cache_builds_once_per_key():
     assert _ops().cache_size() == 1
     _ok(_ops().conv_scale_bias_act(x, w, scale, shift, None, y, stride, padding, [1, 1], 1, False))
     assert _ops().cache_size() == 2
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_and_cache_bound_in_a_fresh_process():
+    """RESNET_FUSED_CUDNN_AUTOTUNE=1 and RESNET_FUSED_CUDNN_CACHE_SIZE are read once per process, so in a fresh one:
+    the autotuned first calls (every plan timed by cuDNN) give right results, and the cache keeps 2 of 3 graphs."""
+    _require_gpu_engine()
+    code = """
+import sys
+sys.path.insert(0, "tests")
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close
+from resnet_fused.backends import cuda
+cuda.build_info()
+ops = torch.ops.resnet_fused_cudnn
+torch.manual_seed(0)
+cl = torch.channels_last
+x = torch.randn(4, 64, 14, 14, device="cuda").to(torch.bfloat16).contiguous(memory_format=cl)
+w = (torch.randn(64, 64, 3, 3, device="cuda") / 24).to(torch.bfloat16).contiguous(memory_format=cl)
+scale, shift = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+y = torch.empty_like(x)
+ref = F.conv2d(x.double(), w.double(), None, 1, 1) * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+for relu, residual in ((True, None), (False, None), (True, x)):
+    ok, reason = ops.conv_scale_bias_act(x, w, scale, shift, residual, y, [1, 1], [1, 1], [1, 1], 1, relu)
+    assert ok, reason
+    expected = ref if residual is None else ref + x.double()
+    assert_close(y.double(), expected.relu() if relu else expected, dtype=torch.bfloat16)
+assert (ops.cache_capacity(), ops.cache_size()) == (2, 2), (ops.cache_capacity(), ops.cache_size())
+print("ok")
+"""
+    env = dict(os.environ, RESNET_FUSED_CUDNN_AUTOTUNE="1", RESNET_FUSED_CUDNN_CACHE_SIZE="2")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0 and run.stdout.split()[-1] == "ok", run.stderr

@@ -128,6 +128,13 @@ Attrs conv_attrs(const GraphSpec& s, const char* name) {
   return attrs;
 }
 
+// conv_dgrad(DY, W), shaped like DX (its size is not implied by DY's when the stride is > 1).
+TensorPtr dgrad_node(fe::graph::Graph& g, const GraphSpec& s) {
+  auto dgrad = g.conv_dgrad(input(g, s, DY), input(g, s, W), conv_attrs<fe::graph::Conv_dgrad_attributes>(s, "dgrad"));
+  dgrad->set_dim(vec(s.tensors[DX].dims)).set_stride(vec(s.tensors[DX].strides));
+  return dgrad;
+}
+
 // The roles each pattern needs; the optional ones (prologue SCALE/SHIFT, RESIDUAL) are read from the spec.
 Status check_roles(const GraphSpec& s) {
   std::vector<int> need;
@@ -186,8 +193,7 @@ Status add_nodes(fe::graph::Graph& g, const GraphSpec& s) {
       break;
     }
     case Kind::kDgradDrelu: {
-      auto dgrad = g.conv_dgrad(input(g, s, DY), input(g, s, W), conv_attrs<fe::graph::Conv_dgrad_attributes>(s, "dgrad"));
-      dgrad->set_dim(vec(s.tensors[DX].dims)).set_stride(vec(s.tensors[DX].strides));
+      auto dgrad = dgrad_node(g, s);
       auto x = input(g, s, X);
       auto pre = x;
       if (s.has(SCALE)) {
@@ -198,8 +204,7 @@ Status add_nodes(fe::graph::Graph& g, const GraphSpec& s) {
       break;
     }
     case Kind::kDgradDreluDbn: {
-      auto dgrad = g.conv_dgrad(input(g, s, DY), input(g, s, W), conv_attrs<fe::graph::Conv_dgrad_attributes>(s, "dgrad"));
-      dgrad->set_dim(vec(s.tensors[DX].dims)).set_stride(vec(s.tensors[DX].strides));
+      auto dgrad = dgrad_node(g, s);
       auto x = input(g, s, X);
       auto mean = input(g, s, MEAN);
       auto inv_std = input(g, s, INV_STD);
@@ -462,7 +467,9 @@ std::string version() {
                   "." + std::to_string(CUDNN_FRONTEND_PATCH_VERSION);
   const size_t runtime = cudnnGetVersion();
   std::string out = "frontend " + v + ", cuDNN " + cudnn_version_string(runtime);
-  if (runtime != static_cast<size_t>(CUDNN_VERSION)) out += " (built against " + cudnn_version_string(CUDNN_VERSION) + ")";
+  if (runtime != static_cast<size_t>(CUDNN_VERSION)) {
+    out += " (built against " + cudnn_version_string(CUDNN_VERSION) + ")";
+  }
   return out;
 }
 
