@@ -260,12 +260,18 @@ void build(const GraphSpec& s, cudnnContext* handle, bool autotune, Entry& entry
       !step("heuristics", g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}))) {
     return;
   }
-  // The engine filters of PyTorch's own cuDNN convolutions: never engines that down-convert their inputs, no TF32
-  // tensor cores for fp32 unless torch allows them, no non-deterministic engines when torch asks for determinism.
-  std::vector<fe::NumericalNote_t> deselect = {fe::NumericalNote_t::DOWN_CONVERT_INPUTS};
-  if (s.io == DType::kFloat && !s.allow_tf32) deselect.push_back(fe::NumericalNote_t::TENSOR_CORE);
+  // The engine filters of PyTorch's own cuDNN convolutions, for fp32 io: no engines that down-convert fp32 inputs
+  // (to fp16), no TF32 tensor cores unless torch allows them. With fp16 / bf16 io the only fp32 operands are the
+  // per-channel vectors and the fused intermediates, which the tensor-core operand is rounded from anyway (the GPU
+  // tests compare every graph with fp64 at the io dtype's tolerance). Always: no non-deterministic engines when torch
+  // asks for determinism.
+  std::vector<fe::NumericalNote_t> deselect;
+  if (s.io == DType::kFloat) {
+    deselect.push_back(fe::NumericalNote_t::DOWN_CONVERT_INPUTS);
+    if (!s.allow_tf32) deselect.push_back(fe::NumericalNote_t::TENSOR_CORE);
+  }
   if (s.deterministic) deselect.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
-  g->deselect_numeric_notes(deselect);
+  if (!deselect.empty()) g->deselect_numeric_notes(deselect);
   const auto policy = autotune ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE;
   if (!step("support", g->check_support()) || !step("plans", g->build_plans(policy))) return;
   for (int64_t u : g->get_variant_pack_uids_sorted()) {
