@@ -564,3 +564,16 @@ print("ok")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0 and run.stdout.split()[-1] == "ok", run.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_output_aliasing_an_input_is_refused():
+    """y written over the residual it reads: refused with a reason (the caller falls back), not run."""
+    _require_gpu_engine()
+    x, w, out, stride, padding = _conv_case("3x3_64", torch.bfloat16)
+    scale, shift = _vec(out[1], torch.float32, positive=True), _vec(out[1], torch.float32)
+    res = _randn(*out, dtype=torch.bfloat16)
+    before = res.clone()
+    ok, reason = _ops().conv_scale_bias_act(x, w, scale, shift, res, res, stride, padding, [1, 1], 1, True)
+    assert not ok and "overlaps" in reason, reason
+    assert torch.equal(res, before)

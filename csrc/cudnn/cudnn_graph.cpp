@@ -182,14 +182,49 @@ class Call {
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) {
       return refuse(std::string("tensor ") + detail::role_name(role) + " is not 16-byte aligned");
     }
+    const auto begin = reinterpret_cast<uintptr_t>(ptr);
+    const auto end = begin + static_cast<uintptr_t>(t.numel() * t.element_size());
+    const bool write = is_output(role);
+    for (const Span& other : spans_) {
+      if ((write || other.write) && begin < other.end && other.begin < end) {
+        return refuse(std::string("tensor ") + detail::role_name(role) + " overlaps " +
+                      detail::role_name(other.role) + " (a graph output may not alias another operand)");
+      }
+    }
+    spans_.push_back({role, begin, end, write});
     ptrs_[role] = ptr;
   }
+
+  static bool is_output(int role) {
+    switch (role) {
+      case detail::Y:
+      case detail::SUM:
+      case detail::SQ_SUM:
+      case detail::DX:
+      case detail::DW:
+      case detail::DGAMMA:
+      case detail::DBETA:
+      case detail::EQ_SCALE_DY:
+      case detail::EQ_SCALE_X:
+      case detail::EQ_BIAS:
+        return true;
+      default:
+        return false;
+    }
+  }
+
+  struct Span {
+    int role;
+    uintptr_t begin, end;  // the bytes [begin, end) the tensor's elements span (dense tensors)
+    bool write;
+  };
 
   Mode mode_;
   at::Device device_;
   GraphSpec spec_;
   std::array<void*, kNumRoles> ptrs_{};
   std::vector<at::Tensor> keep_;  // contiguous copies of input vectors, alive until the graph is enqueued
+  std::vector<Span> spans_;       // memory of the tensors bound so far
   std::string refusal_;
 };
 

@@ -17,10 +17,11 @@
 // workspace from the CUDA caching allocator. Nothing is synchronized (except an autotuning first call).
 //
 // Errors: arguments that contradict each other (shapes, dtypes, devices) raise like PyTorch's own ops (c10::Error).
-// Anything the engine or cuDNN does not support — CPU tensors, fp64, fp32 without TF32, overlapping or misaligned
-// (16 B) tensors, strides or shapes cuDNN's engines refuse, a build without the frontend — returns ok=false with the
-// reason (cuDNN's / the frontend's own message when it is theirs) and leaves the outputs unspecified: the caller
-// falls back to another engine, or raises the reason when this engine was forced.
+// Anything the engine or cuDNN does not support — CPU tensors, fp64, fp32 without TF32, empty, non-dense or
+// misaligned (16 B) tensors, an output aliasing another operand, strides or shapes cuDNN's engines refuse, a build
+// without the frontend — returns ok=false with the reason (cuDNN's / the frontend's own message when it is theirs)
+// and leaves the outputs unspecified: the caller falls back to another engine, or raises the reason when this engine
+// was forced.
 //
 // BN finalize is not a graph here: the project's own bn_finalize (train_ops.h) stays. It is a [C]-sized op, launch
 // bound either way, and it has torch's exact semantics — the biased variance to normalize, the unbiased one for
