@@ -21,6 +21,13 @@ Environment switches:
                                    and CUTLASS headers the extension is built with ``RESNET_FUSED_WITH_CUTLASS``;
                                    without the headers it still builds, and conv_bias_act keeps its cuDNN path
                                    (``build_info()["cutlass"]`` is None).
+``CUDNN_FRONTEND_PATH``            a cudnn-frontend checkout whose ``include/`` holds ``cudnn_frontend.h``
+                                   (header-only). Unset: the ``include/`` of the ``nvidia-cudnn-frontend`` wheel
+                                   when it is installed (``pip install --no-deps nvidia-cudnn-frontend==1.32.0``).
+                                   With CUDA, the frontend headers and torch's own cuDNN (``nvidia/cudnn``: headers,
+                                   ``libcudnn.so.9``) the extension gains the cuDNN graph engine ``csrc/cudnn/``
+                                   (macro ``RESNET_FUSED_WITH_CUDNN_FRONTEND``, ``build_info()["cudnn_frontend"]``).
+``RESNET_FUSED_NO_CUDNN_FRONTEND=1`` build without that engine even when the headers are there.
 
 Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).
 """
@@ -120,6 +127,64 @@ def _cutlass_include_dir() -> str | None:
     return None
 
 
+def _cudnn_frontend() -> dict | None:
+    """What the cuDNN graph engine (csrc/cudnn/) needs to build, or None to build without it.
+
+    The frontend is header-only: ``$CUDNN_FRONTEND_PATH/include`` or the ``include/`` of the ``nvidia-cudnn-frontend``
+    wheel. cuDNN itself is torch's own (the ``nvidia/cudnn`` wheel torch depends on): its headers, and its
+    ``libcudnn.so.9`` and the ``libnvrtc.so.<N>`` next to torch's CUDA libraries linked by their exact sonames, which
+    are the libraries libtorch_cuda already loads (never a second copy). Returns dict(include, version, sources,
+    include_dirs, extra_link_args).
+    """
+    import importlib.metadata
+    import importlib.util
+
+    if _env_flag("RESNET_FUSED_NO_CUDNN_FRONTEND"):
+        print("resnet_fused: RESNET_FUSED_NO_CUDNN_FRONTEND set, building without the cuDNN graph engine")
+        return None
+    root = os.environ.get("CUDNN_FRONTEND_PATH", "").strip()
+    if root:
+        inc = Path(root, "include")
+        if not Path(inc, "cudnn_frontend.h").is_file():
+            raise ValueError(f"CUDNN_FRONTEND_PATH={root!r}: {inc}/cudnn_frontend.h does not exist")
+    else:
+        try:
+            inc = Path(importlib.metadata.distribution("nvidia-cudnn-frontend").locate_file("include"))
+        except importlib.metadata.PackageNotFoundError:
+            inc = None
+        if inc is None or not Path(inc, "cudnn_frontend.h").is_file():
+            print("resnet_fused: no cudnn-frontend headers (set CUDNN_FRONTEND_PATH or pip install --no-deps "
+                  "nvidia-cudnn-frontend==1.32.0): building without the cuDNN graph engine")
+            return None
+    version_h = Path(inc, "cudnn_frontend_version.h").read_text()
+    version = ".".join(re.search(rf"#define CUDNN_FRONTEND_{part}_VERSION (\d+)", version_h).group(1)
+                       for part in ("MAJOR", "MINOR", "PATCH"))
+    import torch
+
+    roots = [Path(torch.__file__).resolve().parent.parent / "nvidia"]
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        roots += [Path(p) for p in spec.submodule_search_locations]
+    cudnn = next((r / "cudnn" for r in roots if Path(r, "cudnn", "include", "cudnn.h").is_file()
+                  and Path(r, "cudnn", "lib", "libcudnn.so.9").is_file()), None)
+    nvrtc = sorted(p for r in roots for p in r.glob("cu*/lib/libnvrtc.so.*")
+                   if re.fullmatch(r"libnvrtc\.so\.\d+", p.name))
+    if cudnn is None or not nvrtc:
+        print("resnet_fused: torch's cuDNN 9 wheel (nvidia/cudnn: include/cudnn.h, lib/libcudnn.so.9) or its "
+              "libnvrtc.so was not found: building without the cuDNN graph engine")
+        return None
+    cudnn_lib, nvrtc_lib = cudnn / "lib", nvrtc[0]
+    return {
+        "include": str(inc),
+        "version": version,
+        "sources": sorted(str(p) for p in Path(CSRC, "cudnn").glob("*.cpp")),
+        # -isystem: after every -I dir, so the toolkit's headers keep priority; cuDNN's own include dir is among
+        # _wheel_cuda_include_dirs() already and is named again in case torch's wheel layout differs.
+        "include_dirs": ["-isystem", str(inc), "-isystem", str(cudnn / "include")],
+        "extra_link_args": [f"-L{cudnn_lib}", "-l:libcudnn.so.9", f"-L{nvrtc_lib.parent}", f"-l:{nvrtc_lib.name}"],
+    }
+
+
 def _extensions():
     if _env_flag("RESNET_FUSED_SKIP_EXT"):
         print("resnet_fused: RESNET_FUSED_SKIP_EXT set, not building resnet_fused._C")
@@ -161,11 +226,21 @@ def _extensions():
         else:
             print("resnet_fused: no CUTLASS headers (set CUTLASS_PATH or pip install --no-deps "
                   "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bias_act uses cuDNN)")
+        frontend = _cudnn_frontend()
+        extra_link_args = []
+        if frontend is not None:
+            define_macros.append(("RESNET_FUSED_WITH_CUDNN_FRONTEND", None))
+            # Frontend headers only for the C++ units (csrc/cudnn/ includes them; nvcc never sees them).
+            sources += frontend["sources"]
+            system_includes += frontend["include_dirs"]
+            extra_link_args += frontend["extra_link_args"]
+            print(f"resnet_fused: cuDNN graph engine on (cudnn-frontend {frontend['version']}: {frontend['include']})")
         ext = cpp_extension.CUDAExtension(
             name="resnet_fused._C",
             sources=sources,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags + system_includes, "nvcc": nvcc_flags},
+            extra_link_args=extra_link_args,
         )
         print(f"resnet_fused: building resnet_fused._C with CUDA ({cuda_home}), "
               f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}")

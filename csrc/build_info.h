@@ -13,6 +13,7 @@ struct BuildInfo {
   std::vector<int> cuda_archs;   // SM versions with device code (e.g. {80, 90}), empty without CUDA
   std::string torch_version;     // TORCH_VERSION of the headers compiled against
   std::string cutlass_version;   // CUTLASS version compiled against (e.g. "4.2.0"), empty without CUTLASS
+  std::string cudnn_frontend;    // cuDNN graph engine: "frontend 1.32.0, cuDNN 9.24.0", empty without it
 };
 
 // Defined in ops.cpp.
@@ -29,6 +30,11 @@ std::vector<int> cuda_archs();
 // CUTLASS convolution kernels this process has launched (a test hook: it shows which path an op took).
 std::string cutlass_version();
 int64_t cutlass_conv_launches();
+#endif
+
+#ifdef RESNET_FUSED_WITH_CUDNN_FRONTEND
+// Defined in cudnn/cudnn_graph.cpp: cudnn_graph::version().
+std::string cudnn_frontend_version();
 #endif
 
 }  // namespace resnet_fused

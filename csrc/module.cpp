@@ -28,10 +28,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         } else {
           d["cutlass"] = info.cutlass_version;
         }
+        d["cudnn_frontend"] = info.cudnn_frontend.empty() ? py::object(py::none()) : py::str(info.cudnn_frontend);
         return d;
       },
       "dict(with_cuda: bool, cuda_version: str | None, archs: list[int] (SM versions), torch_version: str, "
-      "cutlass: str | None (CUTLASS version of the tensor-core conv kernels, None when built without them))");
+      "cutlass: str | None (CUTLASS version of the tensor-core conv kernels, None when built without them), "
+      "cudnn_frontend: str | None (cuDNN graph engine: frontend and cuDNN versions, None when built without it))");
 #ifdef RESNET_FUSED_WITH_CUTLASS
   m.def("cutlass_conv_launches", &resnet_fused::cutlass_conv_launches,
         "Number of CUTLASS convolution kernels launched by this process (test hook: which path an op took)");

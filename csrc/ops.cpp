@@ -245,6 +245,9 @@ BuildInfo build_info() {
 #ifdef RESNET_FUSED_WITH_CUTLASS
   info.cutlass_version = cutlass_version();
 #endif
+#ifdef RESNET_FUSED_WITH_CUDNN_FRONTEND
+  info.cudnn_frontend = cudnn_frontend_version();
+#endif
   return info;
 }
 

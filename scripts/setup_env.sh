@@ -25,6 +25,8 @@ PY="$VENV/bin/python"
 # CUTLASS headers for the tensor-core convolutions (csrc/conv_cutlass.cu): the nvidia-cutlass wheel, pinned, without
 # its Python dependencies (only its headers are used). setup.py finds them, or the checkout named by CUTLASS_PATH.
 "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
+# cudnn-frontend headers (header-only) for the cuDNN graph engine (csrc/cudnn/), pinned, without its Python deps.
+"$PY" -m pip install -q --no-deps "nvidia-cudnn-frontend==1.32.0"
 
 # The nvcc on PATH may be a wrapper script: ask nvcc itself where its toolkit lives.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then

@@ -338,7 +338,7 @@ def test_scale_bias_add_relu_rejects_bad_input(case):
 
 def test_build_info():
     info = cuda_backend.build_info()
-    assert set(info) == {"with_cuda", "cuda_version", "archs", "torch_version", "cutlass"}
+    assert set(info) == {"with_cuda", "cuda_version", "archs", "torch_version", "cutlass", "cudnn_frontend"}
     assert info["torch_version"] == torch.__version__.split("+")[0]
     if info["with_cuda"]:
         assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
