@@ -472,24 +472,39 @@ class ResNet(_Fused):
 # ---------------------------------------------------------------------------------------------------------
 
 _FUSED_CLASSES = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck, "ResNet": ResNet}
+_TIMM_BLOCKS = ("BasicBlock", "Bottleneck")
 
 
 def _fused_class(module: nn.Module) -> type[_Fused] | None:
+    """The fused class for ``module``: torchvision's ``BasicBlock``/``Bottleneck``/``ResNet`` and timm's
+    ``BasicBlock``/``Bottleneck`` (exactly those classes), or a module already of a fused class."""
     cls = type(module)
     if cls in _FUSED_CLASSES.values():
         return cls
     if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in _FUSED_CLASSES:
         return _FUSED_CLASSES[cls.__name__]
+    if cls.__module__ in ("timm.models.resnet", "resnet_fused.timm_blocks"):
+        from . import timm_blocks  # timm is imported already: the model is timm's
+
+        if cls in timm_blocks.FUSED.values():
+            return cls
+        return timm_blocks.FUSED.get(cls)
     return None
 
 
-def fuse(module: nn.Module, backend: str = "auto") -> nn.Module:
-    """Fuse every torchvision ``BasicBlock``/``Bottleneck``/``ResNet`` in ``module`` (itself included), in place.
+def fuse(module: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
+    """Fuse every ResNet block in ``module`` (itself included), in place: torchvision's ``BasicBlock``,
+    ``Bottleneck`` and ``ResNet`` (also inside detection and segmentation models) and timm's ``BasicBlock`` and
+    ``Bottleneck``.
 
     Each converted module keeps its identity, submodules, parameters, buffers and hooks — only its class
     changes (as ``torch.nn.utils.parametrize`` does) — so an optimizer built before ``fuse`` keeps training
-    the model and ``state_dict`` keys stay torchvision's. Already fused modules get ``backend`` set.
-    Subclasses of torchvision's classes are left alone: their ``forward`` may differ. Returns ``module``.
+    the model and ``state_dict`` keys stay torchvision's (timm's). Already fused modules get ``backend`` set.
+    Subclasses of those classes are left alone: their ``forward`` may differ. A converted block that the fused
+    path does not cover (another norm layer or activation, SE, ...) runs its own forward.
+
+    Warns once when nothing in ``module`` can run fused; ``verbose=True`` prints :func:`resnet_fused.explain`'s
+    table. Returns ``module``.
     """
     backends.check_name(backend)
     for m in module.modules():
@@ -499,6 +514,11 @@ def fuse(module: nn.Module, backend: str = "auto") -> nn.Module:
         if type(m) is not cls:
             m.__class__ = cls
         m._init_fused(backend)
+    from . import report
+
+    if verbose:
+        report.explain(module)
+    report.warn_if_nothing_fused(module)
     return module
 
 
