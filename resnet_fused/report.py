@@ -156,12 +156,16 @@ def _print(rows: list[BlockReport], model_name: str, device: torch.device, dtype
         for cell in cells:
             print("  " + " | ".join(cell))
         return
-    table = Table(title=title, title_justify="left")
+    console = Console()
+    console.print(Text(title), soft_wrap=True)  # Text: brackets in a name or reason are not rich markup
+    if not rows:
+        return
+    table = Table()
     for column in ("block", "class", "fused", "backend", "reason"):
         table.add_column(column, overflow="fold")
     for cell in cells:
-        table.add_row(*(Text(c) for c in cell))  # Text: a reason's brackets are not rich markup
-    Console().print(table)
+        table.add_row(*(Text(c) for c in cell))
+    console.print(table)
 
 
 def warn_if_nothing_fused(model: nn.Module) -> None:
