@@ -35,7 +35,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused
-from tolerances import assert_close
+from tolerances import TOL, assert_close
 
 SIZE = 64
 DTYPE = torch.float64
@@ -138,8 +138,8 @@ def _targets(case: Case) -> list[dict]:
     masks[0, 6:50, 4:40] = 1
     masks[1, 10:60, 20:60] = 1
     keypoints = torch.tensor([[[10.0, 10.0, 1.0], [20.0, 30.0, 1.0], [30.0, 40.0, 1.0]]] * 2)  # float32: required
-    return [dict(boxes=boxes, labels=torch.tensor([1, 1]), masks=masks, keypoints=keypoints)  # keypoint R-CNN: 2 classes
-            for _ in range(case.batch)]
+    labels = torch.tensor([1, 1])  # Keypoint R-CNN has 2 classes
+    return [dict(boxes=boxes, labels=labels, masks=masks, keypoints=keypoints) for _ in range(case.batch)]
 
 
 def _forward(model: nn.Module, case: Case, images: list[torch.Tensor], targets=None):
@@ -232,3 +232,49 @@ def test_one_training_step_matches(models):
         layer1 = fused.backbone.body.layer1 if hasattr(fused.backbone, "body") else fused.backbone.layer1
         if case.norm == "frozen":  # torchvision trains layer2-4 of a pretrained backbone: layer1 is frozen
             assert all(not p.requires_grad and p.grad is None for p in layer1.parameters())
+
+
+def _within_twice_torchvision_error(actual, torchvision_result, oracle, dtype, slack, what):
+    """The fused result's error against the float64 oracle is at most twice torchvision's own error in the same
+    precision, plus the dtype's tolerance (times ``slack``)."""
+    actual, torchvision_result, oracle = (t.double() for t in (actual, torchvision_result, oracle))
+    rtol, atol = TOL[dtype]
+    torchvision_err = (torchvision_result - oracle).abs().max().item()
+    allowed = 2 * torchvision_err + slack * (atol + rtol * oracle.abs().max().item())
+    err = (actual - oracle).abs().max().item()
+    assert err <= allowed, f"{what}: error {err:.3g}, torchvision's {torchvision_err:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_frozen_detection_backbone_on_the_gpu_backends(backend, dtype):
+    """Faster R-CNN's pretrained-form backbone (FrozenBatchNorm2d ResNet-50 + FPN) on a GPU backend, channels_last,
+    float32 or bf16 autocast: FPN features in eval and in training mode (the frozen blocks' eval kernels) and the
+    input gradient, each within twice torchvision's own error against torchvision in float64."""
+    if backend not in resnet_fused.available_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    ref = _build("fasterrcnn_resnet50_fpn").backbone.to("cuda", memory_format=torch.channels_last)
+    oracle = copy.deepcopy(ref).double()
+    fused = resnet_fused.fuse(copy.deepcopy(ref), backend=backend)
+    assert all(r.fused and r.backend == backend for r in resnet_fused.explain(fused, dtype=dtype, show=False))
+    slack = 10.0 if dtype == torch.float32 else 1.0  # float32 convolutions on a GPU round through TF32
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(2, 3, 128, 128, device="cuda", generator=gen).to(memory_format=torch.channels_last)
+    for training in (False, True):
+        grads, outs = [], []
+        for model in (oracle, ref, fused):
+            model.train(training)
+            xi = x.to(torch.float64 if model is oracle else torch.float32).requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and model is not oracle):
+                features = model(xi)
+            loss = sum((f.double() * torch.linspace(-1, 1, f.numel(), device="cuda", dtype=torch.float64)
+                        .view_as(f)).sum() for f in features.values())
+            loss.backward()
+            outs.append(features)
+            grads.append(xi.grad)
+        for key in outs[0]:
+            _within_twice_torchvision_error(outs[2][key], outs[1][key], outs[0][key], dtype, slack,
+                                            f"features {key} (training={training})")
+        _within_twice_torchvision_error(grads[2], grads[1], grads[0], dtype, slack, f"input grad (training={training})")
