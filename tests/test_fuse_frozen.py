@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 from torchvision.models import resnet as tv
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -155,9 +154,9 @@ def test_batchnorm_in_eval_with_frozen_parameters_inside_a_training_model():
 
 
 def test_frozen_resnet_trains_like_torchvision():
-    """A whole resnet18(norm_layer=FrozenBatchNorm2d), stem included, fused: one SGD step, then eval."""
+    """A whole frozen-BN ResNet (one BasicBlock per layer), stem included, fused: one SGD step, then eval."""
     torch.manual_seed(4)
-    ref = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d)
+    ref = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=10, norm_layer=FrozenBatchNorm2d)
     _randomize(ref, 4)
     ref.double()
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
