@@ -13,8 +13,15 @@ therefore its exact ``state_dict`` keys, plus one keyword, ``backend``. Only ``f
   ``conv_stats`` applies that BN+ReLU to its input on load, and ``scale_bias_add_relu`` is the tail, with the
   downsample branch's BN in the same kernel.
 
-Blocks the fused path does not cover (a norm layer other than BatchNorm2d, biased or non-square convs, an
-empty batch) run torchvision's own forward, so behaviour always matches torchvision.
+BatchNorm2d, SyncBatchNorm and torchvision's FrozenBatchNorm2d are fused. A FrozenBatchNorm2d (detection
+backbones) or a BatchNorm in eval mode is a constant per-channel scale/shift, so a block whose norms all use
+running statistics takes the one-launch eval path in training too; its op is differentiable in the input, the
+conv weights and every BN tensor, so the convolutions keep training (frozen buffers get no gradient).
+
+Blocks the fused path does not cover (another norm layer, an activation other than ReLU, biased or
+non-square convs, an empty batch) run their own forward, so behaviour always matches torchvision.
+``_FusedBlock`` describes a block by the names of its modules, so timm's ResNet blocks
+(:mod:`resnet_fused.timm_blocks`) run the same driver.
 """
 
 from __future__ import annotations
@@ -60,10 +67,32 @@ def _plain_conv(conv: nn.Module) -> bool:
     return cls is nn.Conv2d or (parametrize.is_parametrized(conv) and cls.__bases__ == (nn.Conv2d,))
 
 
+# The norm layers a convolution's epilogue can apply: exactly these classes (a subclass, such as timm's
+# BatchNormAct2d, may add an activation to its forward), plus torchvision's FrozenBatchNorm2d (norm.is_frozen).
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _pair_issue(conv: nn.Module, bn: nn.Module, names: str = "") -> str | None:
+    """Why ``bn(conv(x))`` cannot run as one fused convolution with its BN as a per-channel scale/shift, or
+    None when it can. ``names`` prefixes the message ("conv2/bn2: ")."""
+    if not _plain_conv(conv):
+        return f"{names}convolution is a {type(conv).__name__}, not an nn.Conv2d"
+    if conv.bias is not None:
+        return f"{names}convolution has a bias"
+    if conv.padding_mode != "zeros" or not isinstance(conv.padding, tuple):
+        return f"{names}convolution pads with padding_mode={conv.padding_mode!r}, padding={conv.padding!r}"
+    if not all(map(_square, (conv.stride, conv.padding, conv.dilation))):
+        return f"{names}convolution has a non-square stride, padding or dilation"
+    if not (type(bn) in _BATCH_NORMS or norm.is_frozen(bn)):
+        return (f"{names}norm layer is a {type(bn).__name__} (fused: BatchNorm2d, SyncBatchNorm, "
+                f"FrozenBatchNorm2d)")
+    if norm.channels(bn) != conv.out_channels:
+        return f"{names}norm layer has {norm.channels(bn)} channels for {conv.out_channels} conv outputs"
+    return None
+
+
 def _fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
-    return (_plain_conv(conv) and conv.bias is None and conv.padding_mode == "zeros"
-            and isinstance(conv.padding, tuple) and all(map(_square, (conv.stride, conv.padding, conv.dilation)))
-            and isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and bn.num_features == conv.out_channels)
+    return _pair_issue(conv, bn) is None
 
 
 def _shortcut_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
@@ -73,6 +102,20 @@ def _shortcut_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNor
             and downsample[0].groups == 1 and downsample[0].dilation == (1, 1)):
         return downsample[0], downsample[1]
     return None
+
+
+def _inactive_module_issue(name: str, m: nn.Module | None) -> str | None:
+    """Why the optional module ``name`` of a block (timm's ``aa``, ``se``, ``drop_block``, ``drop_path``) is
+    not the identity now, or None when it is absent, an ``nn.Identity``, or timm's ``DropPath``/``DropBlock2d``
+    in eval mode or with a drop probability of 0 (their forward then returns its input)."""
+    if m is None or type(m) is nn.Identity:
+        return None
+    cls = type(m)
+    if (cls.__name__ in ("DropPath", "DropBlock2d") and cls.__module__.startswith("timm.")
+            and (not m.training or not m.drop_prob)):
+        return None
+    return f"{name} is a {cls.__name__}" + (" in training mode" if cls.__name__ in ("DropPath", "DropBlock2d")
+                                            else "")
 
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -145,14 +188,14 @@ class _FusedForward:
         return h, scale, shift
 
 
-def _block_forward(block: nn.Module, x: Tensor, stages: list[tuple[nn.Module, nn.Module]]) -> Tensor:
-    check_input(x, block.conv1)
-    shortcut = _shortcut_pair(block.downsample)
-    if x.shape[0] == 0 or not all(_fusable_pair(c, b) for c, b in stages):
+def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
+    stages = block._stages()
+    check_input(x, stages[0][0])
+    if x.shape[0] == 0 or block._fusion_issue() is not None:
         return block._eager_forward(x)
-    conv2 = stages[1][0]
-    be = backends.resolve(block.backend, x, conv2.groups, conv2.dilation[0])
-    dtype = _compute_dtype(x, block.conv1.weight)
+    shortcut = _shortcut_pair(block.downsample)
+    be = backends.resolve(block.backend, x, max(c.groups for c, _ in stages), max(c.dilation[0] for c, _ in stages))
+    dtype = _compute_dtype(x, stages[0][0].weight)
     run = _FusedForward(stages)
     # A downsample of another shape than conv1x1+BN runs as the module it is and joins as the residual.
     generic = block.downsample(x) if block.downsample is not None and shortcut is None else None
@@ -184,13 +227,49 @@ class _Fused(nn.Module):
 
 
 class _FusedBlock(_Fused):
-    """What BasicBlock and Bottleneck share: the forward driver over their (conv, BN) stages."""
+    """What every fused residual block shares: the forward driver over a declarative description of the block.
+
+    A block is ``act(bn_n(conv_n(... act(bn_1(conv_1(x))) ...)) + downsample(x))`` where every activation is a
+    ReLU. A class states where those modules live, so torchvision's and timm's blocks (other attribute names)
+    run the same driver:
+
+    * ``_STAGES``: the (conv, norm) attribute names in order (conv1/bn1, conv2/bn2[, conv3/bn3]);
+    * ``_ACTS``: the activation attributes, each of which must be an ``nn.ReLU`` for the fused path;
+    * ``_IDENTITIES``: optional modules of the block that must be absent or the identity (timm's anti-aliasing,
+      attention, DropBlock and DropPath);
+    * ``downsample``: the shortcut, fused when it is ``Sequential(conv1x1, BN)``, else run as it is and added
+      as the residual;
+    * ``_eager_forward``: the original forward, run whenever :meth:`_fusion_issue` names a reason.
+    """
+
+    _STAGES: tuple[tuple[str, str], ...] = ()
+    _ACTS: tuple[str, ...] = ()
+    _IDENTITIES: tuple[str, ...] = ()
 
     def _stages(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(getattr(self, conv), getattr(self, bn)) for conv, bn in self._STAGES]
+
+    def _fusion_issue(self) -> str | None:
+        """Why this block runs its original forward instead of the fused one (None: it runs fused)."""
+        for conv, bn in self._STAGES:
+            issue = _pair_issue(getattr(self, conv), getattr(self, bn), f"{conv}/{bn}: ")
+            if issue is not None:
+                return issue
+        for name in self._ACTS:
+            act = getattr(self, name)
+            if type(act) is not nn.ReLU:
+                return f"activation {name} is a {type(act).__name__}, not an nn.ReLU"
+        for name in self._IDENTITIES:
+            issue = _inactive_module_issue(name, getattr(self, name, None))
+            if issue is not None:
+                return issue
+        return None
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return _block_forward(self, x, self._stages())
+        return _block_forward(self, x)
 
 
 class BasicBlock(_FusedBlock):
@@ -218,8 +297,8 @@ class BasicBlock(_FusedBlock):
         self.stride = stride
         self._init_fused(backend)
 
-    def _stages(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+    _STAGES = (("conv1", "bn1"), ("conv2", "bn2"))
+    _ACTS = ("relu",)
 
     def _eager_forward(self, x: Tensor) -> Tensor:
         identity = x
@@ -258,8 +337,8 @@ class Bottleneck(_FusedBlock):
         self.stride = stride
         self._init_fused(backend)
 
-    def _stages(self):
-        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+    _STAGES = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _ACTS = ("relu",)
 
     def _eager_forward(self, x: Tensor) -> Tensor:
         identity = x
@@ -349,10 +428,15 @@ class ResNet(_Fused):
 
         return nn.Sequential(*layers)
 
+    def _stem_issue(self) -> str | None:
+        """Why the stem runs unfused (None: it runs fused)."""
+        if type(self.relu) is not nn.ReLU:
+            return f"activation relu is a {type(self.relu).__name__}, not an nn.ReLU"
+        return _pair_issue(self.conv1, self.bn1, "conv1/bn1: ")
+
     def _stem(self, x: Tensor) -> Tensor:
         """``relu(bn1(conv1(x)))``: one conv_bn_act launch in eval, conv_stats + BN + ReLU in training."""
-        if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point()
-                or not _fusable_pair(self.conv1, self.bn1)):
+        if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point() or self._stem_issue() is not None):
             return self.relu(self.bn1(self.conv1(x)))
         check_input(x, self.conv1)
         be = backends.resolve(self.backend, x)
@@ -388,24 +472,39 @@ class ResNet(_Fused):
 # ---------------------------------------------------------------------------------------------------------
 
 _FUSED_CLASSES = {"BasicBlock": BasicBlock, "Bottleneck": Bottleneck, "ResNet": ResNet}
+_TIMM_BLOCKS = ("BasicBlock", "Bottleneck")
 
 
 def _fused_class(module: nn.Module) -> type[_Fused] | None:
+    """The fused class for ``module``: torchvision's ``BasicBlock``/``Bottleneck``/``ResNet`` and timm's
+    ``BasicBlock``/``Bottleneck`` (exactly those classes), or a module already of a fused class."""
     cls = type(module)
     if cls in _FUSED_CLASSES.values():
         return cls
     if cls.__module__ == "torchvision.models.resnet" and cls.__name__ in _FUSED_CLASSES:
         return _FUSED_CLASSES[cls.__name__]
+    if cls.__module__ in ("timm.models.resnet", "resnet_fused.timm_blocks"):
+        from . import timm_blocks  # timm is imported already: the model is timm's
+
+        if cls in timm_blocks.FUSED.values():
+            return cls
+        return timm_blocks.FUSED.get(cls)
     return None
 
 
-def fuse(module: nn.Module, backend: str = "auto") -> nn.Module:
-    """Fuse every torchvision ``BasicBlock``/``Bottleneck``/``ResNet`` in ``module`` (itself included), in place.
+def fuse(module: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.Module:
+    """Fuse every ResNet block in ``module`` (itself included), in place: torchvision's ``BasicBlock``,
+    ``Bottleneck`` and ``ResNet`` (also inside detection and segmentation models) and timm's ``BasicBlock`` and
+    ``Bottleneck``.
 
     Each converted module keeps its identity, submodules, parameters, buffers and hooks — only its class
     changes (as ``torch.nn.utils.parametrize`` does) — so an optimizer built before ``fuse`` keeps training
-    the model and ``state_dict`` keys stay torchvision's. Already fused modules get ``backend`` set.
-    Subclasses of torchvision's classes are left alone: their ``forward`` may differ. Returns ``module``.
+    the model and ``state_dict`` keys stay torchvision's (timm's). Already fused modules get ``backend`` set.
+    Subclasses of those classes are left alone: their ``forward`` may differ. A converted block that the fused
+    path does not cover (another norm layer or activation, SE, ...) runs its own forward.
+
+    Warns once when nothing in ``module`` can run fused; ``verbose=True`` prints :func:`resnet_fused.explain`'s
+    table. Returns ``module``.
     """
     backends.check_name(backend)
     for m in module.modules():
@@ -415,6 +514,11 @@ def fuse(module: nn.Module, backend: str = "auto") -> nn.Module:
         if type(m) is not cls:
             m.__class__ = cls
         m._init_fused(backend)
+    from . import report
+
+    if verbose:
+        report.explain(module)
+    report.warn_if_nothing_fused(module)
     return module
 
 
@@ -440,16 +544,18 @@ def _ovewrite_named_param(kwargs: dict[str, Any], param: str, new_value: Any) ->
 
 
 def _verify_weights(enum_name: str, weights: Any) -> Any:
-    """Accept a torchvision Weights enum member, its name as a string (needs torchvision), or None."""
+    """Accept a member of torchvision's ``enum_name`` Weights enum, its name as a string, or None.
+
+    torchvision's own ``verify`` checks the member, so one of another enum (``resnet18(weights=
+    ResNet50_Weights.IMAGENET1K_V1)``) raises torchvision's ``TypeError`` before anything is built or
+    downloaded."""
     if weights is None:
         return None
-    if isinstance(weights, str):
-        import torchvision.models
-
-        return getattr(torchvision.models, enum_name).verify(weights)
-    if not (hasattr(weights, "get_state_dict") and hasattr(weights, "meta")):
+    if not isinstance(weights, str) and not (hasattr(weights, "get_state_dict") and hasattr(weights, "meta")):
         raise TypeError(f"weights must be None, a torchvision {enum_name} member or its name, got {weights!r}")
-    return weights
+    import torchvision.models  # a Weights member or its name: torchvision is there
+
+    return getattr(torchvision.models, enum_name).verify(weights)
 
 
 def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], weights: Any, progress: bool,

@@ -1,8 +1,9 @@
-"""BatchNorm as per-channel ``scale``/``shift`` vectors: folding, batch-statistics finalize, SyncBN.
+"""BatchNorm as per-channel ``scale``/``shift`` vectors: eval form, batch-statistics finalize, SyncBN.
 
 The fused ops never see a BatchNorm module. They see ``y = x*scale + shift`` per channel, where
 
-* in eval (running statistics): ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale``. The one-launch eval path gets
+* in eval (running statistics; always for torchvision's ``FrozenBatchNorm2d``, in training too):
+  ``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale``. The one-launch eval path gets
   the module's live tensors (:func:`eval_bn`) and applies ``scale``/``shift`` in its convolution's epilogue in
   fp32, computing them on every call: nothing is folded into or cached beside the weights, so no edit of a
   weight or buffer (an optimizer step, ``load_state_dict``, an in-place write through ``.data``, which bumps no
@@ -25,8 +26,24 @@ from torch import Tensor, nn
 from .backends.reference import EvalBN, acc_dtype, eval_scale_shift
 
 
-def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
-    """Whether ``bn`` normalizes with batch statistics, by the rule ``nn.BatchNorm2d.forward`` applies."""
+def is_frozen(bn: nn.Module) -> bool:
+    """Whether ``bn`` is torchvision's ``FrozenBatchNorm2d`` (which timm uses too): ``weight``, ``bias``,
+    ``running_mean`` and ``running_var`` are buffers, the statistics are always the running ones and are never
+    updated, in eval and in training alike. (Matched by name, so torchvision need not be imported.)"""
+    cls = type(bn)
+    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__ == "torchvision.ops.misc"
+
+
+def channels(bn: nn.Module) -> int:
+    """The number of channels a BatchNorm (or ``FrozenBatchNorm2d``) normalizes."""
+    return bn.running_mean.shape[0] if getattr(bn, "running_mean", None) is not None else bn.num_features
+
+
+def uses_batch_stats(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalizes with batch statistics, by the rule ``nn.BatchNorm2d.forward`` applies; never
+    for a ``FrozenBatchNorm2d``, whose training mode is its eval mode."""
+    if is_frozen(bn):
+        return False
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
