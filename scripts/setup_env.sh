@@ -65,8 +65,9 @@ for name in ("nvidia-cutlass", "nvidia-cudnn-frontend"):
         wheels.append(f"{name}=={metadata.version(name)}")
     except metadata.PackageNotFoundError:
         wheels.append(f"{name}: none")
-switches = {k: os.environ.get(k) for k in ("CUDA_HOME", "CUTLASS_PATH", "RESNET_FUSED_CUDA_ARCHS",
-                                           "RESNET_FUSED_FORCE_CPU_EXT")}
+switches = {k: os.environ.get(k) for k in ("CUDA_HOME", "CUTLASS_PATH", "CUDNN_FRONTEND_PATH",
+                                           "RESNET_FUSED_CUDA_ARCHS", "RESNET_FUSED_FORCE_CPU_EXT",
+                                           "RESNET_FUSED_NO_CUDNN_FRONTEND")}
 h.update(repr((torch.__version__, torch.version.cuda, wheels, sorted(switches.items()))).encode())
 print(h.hexdigest())
 KEY
