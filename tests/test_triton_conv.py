@@ -426,3 +426,97 @@ def test_gpu_tf32_follows_cudnn_flag():
     _close(conv.conv2d_fused(x, weight, None, 1, 1), ref, torch.float32)
     torch.backends.cudnn.allow_tf32 = True
     torch.testing.assert_close(conv.conv2d_fused(x, weight, None, 1, 1).double(), ref, rtol=2e-2, atol=2e-2)
+
+
+# ---- configs: pruning, deterministic mode, the selectable prologue form, the packed small-C reduction ----
+
+
+def _cfg(bm, bn, bk, warps=4):
+    import triton
+
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps)
+
+
+def _prune_kwargs(**over):
+    kw = dict(GROUPS=1, S=3, PACK_S=False, HAS_SHORTCUT=False, IN_AFFINE_RELU=False, PROLOGUE_SMEM=False)
+    kw.update(over)
+    return kw
+
+
+def test_prune_keeps_what_fits_the_shape():
+    configs = [_cfg(128, 128, 64, 8), _cfg(128, 64, 64, 8), _cfg(64, 128, 64), _cfg(64, 64, 32), _cfg(64, 64, 16),
+               _cfg(64, 32, 16)]
+
+    def kept(c, k, **kw):
+        return [(x.kwargs["BLOCK_M"], x.kwargs["BLOCK_N"], x.kwargs["BLOCK_K"])
+                for x in conv._prune(configs, {"C": c, "K": k}, **_prune_kwargs(**kw))]
+
+    assert kept(256, 256) == [(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 32)]  # BLOCK_K=16: C >= 32
+    assert kept(256, 64) == [(128, 64, 64), (64, 64, 32)]  # no tile wider than K
+    assert kept(3, 64) == [(64, 64, 16), (64, 32, 16)]  # the stem: BLOCK_K=16 only
+    # packed: a filter row of 21 values
+    assert kept(3, 64, PACK_S=True, S=7) == [(64, 64, 32), (64, 64, 16), (64, 32, 16)]
+    assert kept(128, 128, GROUPS=32) == [(64, 32, 16)]  # 4 channels per group
+    # two accumulators: at most 32 fp32 registers per thread each
+    assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32)]
+    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
+    assert kept(16, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 16)]
+    assert kept(16, 64, IN_AFFINE_RELU=True) == [(64, 64, 16), (64, 32, 16)]
+    assert kept(8, 8, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 32, 16)]  # never empty
+
+
+def test_stem_runs_the_packed_reduction():
+    """A 3-channel 7x7 conv takes the (s, c)-packed loop (checked on the recorded launch), and its MMA tiles
+    issue at least 40% useful work with the configs pruning keeps (the arithmetic the compile report uses)."""
+    x = _rand(2, 3, 224, 224, channels_last=True)  # recorded, not run: the ResNet stem's shape
+    weight = _weight(64, 3, 7, 7)
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 2, 3)
+    (launch,) = launches
+    assert launch.kwargs["PACK_S"] is True
+    nargs = dict(zip(conv._conv_fwd_tuned.arg_names, launch.args))
+    for bk in (16, 32):
+        useful, issued = conv.mma_macs({**nargs, **launch.kwargs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk})
+        assert useful / issued >= 0.4
+    with _launch.capture() as launches:
+        conv.conv2d_fused(_rand(1, 64, 9, 9), _weight(64, 64, 3, 3), None, 1, 1)
+    assert launches[0].kwargs["PACK_S"] is False
+
+
+@pytest.mark.parametrize("switch", ["env", "torch"])
+def test_deterministic_mode_runs_one_fixed_config(switch, monkeypatch):
+    """RESNET_FUSED_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True): the launch takes the first
+    config pruning keeps (no autotuning), records it in tile_configs(), and reruns agree bit for bit."""
+    if switch == "env":
+        monkeypatch.setenv("RESNET_FUSED_DETERMINISTIC", "1")
+    else:
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert tb.deterministic()
+    x = _rand(2, 5, 7, 7, channels_last=True)
+    weight = _weight(6, 5, 3, 3)
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    assert launches[0].kernel is conv._conv_fwd_kernel  # the plain kernel, not the autotuner
+    first = conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    again = conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _close(first[0], _ref(x, weight, None, 1, 1), torch.float32)
+    fixed = {k: v for k, v in tb.tile_configs().items() if k.startswith("fixed ")}
+    assert any("R=3" in k and "STATS=True" in k for k in fixed), fixed
+
+
+def test_prologue_staged_form_still_exact(monkeypatch):
+    """RESNET_FUSED_TRITON_PROLOGUE=smem (the transposed, shared-memory staged prologue) computes the same."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "smem")
+    x = _rand(2, 5, 7, 7, channels_last=True)
+    weight = _weight(6, 5, 3, 3)
+    in_scale = _rand(5, scale=0.5) + 1.0
+    in_shift = torch.rand(5, device=DEVICE) + 0.5
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+    assert launches[0].kwargs["PROLOGUE_SMEM"] is True
+    y = conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+    _close(y, _ref(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift), torch.float32)
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "bogus")
+    with pytest.raises(ValueError, match="RESNET_FUSED_TRITON_PROLOGUE"):
+        conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)

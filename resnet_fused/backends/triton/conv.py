@@ -52,6 +52,8 @@ INTERPRET = _launch.INTERPRET
 MIN_BLOCK_M = 64
 # The (s, c)-packed reduction of small channel counts runs when a filter row holds at most this many values.
 PACK_S_MAX = 64
+# Inputs of at most this many channels (the stem's 3) are copied, zero-padded to it and spatially, for 16-byte loads.
+STEM_PAD_C = 4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -95,7 +97,7 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
     groups = kwargs["GROUPS"]
     k_g, c_g = nargs["K"] // groups, nargs["C"] // groups
     if kwargs.get("PACK_S"):
-        c_g *= kwargs["S"]  # the reduction step runs over a filter row's (s, c) values
+        c_g = kwargs["S"] * (kwargs.get("PAD_C") or c_g)  # the reduction runs over a filter row's (s, c) values
     n_cap = max(32, triton.next_power_of_2(k_g))
     k_cap = max(16, triton.next_power_of_2(c_g))
 
@@ -180,6 +182,7 @@ def _conv_fwd_kernel(
     HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr, SBN_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
     IN_AFFINE_RELU: tl.constexpr, PROLOGUE_SMEM: tl.constexpr, STATS: tl.constexpr, PACK_S: tl.constexpr,
+    PAD_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -199,7 +202,9 @@ def _conv_fwd_kernel(
     loads and MMA overlap the running one) unless PROLOGUE_SMEM, where it is staged through shared memory as the
     B operand of the transposed product (each K step then waits for its MMA).
     PACK_S (no groups, no prologue; the launcher sets it when S·C ≤ 64): the reduction of each filter row runs over
-    its contiguous (s, c) run, so a 3-channel stem issues S·C/BLOCK_K of useful MMA work, not C/BLOCK_K.
+    its contiguous (s, c) run, so a 3-channel stem issues S·C/BLOCK_K of useful MMA work, not C/BLOCK_K; with
+    PAD_C (the stem: C ≤ 4, even stride) x and w are the launcher's padded copies described at that loop, and
+    PAD_H = PAD_W = 0, H, W are the padded copy's.
     """
     pid = tl.program_id(0)
     M = N * P * Q
@@ -237,9 +242,24 @@ def _conv_fwd_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PACK_S:
-        # Small channel counts (the stem's C = 3): the reduction runs over the contiguous (s, c) run of each
-        # filter row, j = s·C_G + c < S·C_G, instead of padding every tap's C_G channels to BLOCK_K.
+    if PACK_S and PAD_C > 0:
+        # The stem on the launcher's zero-padded copies: x with PAD_C channels and its spatial padding in memory,
+        # the filter as [K, R, S_PAD·PAD_C] rows (zeros beyond S, C): a filter row's values are the contiguous,
+        # 16-byte aligned run x[n, h, w0 + j // PAD_C, j % PAD_C], so no mask but the row's and 16-byte
+        # asynchronous copies on both operands.
+        STEPS: tl.constexpr = (S * PAD_C + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, R * STEPS):
+            r = it // STEPS
+            j = (it - r * STEPS) * BLOCK_K + offs_c
+            h = h0 + r * DIL_H
+            a = tl.load(x_ptr + (x_row + h * stride_xh + w0 * PAD_C)[:, None] + j[None, :], mask=m_ok[:, None],
+                        other=0.0)
+            b = tl.load(w_ptr + (k * stride_wk)[None, :] + (r * stride_wr + j)[:, None], mask=k_ok[None, :],
+                        other=0.0)
+            acc = _mma(a, b, acc, False, DOT_IN_FP32, INPUT_PRECISION)
+    elif PACK_S:
+        # Small channel counts: the reduction runs over the contiguous (s, c) run of each filter row,
+        # j = s·C_G + c < S·C_G, instead of padding every tap's C_G channels to BLOCK_K.
         num_jb = tl.cdiv(S * C_G, BLOCK_K)
         for it in range(0, R * num_jb):
             r = it // num_jb
@@ -336,7 +356,7 @@ def _conv_fwd_kernel(
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
 # use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
 TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "HAS_RESIDUAL", "HAS_SHORTCUT",
-            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S"]
+            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C"]
 _conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
                                   prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
 _FIXED: dict = {}  # deterministic mode: tune key text -> the config it runs
@@ -392,7 +412,7 @@ def mma_macs(args: dict) -> Tuple[int, int]:
     taps = args["R"] * args["S"]
     useful = m * args["K"] * taps * c_g
     if args.get("PACK_S"):
-        issued = g * m_pad * n_pad * args["R"] * cdiv(args["S"] * c_g, bk) * bk
+        issued = g * m_pad * n_pad * args["R"] * cdiv(args["S"] * (args.get("PAD_C") or c_g), bk) * bk
     else:
         issued = g * m_pad * n_pad * taps * cdiv(c_g, bk) * bk
     if args["HAS_SHORTCUT"]:
@@ -475,23 +495,42 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
 
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
     k_g = k // groups
+    pack_s = groups == 1 and in_scale is None and s > 1 and c * s <= PACK_S_MAX
+    pad_c = 0
+    x_strides, w_strides, pads = _strides(xc), _strides(wc), list(padding)
+    if pack_s and c <= STEM_PAD_C and dilation == [1, 1] and (stride[1] % 2 == 0 or x.element_size() == 4):
+        # The stem: zero-padded copies (see the kernel's PAD_C loop); the filter rows padded to whole steps of
+        # any BLOCK_K (at most 64), the width so that every row's last step is in bounds, and to a multiple of
+        # 4 pixels so that its row stride is 16-byte aligned.
+        pad_c = STEM_PAD_C
+        s_pad = triton.cdiv(s * pad_c, 64) * 64 // pad_c
+        hp = h + 2 * padding[0]
+        wp = triton.cdiv(max(w + 2 * padding[1], (q - 1) * stride[1] + s_pad), 4) * 4
+        xp = torch.zeros((n, hp, wp, pad_c), device=x.device, dtype=x.dtype)
+        xp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w, :c] = xc.permute(0, 2, 3, 1)
+        wp_ = torch.zeros((k, r, s_pad, pad_c), device=x.device, dtype=x.dtype)
+        wp_[:, :, :s, :c] = wc.permute(0, 2, 3, 1)
+        xc, wc = xp.permute(0, 3, 1, 2), wp_
+        h, w, pads = hp, wp, [0, 0]
+        x_strides = [hp * wp * pad_c, 1, wp * pad_c, pad_c]
+        w_strides = [r * s_pad * pad_c, 1, s_pad * pad_c, pad_c]
     args = (
         xc, wc, present(bn_weight), present(bn_bias), present(bn_mean), present(bn_var), res, sx, sw,
         present(sbn_weight), present(sbn_bias), present(sbn_mean), present(sbn_var),
         present(in_scale), present(in_shift),
         y, part_rows, part_mean, part_m2,
         n, c, h, w, k, p, q, cs, hs, ws,
-        *_strides(xc), *_strides(wc), *_strides(res), *_strides(sx), *_strides(sw)[:2], *_strides(y),
+        *x_strides, *w_strides, *_strides(res), *_strides(sx), *_strides(sw)[:2], *_strides(y),
         float(bn_eps), float(sbn_eps),
         triton.next_power_of_2(m),
     )
     consts = dict(
-        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=pads[0], PAD_W=pads[1],
         DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
         HAS_BN=bn_mean is not None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
         IN_AFFINE_RELU=in_scale is not None, PROLOGUE_SMEM=prologue_smem(), STATS=stats,
-        PACK_S=groups == 1 and in_scale is None and s > 1 and c * s <= PACK_S_MAX,
+        PACK_S=pack_s, PAD_C=pad_c,
         INPUT_PRECISION=_input_precision(x.dtype), DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
 
