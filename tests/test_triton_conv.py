@@ -444,25 +444,25 @@ def _prune_kwargs(**over):
 
 
 def test_prune_keeps_what_fits_the_shape():
-    configs = [_cfg(128, 128, 64, 8), _cfg(128, 64, 64, 8), _cfg(64, 128, 64), _cfg(64, 64, 32), _cfg(64, 64, 16),
-               _cfg(64, 32, 16)]
+    configs = [_cfg(128, 128, 64, 8), _cfg(128, 64, 64, 8), _cfg(64, 128, 64), _cfg(64, 64, 32), _cfg(64, 32, 32),
+               _cfg(64, 64, 16), _cfg(64, 32, 16)]
 
     def kept(c, k, **kw):
         return [(x.kwargs["BLOCK_M"], x.kwargs["BLOCK_N"], x.kwargs["BLOCK_K"])
                 for x in conv._prune(configs, {"C": c, "K": k}, **_prune_kwargs(**kw))]
 
-    assert kept(256, 256) == [(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 32)]  # BLOCK_K=16: C >= 32
-    assert kept(256, 64) == [(128, 64, 64), (64, 64, 32)]  # no tile wider than K
-    assert kept(3, 64) == [(64, 64, 16), (64, 32, 16)]  # the stem: BLOCK_K=16 only
-    # packed: a filter row of 21 values
-    assert kept(3, 64, PACK_S=True, S=7) == [(64, 64, 32), (64, 64, 16), (64, 32, 16)]
-    assert kept(128, 128, GROUPS=32) == [(64, 32, 16)]  # 4 channels per group
+    # BLOCK_K=16 only below 32 channels; 64x32x16 never: a thread's share of its 32x16 tile is 8 bytes
+    assert kept(256, 256) == [(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 32), (64, 32, 32)]
+    assert kept(256, 64) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]  # no tile wider than K
+    assert kept(3, 64) == [(64, 64, 16)]  # the stem unpacked: BLOCK_K=16 only
+    assert kept(3, 64, PACK_S=True, S=7) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]  # a filter row: 21 values
+    assert kept(4, 64, PACK_S=True, S=7, PAD_C=4) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]
+    assert kept(128, 128, GROUPS=32) == [(64, 32, 16)]  # 4 channels per group: nothing fits, the last config
     # two accumulators: at most 32 fp32 registers per thread each
-    assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32)]
+    assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]
     # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
-    assert kept(16, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 16)]
-    assert kept(16, 64, IN_AFFINE_RELU=True) == [(64, 64, 16), (64, 32, 16)]
-    assert kept(8, 8, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 32, 16)]  # never empty
+    assert kept(32, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 32)]
+    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32), (64, 32, 32)]
 
 
 def test_stem_runs_the_packed_reduction():

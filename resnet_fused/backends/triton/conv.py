@@ -89,7 +89,8 @@ def _configs() -> list[triton.Config]:
 def _prune(configs: list, nargs: dict, **kwargs) -> list:
     """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
-    only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row); with the
+    only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row), and whose
+    operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
     shortcut's second accumulator, at most 32 fp32 accumulator registers per thread and accumulator
     (BLOCK_M·BLOCK_N ≤ 1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
     through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
@@ -101,9 +102,14 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
     n_cap = max(32, triton.next_power_of_2(k_g))
     k_cap = max(16, triton.next_power_of_2(c_g))
 
+    x = nargs.get("x_ptr")
+    vec = 16 // (x.element_size() if x is not None else 2)  # elements of a 16-byte load
+
     def fits(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
         if bn > n_cap or bk > k_cap or (bk == 16 and c_g >= 32):
+            return False
+        if min(bm, bn) * bk < vec * 32 * cfg.num_warps:  # a thread's share of a tile below 16 bytes
             return False
         if kwargs["HAS_SHORTCUT"] and bm * bn > 1024 * cfg.num_warps:
             return False
