@@ -105,3 +105,30 @@ def test_ptxas_log_parsing():
     facts = aot.parse_ptxas(log)
     assert facts == {"registers": 255, "stack_bytes": 16, "spill_bytes": 24, "spill_load_bytes": 20,
                      "ptxas_warnings": ["Registers are spilled"]}
+
+
+_TTGIR = """
+    %a0 = ttg.async_copy_global_to_local %p0, %s0 mask %m0 : tensor<64x32x!tt.ptr<bf16>, #blocked> -> <64x32xbf16>
+    %r = scf.for %i = %c0 to %n step %c1 iter_args(%acc = %z) -> (tensor<64x64xf32, #mma>) : i32 {
+      %a = ttg.async_copy_global_to_local %p1, %s1 mask %m1 {contiguity = 8 : i32} : tensor<64x32x!tt.ptr<bf16>, #b>
+      %sc = ttg.async_copy_global_to_local %p2, %s2 mask %m2 : tensor<32x!tt.ptr<f32>, #b2> -> <32xf32>
+      {operand_b}
+      %d = ttng.warp_group_dot %x, %y, %acc {isAsync = true} : tensor<64x16xbf16> * !ttg.memdesc<16x64xbf16>
+      scf.yield %d : tensor<64x64xf32, #mma>
+    }
+"""
+
+
+@pytest.mark.parametrize("operand_b,expect_async,kinds", [
+    ('%b = ttg.async_copy_global_to_local %p3, %s3 {contiguity = 8 : i32} : tensor<32x64x!tt.ptr<bf16>, #b1>', True,
+     {"async16B": 2, "vector4B": 1}),
+    ('%b = ttg.async_copy_global_to_local %p3, %s3 {contiguity = 4 : i32} : tensor<32x64x!tt.ptr<bf16>, #b1>', False,
+     {"async16B": 1, "async8B": 1, "vector4B": 1}),
+    ('%b = tt.load %p3, %m3 : tensor<32x64x!tt.ptr<bf16>, #b1>', False, {"async16B": 1, "sync2B": 1, "vector4B": 1}),
+])
+def test_ttgir_operand_analysis(operand_b, expect_async, kinds):
+    """Operand tiles (2-D) are told from per-channel vectors (1-D); loads before the loop do not count."""
+    from benchmarks.compile import aot
+
+    facts = aot.analyze_ttgir(_TTGIR.replace("{operand_b}", operand_b))
+    assert facts == {"operand_loads_async": expect_async, "operand_loads": kinds}

@@ -520,3 +520,36 @@ def test_prologue_staged_form_still_exact(monkeypatch):
     monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "bogus")
     with pytest.raises(ValueError, match="RESNET_FUSED_TRITON_PROLOGUE"):
         conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("form", ["rs", "smem"])
+def test_gpu_prologue_forms(form, monkeypatch):
+    """Both forms of the BN+ReLU prologue (wgmma's register operand; staged through shared memory) on a ResNet
+    layer in bf16: exact to the tolerance, statistics included."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", form)
+    x = _rand(8, 64, 56, 56, dtype=torch.bfloat16, channels_last=True)
+    weight = _weight(64, 64, 3, 3, torch.bfloat16)
+    in_scale = _rand(64, scale=0.5) + 1.0
+    in_shift = _rand(64, scale=0.5)
+    y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift, stats=True)
+    _close(y, _ref(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift), torch.bfloat16)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    """Deterministic mode on a GPU: the fixed config of each shape, and the same bits on every rerun (what DDP
+    ranks computing the same shapes rely on)."""
+    monkeypatch.setenv("RESNET_FUSED_DETERMINISTIC", "1")
+    x = _rand(8, 128, 28, 28, dtype=torch.bfloat16, channels_last=True)
+    weight = _weight(128, 128, 3, 3, torch.bfloat16)
+    runs = [conv.conv2d_fused(x, weight, None, 1, 1, stats=True) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    _close(runs[0][0], _ref(x, weight, None, 1, 1), torch.bfloat16)
+    assert any(k.startswith("fixed ") for k in tb.tile_configs())

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from . import _launch
 
-MERGE_BLOCK_P = 64  # partial rows per step of the merge loop
-MERGE_BLOCK_C = 32  # channels per merge program
+MERGE_BLOCK_P = 128  # partial rows per step of the merge loop
+MERGE_BLOCK_C = 16  # channels per merge program: K/16 programs, each streaming every row of its channels
 FINALIZE_BLOCK_C = 256  # channels per finalize program
 
 
