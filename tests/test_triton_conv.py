@@ -458,8 +458,10 @@ def test_prune_keeps_what_fits_the_shape():
     assert kept(3, 64, PACK_S=True, S=7) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]  # a filter row: 21 values
     assert kept(4, 64, PACK_S=True, S=7, PAD_C=4) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]
     assert kept(128, 128, GROUPS=32) == [(64, 32, 16)]  # 4 channels per group: nothing fits, the last config
-    # two accumulators: at most 32 fp32 registers per thread each
+    # two accumulators, or an NCHW output: at most 32 fp32 registers per thread each
     assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]
+    assert conv._prune(configs, {"C": 256, "K": 256, "stride_yc": 49}, **_prune_kwargs()) == \
+        conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(HAS_SHORTCUT=True))
     # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
     assert kept(32, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 32)]
     assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32), (64, 32, 32)]

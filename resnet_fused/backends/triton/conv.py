@@ -91,8 +91,9 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
     only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row), and whose
     operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
-    shortcut's second accumulator, at most 32 fp32 accumulator registers per thread and accumulator
-    (BLOCK_M·BLOCK_N ≤ 1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
+    shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
+    along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
+    1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
     through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
     Never empty: the last config if nothing fits."""
     groups = kwargs["GROUPS"]
@@ -104,6 +105,7 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
 
     x = nargs.get("x_ptr")
     vec = 16 // (x.element_size() if x is not None else 2)  # elements of a 16-byte load
+    nchw_out = nargs.get("stride_yc", 1) not in (0, 1)  # the epilogue stores along M: a layout conversion
 
     def fits(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -111,7 +113,7 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
             return False
         if min(bm, bn) * bk < vec * 32 * cfg.num_warps:  # a thread's share of a tile below 16 bytes
             return False
-        if kwargs["HAS_SHORTCUT"] and bm * bn > 1024 * cfg.num_warps:
+        if (kwargs["HAS_SHORTCUT"] or nchw_out) and bm * bn > 1024 * cfg.num_warps:
             return False
         return not (kwargs["IN_AFFINE_RELU"] and kwargs["PROLOGUE_SMEM"] and bn < 64)
 
