@@ -52,7 +52,8 @@ INTERPRET = _launch.INTERPRET
 MIN_BLOCK_M = 64
 # The (s, c)-packed reduction of small channel counts runs when a filter row holds at most this many values.
 PACK_S_MAX = 64
-# Inputs of at most this many channels (the stem's 3) are copied, zero-padded to it and spatially, for 16-byte loads.
+# Large filters (5x5 and up) on at most this many channels (the stem: 7x7 on 3) run on copies zero-padded to it and
+# spatially, for 16-byte loads (worth the copy only where the filter is large).
 STEM_PAD_C = 4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -211,8 +212,8 @@ def _conv_fwd_kernel(
     B operand of the transposed product (each K step then waits for its MMA).
     PACK_S (no groups, no prologue; the launcher sets it when S·C ≤ 64): the reduction of each filter row runs over
     its contiguous (s, c) run, so a 3-channel stem issues S·C/BLOCK_K of useful MMA work, not C/BLOCK_K; with
-    PAD_C (the stem: C ≤ 4, even stride) x and w are the launcher's padded copies described at that loop, and
-    PAD_H = PAD_W = 0, H, W are the padded copy's.
+    PAD_C (the stem: C ≤ 4, filters of 5x5 and up, even stride) x and w are the launcher's padded copies
+    described at that loop, and PAD_H = PAD_W = 0, H, W are the padded copy's.
     """
     pid = tl.program_id(0)
     M = N * P * Q
@@ -506,7 +507,8 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
     pack_s = groups == 1 and in_scale is None and s > 1 and c * s <= PACK_S_MAX
     pad_c = 0
     x_strides, w_strides, pads = _strides(xc), _strides(wc), list(padding)
-    if pack_s and c <= STEM_PAD_C and dilation == [1, 1] and (stride[1] % 2 == 0 or x.element_size() == 4):
+    if (pack_s and c <= STEM_PAD_C and min(r, s) >= 5 and dilation == [1, 1]
+            and (stride[1] % 2 == 0 or x.element_size() == 4)):
         # The stem: zero-padded copies (see the kernel's PAD_C loop); the filter rows padded to whole steps of
         # any BLOCK_K (at most 64), the width so that every row's last step is in bounds, and to a multiple of
         # 4 pixels so that its row stride is 16-byte aligned.
