@@ -7,11 +7,6 @@ prologue (with positive shifts, so a padded zero that went through the activatio
 per-channel statistics. Fusion is checked with the launch counter. CPU runs use the Triton interpreter.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,22 +204,25 @@ def test_stats_of_grouped_strided_conv_with_epilogue():
     torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
 
 
-def test_merge_partial_stats_multistage_and_stable():
-    """Three merge stages over partials of data with a large common offset (1e4, spread 1): a Σ/Σ² merge in
-    fp32 would lose the variance entirely; Chan's merge keeps it."""
+def test_merge_partial_stats_one_launch_and_stable():
+    """The per-tile partials of 300 row tiles of height 7 (the last one partial), data with a large common offset
+    (1e4, spread 1): merged in ONE launch; a Σ/Σ² merge in fp32 would lose the variance entirely, Chan's merge
+    keeps it. Rows past the last tile hold garbage the merge must not read."""
+    from resnet_fused.backends.triton import stats
+
     gen = torch.Generator().manual_seed(0)
-    counts = torch.randint(0, 40, (300,), generator=gen)
-    counts[::7] = 0
-    k = 5
-    data = 1e4 + torch.randn(int(counts.sum()), k, generator=gen, dtype=torch.float64)
-    chunks = torch.split(data, counts.tolist())
-    mean = torch.stack([ch.mean(0) if len(ch) else torch.zeros(k, dtype=torch.float64) for ch in chunks])
-    m2 = torch.stack([((ch - ch.mean(0)) ** 2).sum(0) if len(ch) else torch.zeros(k, dtype=torch.float64)
-                      for ch in chunks])
+    block_m, m, k = 7, 7 * 299 + 3, 5
+    data = 1e4 + torch.randn(m, k, generator=gen, dtype=torch.float64)
+    tiles = torch.split(data, block_m)
+    mean = torch.stack([t.mean(0) for t in tiles])
+    m2 = torch.stack([((t - t.mean(0)) ** 2).sum(0) for t in tiles])
     f32 = dict(device=DEVICE, dtype=torch.float32)
+    garbage = torch.full((4, k), float("nan"), **f32)
+    rows = torch.tensor([block_m], device=DEVICE, dtype=torch.int32)
     _launch.reset_launch_count()
-    got_mean, got_var = conv.merge_partial_stats(counts.to(**f32), mean.to(**f32), m2.to(**f32), rows_per_prog=10)
-    assert _launch.launch_count() == 3
+    got_mean, got_var = stats.merge_partial_stats(rows, torch.cat([mean.to(**f32), garbage]),
+                                                  torch.cat([m2.to(**f32), garbage]), m)
+    assert _launch.launch_count() == 1
     ref_var, ref_mean = torch.var_mean(data, dim=0, correction=0)
     torch.testing.assert_close(got_mean.cpu().double(), ref_mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(got_var.cpu().double(), ref_var, rtol=1e-3, atol=0)
@@ -270,7 +268,8 @@ def test_conv_bn_act_gradients(tail, relu):
     ref_grads = torch.autograd.grad(ref, leaves, dy.double())
     for i, (g, rg) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == leaves[i].dtype and g.shape == leaves[i].shape
-        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"grad of leaf {i}: {m}")
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, i=i: f"grad of leaf {i}: {m}")
 
 
 def test_conv_bn_act_without_affine_and_grouped():
@@ -369,79 +368,6 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-4)
 
 
-# Specialisation the JIT gives a channels-last ResNet layer (batch 256, 64 channels at 56x56): unit channel
-# strides become constants, strides and sizes divisible by 16 carry that hint.
-_UNIT_STRIDES = ("stride_xc", "stride_wc", "stride_rc", "stride_sxc", "stride_swc", "stride_yc")
-_HOPPER_CASES = {  # name: (dtype, R, stride, flags)
-    "basic-conv2-residual": ("bf16", 3, 1, dict(HAS_BN=True, HAS_RESIDUAL=True, RELU=True)),
-    "bottleneck-tail-shortcut": ("bf16", 1, 1, dict(HAS_BN=True, HAS_SHORTCUT=True, RELU=True)),
-    "train-prologue-stats-s2": ("bf16", 3, 2, dict(IN_AFFINE_RELU=True, STATS=True)),
-    "stem-fp32-tf32": ("fp32", 7, 2, dict(HAS_BN=True, RELU=True)),
-}
-_HOPPER_SMEM = 232448
-
-
-def _hopper_compile_report() -> None:
-    """Compile the kernels for sm_90 without a GPU and print one line per case: name, shared bytes, whether
-    the PTX uses wgmma. Exit code 3 when this triton's compiler API differs from the one used here."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    try:
-        target = GPUTarget("cuda", 90, 32)
-        backend = triton.compiler.make_backend(target)
-        kern = conv._conv_fwd_kernel.fn
-        kern.arg_names
-    except (AttributeError, TypeError) as err:
-        print(f"compiler API: {err}")
-        sys.exit(3)
-    cfg = next(c for c in conv._configs() if c.kwargs["BLOCK_M"] != c.kwargs["BLOCK_N"])  # catches transposes
-    for name, (dt, r, st, flags) in _HOPPER_CASES.items():
-        consts = dict(R=r, S=r, STRIDE_H=st, STRIDE_W=st, PAD_H=r // 2, PAD_W=r // 2, DIL_H=1, DIL_W=1, GROUPS=1,
-                      SC_STRIDE=2, HAS_BN=False, BN_AFFINE=True, SBN_AFFINE=True, HAS_RESIDUAL=False,
-                      HAS_SHORTCUT=False, RELU=False,
-                      IN_AFFINE_RELU=False, STATS=False, STATS_ROWS=conv.STATS_ROWS,
-                      INPUT_PRECISION="tf32" if dt == "fp32" else "ieee", DOT_IN_FP32=False, **cfg.kwargs)
-        consts.update(flags)
-        consts.update({n: 1 for n in _UNIT_STRIDES})
-        signature, attrs = {}, {}
-        for i, arg in enumerate(kern.arg_names):
-            if arg in consts:
-                signature[arg] = "constexpr"
-            elif arg.endswith("_ptr"):
-                fp32 = arg.startswith(("bn_", "sbn_", "part_")) or arg in ("scale_ptr", "shift_ptr")
-                signature[arg] = "*fp32" if fp32 else f"*{dt}"
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            elif arg.endswith("_eps"):
-                signature[arg] = "fp32"
-            else:
-                signature[arg] = "i32"
-                if arg not in ("H", "W", "P", "Q", "HS", "WS"):
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        src = triton.compiler.ASTSource(fn=kern, constexprs=consts, signature=signature, attrs=attrs)
-        opts = backend.parse_options({"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        compiled = triton.compile(src, target=target, options=opts.__dict__)
-        print(name, compiled.metadata.shared, "wgmma" in compiled.asm["ptx"], flush=True)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile and run the kernels for real")
-def test_kernel_compiles_for_hopper():
-    """The interpreter does not compile: build a Hopper tile for sm_90 (no GPU needed) for the block
-    convolutions' flag combinations and check they use wgmma within the shared-memory budget."""
-    tests = Path(__file__).resolve().parent
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", "import test_triton_conv as t; t._hopper_compile_report()"],
-                          env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"this triton's compiler API differs: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = dict((ln.split(" ", 1)[0], ln.split()[1:]) for ln in proc.stdout.splitlines())
-    assert set(lines) == set(_HOPPER_CASES), proc.stdout
-    for name, (shared, wgmma) in lines.items():
-        assert int(shared) <= _HOPPER_SMEM and wgmma == "True", f"{name}: shared={shared} wgmma={wgmma}"
-
-
 # ---- GPU: real ResNet shapes in half precision, autotuning ----
 
 RESNET_SHAPES = {
@@ -466,7 +392,12 @@ def test_gpu_resnet_shapes(name, dtype):
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
-    assert conv._conv_fwd_kernel.best_config is not None
+    # autotuning timed every config pruning kept for this shape (more than one) and ran the fastest of them
+    tuned = conv._conv_fwd_tuned
+    timings = getattr(tuned, "configs_timings", None) or {}
+    assert len(timings) > 1, f"autotuning timed {len(timings)} config(s)"
+    assert tuned.best_config in timings and timings[tuned.best_config] == min(timings.values())
+    assert any(text == conv._config_text(tuned.best_config) for text in tb.tile_configs().values())
 
 
 @pytest.mark.gpu
@@ -495,3 +426,132 @@ def test_gpu_tf32_follows_cudnn_flag():
     _close(conv.conv2d_fused(x, weight, None, 1, 1), ref, torch.float32)
     torch.backends.cudnn.allow_tf32 = True
     torch.testing.assert_close(conv.conv2d_fused(x, weight, None, 1, 1).double(), ref, rtol=2e-2, atol=2e-2)
+
+
+# ---- configs: pruning, deterministic mode, the selectable prologue form, the packed small-C reduction ----
+
+
+def _cfg(bm, bn, bk, warps=4):
+    import triton
+
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps)
+
+
+def _prune_kwargs(**over):
+    kw = dict(GROUPS=1, S=3, PACK_S=False, HAS_SHORTCUT=False, IN_AFFINE_RELU=False, PROLOGUE_SMEM=False)
+    kw.update(over)
+    return kw
+
+
+def test_prune_keeps_what_fits_the_shape():
+    configs = [_cfg(128, 128, 64, 8), _cfg(128, 64, 64, 8), _cfg(64, 128, 64), _cfg(64, 64, 32), _cfg(64, 32, 32),
+               _cfg(64, 64, 16), _cfg(64, 32, 16)]
+
+    def kept(c, k, **kw):
+        return [(x.kwargs["BLOCK_M"], x.kwargs["BLOCK_N"], x.kwargs["BLOCK_K"])
+                for x in conv._prune(configs, {"C": c, "K": k}, **_prune_kwargs(**kw))]
+
+    # BLOCK_K=16 only below 32 channels; 64x32x16 never: a thread's share of its 32x16 tile is 8 bytes
+    assert kept(256, 256) == [(128, 128, 64), (128, 64, 64), (64, 128, 64), (64, 64, 32), (64, 32, 32)]
+    assert kept(256, 64) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]  # no tile wider than K
+    assert kept(3, 64) == [(64, 64, 16)]  # the stem unpacked: BLOCK_K=16 only
+    assert kept(3, 64, PACK_S=True, S=7) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]  # a filter row: 21 values
+    assert kept(4, 64, PACK_S=True, S=7, PAD_C=4) == [(64, 64, 32), (64, 32, 32), (64, 64, 16)]
+    assert kept(128, 128, GROUPS=32) == [(64, 32, 16)]  # 4 channels per group: nothing fits, the last config
+    # two accumulators, or an NCHW output: at most 32 fp32 registers per thread each
+    assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]
+    assert conv._prune(configs, {"C": 256, "K": 256, "stride_yc": 49}, **_prune_kwargs()) == \
+        conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(HAS_SHORTCUT=True))
+    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
+    assert kept(32, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 32)]
+    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32), (64, 32, 32)]
+
+
+def test_stem_runs_the_packed_reduction():
+    """A 3-channel 7x7 conv takes the (s, c)-packed loop (checked on the recorded launch), and its MMA tiles
+    issue at least 40% useful work with the configs pruning keeps (the arithmetic the compile report uses)."""
+    x = _rand(2, 3, 224, 224, channels_last=True)  # recorded, not run: the ResNet stem's shape
+    weight = _weight(64, 3, 7, 7)
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 2, 3)
+    (launch,) = launches
+    assert launch.kwargs["PACK_S"] is True
+    nargs = dict(zip(conv._conv_fwd_tuned.arg_names, launch.args))
+    for bk in (16, 32):
+        useful, issued = conv.mma_macs({**nargs, **launch.kwargs, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": bk})
+        assert useful / issued >= 0.4
+    with _launch.capture() as launches:
+        conv.conv2d_fused(_rand(1, 64, 9, 9), _weight(64, 64, 3, 3), None, 1, 1)
+    assert launches[0].kwargs["PACK_S"] is False
+
+
+@pytest.mark.parametrize("switch", ["env", "torch"])
+def test_deterministic_mode_runs_one_fixed_config(switch, monkeypatch):
+    """RESNET_FUSED_DETERMINISTIC=1 or torch.use_deterministic_algorithms(True): the launch takes the first
+    config pruning keeps (no autotuning), records it in tile_configs(), and reruns agree bit for bit."""
+    if switch == "env":
+        monkeypatch.setenv("RESNET_FUSED_DETERMINISTIC", "1")
+    else:
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert tb.deterministic()
+    x = _rand(2, 5, 7, 7, channels_last=True)
+    weight = _weight(6, 5, 3, 3)
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    assert launches[0].kernel is conv._conv_fwd_kernel  # the plain kernel, not the autotuner
+    first = conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    again = conv.conv2d_fused(x, weight, None, 1, 1, stats=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _close(first[0], _ref(x, weight, None, 1, 1), torch.float32)
+    fixed = {k: v for k, v in tb.tile_configs().items() if k.startswith("fixed ")}
+    assert any("R=3" in k and "STATS=True" in k for k in fixed), fixed
+
+
+def test_prologue_staged_form_still_exact(monkeypatch):
+    """RESNET_FUSED_TRITON_PROLOGUE=smem (the transposed, shared-memory staged prologue) computes the same."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "smem")
+    x = _rand(2, 5, 7, 7, channels_last=True)
+    weight = _weight(6, 5, 3, 3)
+    in_scale = _rand(5, scale=0.5) + 1.0
+    in_shift = torch.rand(5, device=DEVICE) + 0.5
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+    assert launches[0].kwargs["PROLOGUE_SMEM"] is True
+    y = conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+    _close(y, _ref(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift), torch.float32)
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "bogus")
+    with pytest.raises(ValueError, match="RESNET_FUSED_TRITON_PROLOGUE"):
+        conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("form", ["rs", "smem"])
+def test_gpu_prologue_forms(form, monkeypatch):
+    """Both forms of the BN+ReLU prologue (wgmma's register operand; staged through shared memory) on a ResNet
+    layer in bf16: exact to the tolerance, statistics included."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", form)
+    x = _rand(8, 64, 56, 56, dtype=torch.bfloat16, channels_last=True)
+    weight = _weight(64, 64, 3, 3, torch.bfloat16)
+    in_scale = _rand(64, scale=0.5) + 1.0
+    in_shift = _rand(64, scale=0.5)
+    y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift, stats=True)
+    _close(y, _ref(x, weight, None, 1, 1, in_scale=in_scale, in_shift=in_shift), torch.bfloat16)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    """Deterministic mode on a GPU: the fixed config of each shape, and the same bits on every rerun (what DDP
+    ranks computing the same shapes rely on)."""
+    monkeypatch.setenv("RESNET_FUSED_DETERMINISTIC", "1")
+    x = _rand(8, 128, 28, 28, dtype=torch.bfloat16, channels_last=True)
+    weight = _weight(128, 128, 3, 3, torch.bfloat16)
+    runs = [conv.conv2d_fused(x, weight, None, 1, 1, stats=True) for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+    _close(runs[0][0], _ref(x, weight, None, 1, 1), torch.bfloat16)
+    assert any(k.startswith("fixed ") for k in tb.tile_configs())

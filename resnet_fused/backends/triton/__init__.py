@@ -5,7 +5,11 @@
   strided 1x1 downsample conv with its own BN and ReLU all happen in that launch, so a block's tail
   ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` never materialises its two branches. Backward: the reference
   backend's (:func:`~resnet_fused.backends.reference.conv_bn_act_backward`).
-* ``conv_stats``, ``scale_bias_add_relu`` (training path, NormConv scheme): see :mod:`.train`.
+* ``conv_stats``, ``scale_bias_add_relu`` (training path, NormConv scheme): see :mod:`.train`; ``finalize``, the
+  BatchNorm finalize :mod:`resnet_fused.norm` calls (one launch): see :mod:`.stats`.
+* ``tile_configs()``: the tile config each convolution shape ran with (benchmark provenance); convolutions run
+  one fixed config per shape, bit-reproducible across runs and ranks, under ``RESNET_FUSED_DETERMINISTIC=1`` or
+  ``torch.use_deterministic_algorithms(True)`` (:func:`.conv.deterministic`).
 
 CUDA tensors run natively; CPU tensors only under ``TRITON_INTERPRET=1`` (set before importing triton), which
 is how the test-suite runs the kernels on machines without a GPU.
@@ -31,10 +35,12 @@ else:
 __all__ = ["NAME", "unsupported", "conv_bn_act"]
 if _IMPORT_ERROR is None:
     from ._launch import launch_count, reset_launch_count
-    from .conv import SUPPORTED_DTYPES, conv2d_fused
+    from .conv import SUPPORTED_DTYPES, conv2d_fused, deterministic, tile_configs
+    from .stats import finalize
     from .train import bn_relu, conv_stats, scale_bias_add_relu
 
-    __all__ += ["bn_relu", "conv_stats", "scale_bias_add_relu", "conv2d_fused", "launch_count", "reset_launch_count"]
+    __all__ += ["bn_relu", "conv_stats", "scale_bias_add_relu", "finalize", "conv2d_fused", "tile_configs",
+                "deterministic", "launch_count", "reset_launch_count"]
 
 
 def unsupported(x: Tensor, groups: int = 1, dilation: int = 1) -> str | None:

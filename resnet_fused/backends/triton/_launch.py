@@ -8,9 +8,15 @@ Each launcher is registered as a torch op (:func:`register_op`) so that ``torch.
 ``triton_op`` whose kernels are wrapped with :func:`wrap` on GPUs; under the Triton interpreter (whose kernels
 ``wrap_triton`` hands back unwrapped, so a derived fake kernel would run the interpreter on fake tensors) an
 opaque ``custom_op`` with an explicit fake kernel.
+
+:func:`capture` records the launches instead of running them (the launchers bind their arguments as for a real
+launch, so tensors on the ``meta`` device do): that is how ``benchmarks.compile_report`` compiles exactly what a
+launch would compile, ahead of time, for a GPU this machine does not have.
 """
 
+import contextlib
 import os
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,24 +24,82 @@ import torch
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 _count = 0
+_captured: list | None = None  # the launches recorded inside capture(), else None
+_direct = False  # inside direct(): the launchers bypass the registered ops
+
+
+class Launch(NamedTuple):
+    """One kernel launch as a launcher made it: the kernel (a JITFunction, or an Autotuner around one), the
+    grid (a tuple, or a function of the chosen config's meta-parameters) and the arguments."""
+
+    kernel: Any
+    grid: Any
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            _captured.append(Launch(self.kernel, grid, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def capture():
+    """Inside this context the launchers record their kernel launches (a list of :class:`Launch`, yielded)
+    instead of running them, and call their implementations directly instead of through the registered ops."""
+    global _captured
+    saved, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = saved
+
+
+@contextlib.contextmanager
+def direct():
+    """Inside this context the launchers call their implementations directly instead of through the registered
+    ops, so that a ``TorchDispatchMode`` sees every ATen op they run (launch-count tests)."""
+    global _direct
+    saved, _direct = _direct, True
+    try:
+        yield
+    finally:
+        _direct = saved
 
 
 def wrap(kernel):
-    """``kernel`` wrapped for ``torch.compile`` tracing where this torch has ``wrap_triton``."""
+    """``kernel`` wrapped for ``torch.compile`` tracing where this torch has ``wrap_triton`` (a recorder
+    inside :func:`capture`)."""
+    if _captured is not None:
+        return _Recorder(kernel)
     wrap_triton = getattr(torch.library, "wrap_triton", None)
     return wrap_triton(kernel) if wrap_triton is not None else kernel
 
 
-def register_op(name: str, impl, fake):
-    """``impl`` registered as the torch op ``resnet_fused::<name>`` (see the module docstring)."""
+def register_op(name: str, impl, fake, mutates_args=()):
+    """``impl`` registered as the torch op ``resnet_fused::<name>`` (see the module docstring), mutating the
+    arguments named in ``mutates_args``; returns the function the launchers call: the op, or ``impl`` itself
+    inside :func:`capture`."""
     qualname = f"resnet_fused::{name}"
     if INTERPRET:
-        op = torch.library.custom_op(qualname, mutates_args=())(impl)
+        op = torch.library.custom_op(qualname, mutates_args=mutates_args)(impl)
         op.register_fake(fake)
-        return op
-    if hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
-        return torch.library.triton_op(qualname, mutates_args=())(impl)
-    return impl
+    elif hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton"):
+        op = torch.library.triton_op(qualname, mutates_args=mutates_args)(impl)
+    else:
+        return impl
+
+    def call(*args):
+        return impl(*args) if _captured is not None or _direct else op(*args)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = impl.__doc__
+    return call
 
 
 def record(n: int = 1) -> None:

@@ -4,25 +4,31 @@ One kernel computes a whole residual-block convolution with everything around it
 costs one launch per convolution in inference and no extra elementwise/reduction passes in training:
 
 * prologue (``IN_AFFINE_RELU``): the previous layer's BN+ReLU, ``relu(x*in_scale[c] + in_shift[c])``, applied
-  to every loaded input element in registers — the activated tensor never exists in memory;
+  to every loaded input element in registers — the activated tensor never exists in memory; it is wgmma's
+  register operand, so an MMA group stays in flight across K steps (``RESNET_FUSED_TRITON_PROLOGUE=smem``
+  selects the form that stages it through shared memory instead, for a GPU run to compare);
 * main loop: implicit GEMM over NHWC activations, ``M = N·P·Q`` output pixels × ``K`` output channels with
-  reduction ``R·S·C`` (channels innermost, so loads are contiguous along C), fp32 accumulation;
+  reduction ``R·S·C`` (channels innermost, so loads are contiguous along C), fp32 accumulation; 16-byte
+  asynchronous operand loads need every offset's alignment visible to the compiler, so size-1 dimensions get
+  stride 0 (not the 1 they often carry) and a 1x1 filter has no tap arithmetic; small channel counts (the stem)
+  reduce over each filter row's contiguous (s, c) run (``PACK_S``) instead of padding C to BLOCK_K;
 * ``HAS_SHORTCUT``: a second reduction, over the ``C_s`` channels of a strided 1x1 shortcut convolution, in the
   same launch into a second accumulator (the two branches carry different BN scales), so
   ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` is a single launch;
 * epilogue: with ``HAS_BN``, the eval BatchNorm ``acc·s[k] + t[k]`` (and ``acc_d·s_d[k] + t_d[k]`` for the
   shortcut) with ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` computed in fp32 from the BN's live tensors in every tile (no
   folded weights, nothing cached: an edit of any of them is seen by the next launch), ``+ residual``, ReLU,
-  store in the input dtype and, with ``STATS``, per-tile
-  count/mean/M2 partial statistics of the stored output, merged with Chan's parallel formula by
-  ``_stats_merge_kernel`` into the per-channel mean and biased variance (numerically stable, deterministic,
-  no atomics).
+  store in the input dtype and, with ``STATS``, one slot of mean/M2 partial statistics of the stored output
+  per row tile, merged with Chan's parallel formula by ``stats._stats_merge_kernel`` into the per-channel mean
+  and biased variance (numerically stable, deterministic, no atomics).
+
+Tile configs are autotuned among those that fit the shape (``_prune``), or fixed per shape in deterministic mode.
 
 Grouped convolutions run as ``groups`` independent GEMMs in one launch; dilation is a stride on the filter
 taps. ``conv2d_fused`` is the checked launcher of the op ``resnet_fused::triton_conv2d_fused``, registered with
 ``torch.library.triton_op`` so ``torch.compile`` traces into the kernels (as an opaque custom op with a fake
-kernel under the interpreter). One call is one conv launch, plus two tiny merge launches with ``stats``
-(more only for very large N·P·Q), all counted by :mod:`._launch`.
+kernel under the interpreter). One call is one conv launch, plus one tiny merge launch with ``stats``, all
+counted by :mod:`._launch`.
 """
 
 from __future__ import annotations
@@ -37,12 +43,18 @@ from torch import Tensor
 
 from ..reference import EvalBN, check_eval_bn, memory_format
 from . import _launch
+from .stats import merge_partial_stats
 
 INTERPRET = _launch.INTERPRET
 
-# Rows of output pixels per statistics slot: every BLOCK_M is a multiple of it, so the size of the partial
-# statistics buffers does not depend on the tile the autotuner picks.
-STATS_ROWS = 32
+# The smallest BLOCK_M of the configs: the partial statistics buffers have a row per tile of that height, so
+# their size does not depend on the tile the autotuner picks (a larger tile fills fewer rows).
+MIN_BLOCK_M = 64
+# The (s, c)-packed reduction of small channel counts runs when a filter row holds at most this many values.
+PACK_S_MAX = 64
+# Large filters (5x5 and up) on at most this many channels (the stem: 7x7 on 3) run on copies zero-padded to it and
+# spatially, for 16-byte loads (worth the copy only where the filter is large).
+STEM_PAD_C = 4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -61,16 +73,52 @@ def _configs() -> list[triton.Config]:
 
     if os.environ.get("RESNET_FUSED_AUTOTUNE", "1") == "0":  # one compile per shape: quick correctness runs
         return [cfg(128, 64, 64, 3, 8)]
-    return [
+    return [  # in order of preference: deterministic mode takes the first one pruning keeps
         cfg(128, 128, 64, 3, 8),
         cfg(128, 64, 64, 3, 8),
-        cfg(128, 64, 64, 4, 4),
         cfg(128, 128, 32, 4, 8),
         cfg(64, 128, 64, 3, 4),
         cfg(64, 64, 64, 4, 4),
         cfg(64, 64, 32, 4, 4),
         cfg(64, 32, 32, 4, 4),
+        cfg(128, 64, 16, 4, 4),  # BLOCK_K=16: channel groups of fewer than 32 (the stem, grouped convs)
+        cfg(64, 64, 16, 4, 4),
+        cfg(64, 32, 16, 4, 4),
     ]
+
+
+def _prune(configs: list, nargs: dict, **kwargs) -> list:
+    """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
+    group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
+    only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row), and whose
+    operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
+    shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
+    along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
+    1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
+    through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
+    Never empty: the last config if nothing fits."""
+    groups = kwargs["GROUPS"]
+    k_g, c_g = nargs["K"] // groups, nargs["C"] // groups
+    if kwargs.get("PACK_S"):
+        c_g = kwargs["S"] * (kwargs.get("PAD_C") or c_g)  # the reduction runs over a filter row's (s, c) values
+    n_cap = max(32, triton.next_power_of_2(k_g))
+    k_cap = max(16, triton.next_power_of_2(c_g))
+
+    x = nargs.get("x_ptr")
+    vec = 16 // (x.element_size() if x is not None else 2)  # elements of a 16-byte load
+    nchw_out = nargs.get("stride_yc", 1) not in (0, 1)  # the epilogue stores along M: a layout conversion
+
+    def fits(cfg):
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        if bn > n_cap or bk > k_cap or (bk == 16 and c_g >= 32):
+            return False
+        if min(bm, bn) * bk < vec * 32 * cfg.num_warps:  # a thread's share of a tile below 16 bytes
+            return False
+        if (kwargs["HAS_SHORTCUT"] or nchw_out) and bm * bn > 1024 * cfg.num_warps:
+            return False
+        return not (kwargs["IN_AFFINE_RELU"] and kwargs["PROLOGUE_SMEM"] and bn < 64)
+
+    return [c for c in configs if fits(c)] or configs[-1:]
 
 
 @triton.jit
@@ -105,10 +153,6 @@ def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_P
     return acc
 
 
-# Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
-# use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS",
-                                          "HAS_RESIDUAL", "HAS_SHORTCUT", "IN_AFFINE_RELU", "STATS"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr,            # input activations [N, C, H, W], any strides (NHWC-contiguous is the fast case)
@@ -127,9 +171,9 @@ def _conv_fwd_kernel(
     scale_ptr,        # prologue scale [C], fp32 (IN_AFFINE_RELU)
     shift_ptr,        # prologue shift [C], fp32 (IN_AFFINE_RELU)
     y_ptr,            # output [N, K, P, Q], dtype of x
-    part_cnt_ptr,     # [cdiv(M, STATS_ROWS)] fp32 rows per statistics slot (STATS)
-    part_mean_ptr,    # [cdiv(M, STATS_ROWS), K] fp32 per-slot channel means (STATS)
-    part_m2_ptr,      # [cdiv(M, STATS_ROWS), K] fp32 per-slot sums of squared deviations (STATS)
+    part_rows_ptr,    # [1] int32: BLOCK_M of this launch, written by its first tile (STATS)
+    part_mean_ptr,    # [>= cdiv(M, BLOCK_M), K] fp32 per-row-tile channel means, row pid_m (STATS)
+    part_m2_ptr,      # [>= cdiv(M, BLOCK_M), K] fp32 per-row-tile sums of squared deviations (STATS)
     N, C, H, W, K, P, Q, CS, HS, WS,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
@@ -146,7 +190,8 @@ def _conv_fwd_kernel(
     GROUPS: tl.constexpr, SC_STRIDE: tl.constexpr,
     HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr, SBN_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
-    IN_AFFINE_RELU: tl.constexpr, STATS: tl.constexpr, STATS_ROWS: tl.constexpr,
+    IN_AFFINE_RELU: tl.constexpr, PROLOGUE_SMEM: tl.constexpr, STATS: tl.constexpr, PACK_S: tl.constexpr,
+    PAD_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -159,8 +204,16 @@ def _conv_fwd_kernel(
     positions, act = relu (RELU) or identity, and the reduction restricted to the input channels of k's group.
     DOT_IN_FP32 upcasts the operands before tl.dot (exact for bf16 products); it is set only under the
     interpreter, whose tl.dot multiplies the raw bit patterns of bfloat16 operands (triton issue #11584).
-    STATS: each BLOCK_M row tile writes, per channel, its row count n_t, mean μ_t and M2_t = Σ (y − μ_t)² of
-    the stored y (in slot pid_m·BLOCK_M/STATS_ROWS; the tile's other slots get n = μ = M2 = 0).
+    STATS: each BLOCK_M row tile writes, per channel, the mean μ_t and M2_t = Σ (y − μ_t)² of the stored y in
+    row pid_m of the partial buffers (one slot per tile; its row count follows from BLOCK_M, which the first
+    tile writes for the merge).
+    The prologue's activated tile is the MMA's register operand (wgmma's A from registers: the next K step's
+    loads and MMA overlap the running one) unless PROLOGUE_SMEM, where it is staged through shared memory as the
+    B operand of the transposed product (each K step then waits for its MMA).
+    PACK_S (no groups, no prologue; the launcher sets it when S·C ≤ 64): the reduction of each filter row runs over
+    its contiguous (s, c) run, so a 3-channel stem issues S·C/BLOCK_K of useful MMA work, not C/BLOCK_K; with
+    PAD_C (the stem: C ≤ 4, filters of 5x5 and up, even stride) x and w are the launcher's padded copies
+    described at that loop, and PAD_H = PAD_W = 0, H, W are the padded copy's.
     """
     pid = tl.program_id(0)
     M = N * P * Q
@@ -193,35 +246,77 @@ def _conv_fwd_kernel(
     h0 = p * STRIDE_H - PAD_H
     w0 = q * STRIDE_W - PAD_W
     num_cb = tl.cdiv(C_G, BLOCK_K)
-    if IN_AFFINE_RELU:
+    TRANSPOSED: tl.constexpr = IN_AFFINE_RELU and PROLOGUE_SMEM
+    if TRANSPOSED:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # One flat loop over (r, s, channel block) so the compiler can software-pipeline it even when C fits
-    # in a single block.
-    for it in range(0, R * S * num_cb):
-        rs = it // num_cb
-        cb = it - rs * num_cb
-        r = rs // S
-        s = rs - r * S
-        h = h0 + r * DIL_H
-        w = w0 + s * DIL_W
-        pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        c = cb * BLOCK_K + offs_c
-        c_ok = c < C_G
-        a_mask = pix_ok[:, None] & c_ok[None, :]
-        a_ptrs = x_ptr + (x_row + h * stride_xh + w * stride_xw)[:, None] + ((g * C_G + c) * stride_xc)[None, :]
-        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-        if IN_AFFINE_RELU:
-            sc = tl.load(scale_ptr + g * C_G + c, mask=c_ok, other=0.0)
-            sh = tl.load(shift_ptr + g * C_G + c, mask=c_ok, other=0.0)
-            act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
-            a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
-        b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
-        b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(a, b, acc, IN_AFFINE_RELU, DOT_IN_FP32, INPUT_PRECISION)
+    if PACK_S and PAD_C > 0:
+        # The stem on the launcher's zero-padded copies: x with PAD_C channels and its spatial padding in memory,
+        # the filter as [K, R, S_PAD·PAD_C] rows (zeros beyond S, C): a filter row's values are the contiguous,
+        # 16-byte aligned run x[n, h, w0 + j // PAD_C, j % PAD_C], so no mask but the row's and 16-byte
+        # asynchronous copies on both operands.
+        STEPS: tl.constexpr = (S * PAD_C + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, R * STEPS):
+            r = it // STEPS
+            j = (it - r * STEPS) * BLOCK_K + offs_c
+            h = h0 + r * DIL_H
+            a = tl.load(x_ptr + (x_row + h * stride_xh + w0 * PAD_C)[:, None] + j[None, :], mask=m_ok[:, None],
+                        other=0.0)
+            b = tl.load(w_ptr + (k * stride_wk)[None, :] + (r * stride_wr + j)[:, None], mask=k_ok[None, :],
+                        other=0.0)
+            acc = _mma(a, b, acc, False, DOT_IN_FP32, INPUT_PRECISION)
+    elif PACK_S:
+        # Small channel counts: the reduction runs over the contiguous (s, c) run of each filter row,
+        # j = s·C_G + c < S·C_G, instead of padding every tap's C_G channels to BLOCK_K.
+        num_jb = tl.cdiv(S * C_G, BLOCK_K)
+        for it in range(0, R * num_jb):
+            r = it // num_jb
+            j = (it - r * num_jb) * BLOCK_K + offs_c
+            s = j // C_G
+            c = j - s * C_G
+            j_ok = j < S * C_G
+            h = h0 + r * DIL_H
+            w = w0[:, None] + (s * DIL_W)[None, :]
+            a_mask = (m_ok & (h >= 0) & (h < H))[:, None] & (w >= 0) & (w < W) & j_ok[None, :]
+            a_ptrs = x_ptr + (x_row + h * stride_xh)[:, None] + w * stride_xw + ((g * C_G + c) * stride_xc)[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = (w_ptr + (k * stride_wk)[None, :] + (c * stride_wc + s * stride_ws)[:, None]
+                      + r * stride_wr)
+            b = tl.load(b_ptrs, mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, False, DOT_IN_FP32, INPUT_PRECISION)
+    else:
+        # One flat loop over (r, s, channel block) so the compiler can software-pipeline it even when C fits
+        # in a single block. A 1x1 filter has no tap arithmetic at all (r = s = 0 known to the compiler, so the
+        # offsets keep the alignment of the strides).
+        for it in range(0, R * S * num_cb):
+            if R * S == 1:
+                cb = it
+                r = 0
+                s = 0
+            else:
+                rs = it // num_cb
+                cb = it - rs * num_cb
+                r = rs // S
+                s = rs - r * S
+            h = h0 + r * DIL_H
+            w = w0 + s * DIL_W
+            pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            c = cb * BLOCK_K + offs_c
+            c_ok = c < C_G
+            a_mask = pix_ok[:, None] & c_ok[None, :]
+            a_ptrs = x_ptr + (x_row + h * stride_xh + w * stride_xw)[:, None] + ((g * C_G + c) * stride_xc)[None, :]
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            if IN_AFFINE_RELU:
+                sc = tl.load(scale_ptr + g * C_G + c, mask=c_ok, other=0.0)
+                sh = tl.load(shift_ptr + g * C_G + c, mask=c_ok, other=0.0)
+                act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
+                a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
+            b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
+            b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = _mma(a, b, acc, TRANSPOSED, DOT_IN_FP32, INPUT_PRECISION)
 
-    if IN_AFFINE_RELU:
+    if TRANSPOSED:
         acc = tl.trans(acc)
     if HAS_BN:
         scale, shift = _bn_scale_shift(bn_w_ptr, bn_b_ptr, bn_mean_ptr, bn_var_ptr, bn_eps, k, k_ok, BN_AFFINE)
@@ -261,95 +356,78 @@ def _conv_fwd_kernel(
         mean = tl.sum(v, axis=0) / cnt
         d = tl.where(out_mask, v - mean[None, :], 0.0)
         m2 = tl.sum(d * d, axis=0)
-        sub = tl.arange(0, BLOCK_M // STATS_ROWS)
-        slot = pid_m * (BLOCK_M // STATS_ROWS) + sub
-        slot_ok = slot < tl.cdiv(M, STATS_ROWS)
-        first = sub == 0
-        tl.store(part_cnt_ptr + slot, tl.where(first, cnt, 0.0), mask=slot_ok)
-        part_off = slot[:, None] * K + k[None, :]
-        part_mask = slot_ok[:, None] & k_ok[None, :]
-        tl.store(part_mean_ptr + part_off, tl.where(first[:, None], mean[None, :], 0.0), mask=part_mask)
-        tl.store(part_m2_ptr + part_off, tl.where(first[:, None], m2[None, :], 0.0), mask=part_mask)
+        tl.store(part_mean_ptr + pid_m * K + k, mean, mask=k_ok)
+        tl.store(part_m2_ptr + pid_m * K + k, m2, mask=k_ok)
+        if pid == 0:
+            tl.store(part_rows_ptr, BLOCK_M)
 
 
-@triton.jit
-def _stats_merge_kernel(
-    cnt_ptr,          # [ROWS] fp32 counts of the input partials (shared by all channels)
-    mean_ptr,         # [ROWS, K] fp32 partial means
-    m2_ptr,           # [ROWS, K] fp32 partial sums of squared deviations
-    out_cnt_ptr,      # [cdiv(ROWS, rows_per_prog)] fp32 merged counts (not FINAL)
-    out_mean_ptr,     # [cdiv(ROWS, rows_per_prog), K] merged means; [K] means when FINAL
-    out_m2_ptr,       # [cdiv(ROWS, rows_per_prog), K] merged M2 (not FINAL); [K] biased variances when FINAL
-    ROWS, K, rows_per_prog,
-    FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Merge the partial statistics rows [j·rows_per_prog, (j+1)·rows_per_prog) into one (Chan et al.):
-    for a block B of rows, n_B = Σ n_i, μ_B = Σ n_i μ_i / n_B, M2_B = Σ M2_i + Σ n_i (μ_i − μ_B)²; then the
-    running (n, μ, M2) absorbs B by δ = μ_B − μ, μ += δ·n_B/(n + n_B), M2 += M2_B + δ²·n·n_B/(n + n_B).
-    FINAL writes mean μ and biased variance M2/n per channel instead of a merged row."""
-    pid_c = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < K
-    row0 = pid_r * rows_per_prog
-    row_end = tl.minimum(row0 + rows_per_prog, ROWS)
-    n_run = 0.0
-    mean_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for r0 in range(row0, row_end, BLOCK_P):
-        rows = r0 + tl.arange(0, BLOCK_P)
-        r_ok = rows < row_end
-        mask = r_ok[:, None] & c_ok[None, :]
-        cnt = tl.load(cnt_ptr + rows, mask=r_ok, other=0.0)
-        mu = tl.load(mean_ptr + rows[:, None] * K + offs_c[None, :], mask=mask, other=0.0)
-        m2 = tl.load(m2_ptr + rows[:, None] * K + offs_c[None, :], mask=mask, other=0.0)
-        n_blk = tl.sum(cnt, axis=0)
-        mean_blk = tl.sum(cnt[:, None] * mu, axis=0) / tl.maximum(n_blk, 1.0)
-        dev = mu - mean_blk[None, :]
-        m2_blk = tl.sum(m2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
-        n_new = n_run + n_blk
-        frac = n_blk / tl.maximum(n_new, 1.0)
-        delta = mean_blk - mean_run
-        mean_run = mean_run + delta * frac
-        m2_run = m2_run + m2_blk + delta * delta * n_run * frac
-        n_run = n_new
-    if FINAL:
-        tl.store(out_mean_ptr + offs_c, mean_run, mask=c_ok)
-        tl.store(out_m2_ptr + offs_c, m2_run / n_run, mask=c_ok)
+# Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
+# use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
+TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "HAS_RESIDUAL", "HAS_SHORTCUT",
+            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C"]
+_conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
+                                  prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
+_FIXED: dict = {}  # deterministic mode: tune key text -> the config it runs
+
+
+def deterministic() -> bool:
+    """Whether convolutions run one fixed config per shape (no autotuning), so that reruns and the ranks of a
+    data-parallel job compute bit-identical results: ``RESNET_FUSED_DETERMINISTIC=1`` or
+    ``torch.use_deterministic_algorithms(True)``. (Configs differ in BLOCK_K, i.e. in the order of the
+    reduction, and in BLOCK_M, i.e. in how the statistics are merged; everything else is deterministic.)"""
+    return os.environ.get("RESNET_FUSED_DETERMINISTIC", "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def prologue_smem() -> bool:
+    """The BN+ReLU prologue's form: ``RESNET_FUSED_TRITON_PROLOGUE=smem`` stages the activated tile through
+    shared memory as the transposed product's B operand; the default (``rs``) keeps it in registers as wgmma's
+    A operand, which the compile report shows keeps an MMA group in flight across K steps."""
+    form = os.environ.get("RESNET_FUSED_TRITON_PROLOGUE", "rs")
+    if form not in ("rs", "smem"):
+        raise ValueError(f"RESNET_FUSED_TRITON_PROLOGUE must be 'rs' or 'smem', got {form!r}")
+    return form == "smem"
+
+
+def _key_text(names, key) -> str:
+    named = [f"{n}={v}" for n, v in zip(names, key)]
+    return " ".join(named + [str(v) for v in key[len(names):]])
+
+
+def _config_text(cfg) -> str:
+    return " ".join([f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"num_warps={cfg.num_warps}",
+                                                                    f"num_stages={cfg.num_stages}"])
+
+
+def tile_configs() -> dict:
+    """The tile config each convolution shape ran with so far, as text: ``{key: config}``. Keys are the autotune
+    key (:data:`TUNE_KEY` as ``NAME=value`` pairs, then the tensor dtypes triton appends), prefixed with
+    ``autotune`` or ``fixed`` (deterministic mode)."""
+    out = {f"autotune {_key_text(TUNE_KEY, k)}": _config_text(c) for k, c in _conv_fwd_tuned.cache.items()}
+    out.update({f"fixed {k}": v for k, v in _FIXED.items()})
+    return out
+
+
+def mma_macs(args: dict) -> Tuple[int, int]:
+    """``(useful, issued)`` multiply-adds of one ``_conv_fwd_kernel`` launch whose named arguments (the config's
+    meta-parameters included) are ``args``: the convolution's own MACs, and those its MMA tiles issue (padding
+    of partial M, N and reduction tiles counted), from the same tile arithmetic as the kernel's loops."""
+    cdiv = triton.cdiv
+    g = args["GROUPS"]
+    m = args["N"] * args["P"] * args["Q"]
+    k_g, c_g = args["K"] // g, args["C"] // g
+    bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    m_pad, n_pad = cdiv(m, bm) * bm, cdiv(k_g, bn) * bn
+    taps = args["R"] * args["S"]
+    useful = m * args["K"] * taps * c_g
+    if args.get("PACK_S"):
+        issued = g * m_pad * n_pad * args["R"] * cdiv(args["S"] * (args.get("PAD_C") or c_g), bk) * bk
     else:
-        tl.store(out_cnt_ptr + pid_r, n_run)
-        tl.store(out_mean_ptr + pid_r * K + offs_c, mean_run, mask=c_ok)
-        tl.store(out_m2_ptr + pid_r * K + offs_c, m2_run, mask=c_ok)
-
-
-MERGE_BLOCK_P = 64
-MERGE_BLOCK_C = 32
-
-
-def merge_partial_stats(cnt: Tensor, mean: Tensor, m2: Tensor, rows_per_prog: int = 8 * MERGE_BLOCK_P
-                        ) -> Tuple[Tensor, Tensor]:
-    """Per-channel (mean, biased variance) from partial statistics ``cnt[ROWS]``, ``mean/m2[ROWS, K]``
-    (fp32, contiguous). Many rows are first merged in parallel chunks of ``rows_per_prog``, then once more
-    into the result; each stage is one launch of ``_stats_merge_kernel``."""
-    rows, k = mean.shape
-    grid_c = triton.cdiv(k, MERGE_BLOCK_C)
-    while rows > rows_per_prog:
-        chunks = triton.cdiv(rows, rows_per_prog)
-        n_cnt = torch.empty(chunks, device=mean.device, dtype=torch.float32)
-        n_mean = torch.empty(chunks, k, device=mean.device, dtype=torch.float32)
-        n_m2 = torch.empty(chunks, k, device=mean.device, dtype=torch.float32)
-        _launch.wrap(_stats_merge_kernel)[(grid_c, chunks)](
-            cnt, mean, m2, n_cnt, n_mean, n_m2, rows, k, rows_per_prog,
-            FINAL=False, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C)
-        _launch.record()
-        cnt, mean, m2, rows = n_cnt, n_mean, n_m2, chunks
-    out_mean = torch.empty(k, device=mean.device, dtype=torch.float32)
-    out_var = torch.empty(k, device=mean.device, dtype=torch.float32)
-    _launch.wrap(_stats_merge_kernel)[(grid_c, 1)](
-        cnt, mean, m2, cnt, out_mean, out_var, rows, k, max(rows, 1),
-        FINAL=True, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C)
-    _launch.record()
-    return out_mean, out_var
+        issued = g * m_pad * n_pad * taps * cdiv(c_g, bk) * bk
+    if args["HAS_SHORTCUT"]:
+        useful += m * args["K"] * args["CS"]
+        issued += m_pad * n_pad * cdiv(args["CS"], bk) * bk
+    return useful, issued
 
 
 def _pair(v, name: str) -> List[int]:
@@ -363,6 +441,13 @@ def _pair(v, name: str) -> List[int]:
 def _input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: tf32 for fp32 inputs only when cuDNN convolutions may use it, else exact IEEE."""
     return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _strides(t: Tensor) -> List[int]:
+    """``t``'s strides with 0 for its size-1 dimensions. Those are only ever indexed at 0, but keep whatever
+    stride the tensor has — often 1 (a [K, C, 1, 1] weight), which the JIT specializes to the constant 1, so
+    ``r·stride_wr`` would hide the alignment of every weight offset and turn 16-byte loads into scalar ones."""
+    return [st if sz > 1 else 0 for sz, st in zip(t.shape, t.stride())]
 
 
 def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]
@@ -403,9 +488,9 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
     xc = x.contiguous(memory_format=torch.channels_last)
     wc = weight.contiguous(memory_format=torch.channels_last)
     f32 = dict(device=x.device, dtype=torch.float32)
-    slots = triton.cdiv(m, STATS_ROWS) if stats else 1
-    part_cnt = torch.empty(slots, **f32)
-    part_mean = torch.empty(slots, k if stats else 1, **f32)
+    tiles = triton.cdiv(m, MIN_BLOCK_M) if stats else 1
+    part_rows = torch.empty(1, device=x.device, dtype=torch.int32)
+    part_mean = torch.empty(tiles, k if stats else 1, **f32)
     part_m2 = torch.empty_like(part_mean)
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
@@ -419,36 +504,61 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
 
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
     k_g = k // groups
+    pack_s = groups == 1 and in_scale is None and s > 1 and c * s <= PACK_S_MAX
+    pad_c = 0
+    x_strides, w_strides, pads = _strides(xc), _strides(wc), list(padding)
+    if (pack_s and c <= STEM_PAD_C and min(r, s) >= 5 and dilation == [1, 1]
+            and (stride[1] % 2 == 0 or x.element_size() == 4)):
+        # The stem: zero-padded copies (see the kernel's PAD_C loop); the filter rows padded to whole steps of
+        # any BLOCK_K (at most 64), the width so that every row's last step is in bounds, and to a multiple of
+        # 4 pixels so that its row stride is 16-byte aligned.
+        pad_c = STEM_PAD_C
+        s_pad = triton.cdiv(s * pad_c, 64) * 64 // pad_c
+        hp = h + 2 * padding[0]
+        wp = triton.cdiv(max(w + 2 * padding[1], (q - 1) * stride[1] + s_pad), 4) * 4
+        xp = torch.zeros((n, hp, wp, pad_c), device=x.device, dtype=x.dtype)
+        xp[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w, :c] = xc.permute(0, 2, 3, 1)
+        wp_ = torch.zeros((k, r, s_pad, pad_c), device=x.device, dtype=x.dtype)
+        wp_[:, :, :s, :c] = wc.permute(0, 2, 3, 1)
+        xc, wc = xp.permute(0, 3, 1, 2), wp_
+        h, w, pads = hp, wp, [0, 0]
+        x_strides = [hp * wp * pad_c, 1, wp * pad_c, pad_c]
+        w_strides = [r * s_pad * pad_c, 1, s_pad * pad_c, pad_c]
+    args = (
+        xc, wc, present(bn_weight), present(bn_bias), present(bn_mean), present(bn_var), res, sx, sw,
+        present(sbn_weight), present(sbn_bias), present(sbn_mean), present(sbn_var),
+        present(in_scale), present(in_shift),
+        y, part_rows, part_mean, part_m2,
+        n, c, h, w, k, p, q, cs, hs, ws,
+        *x_strides, *w_strides, *_strides(res), *_strides(sx), *_strides(sw)[:2], *_strides(y),
+        float(bn_eps), float(sbn_eps),
+        triton.next_power_of_2(m),
+    )
+    consts = dict(
+        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=pads[0], PAD_W=pads[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
+        HAS_BN=bn_mean is not None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
+        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
+        IN_AFFINE_RELU=in_scale is not None, PROLOGUE_SMEM=prologue_smem(), STATS=stats,
+        PACK_S=pack_s, PAD_C=pad_c,
+        INPUT_PRECISION=_input_precision(x.dtype), DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16,
+    )
 
     def grid(meta):
         return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"]),)
 
-    _launch.wrap(_conv_fwd_kernel)[grid](
-        xc, wc, present(bn_weight), present(bn_bias), present(bn_mean), present(bn_var), res, sx, sw,
-        present(sbn_weight), present(sbn_bias), present(sbn_mean), present(sbn_var),
-        present(in_scale), present(in_shift),
-        y, part_cnt, part_mean, part_m2,
-        n, c, h, w, k, p, q, cs, hs, ws,
-        xc.stride(0), xc.stride(1), xc.stride(2), xc.stride(3),
-        wc.stride(0), wc.stride(1), wc.stride(2), wc.stride(3),
-        res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        sx.stride(0), sx.stride(1), sx.stride(2), sx.stride(3),
-        sw.stride(0), sw.stride(1),
-        y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-        float(bn_eps), float(sbn_eps),
-        triton.next_power_of_2(m),
-        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
-        HAS_BN=bn_mean is not None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
-        HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
-        IN_AFFINE_RELU=in_scale is not None, STATS=stats, STATS_ROWS=STATS_ROWS,
-        INPUT_PRECISION=_input_precision(x.dtype), DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16,
-    )
+    if deterministic():
+        cfg = _prune(_conv_fwd_tuned.configs, dict(zip(_conv_fwd_tuned.arg_names, args)), **consts)[0]
+        key = [dict(zip(_conv_fwd_tuned.arg_names, args), **consts)[name] for name in TUNE_KEY]
+        _FIXED[_key_text(TUNE_KEY, key + [str(x.dtype)])] = _config_text(cfg)
+        _launch.wrap(_conv_fwd_kernel)[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
+                                                         num_stages=cfg.num_stages)
+    else:
+        _launch.wrap(_conv_fwd_tuned)[grid](*args, **consts)
     _launch.record()
     if not stats:
-        empty = torch.empty(0, **f32)
-        return y, empty, empty.clone()
-    mean, var = merge_partial_stats(part_cnt, part_mean, part_m2)
+        return y, torch.empty(0, **f32), torch.empty(0, **f32)
+    mean, var = merge_partial_stats(part_rows, part_mean, part_m2, m)
     return y, mean, var
 
 
@@ -496,7 +606,7 @@ def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=
     x's dtype, zero padding after the activation) when ``in_scale``/``in_shift`` are given, else ``x``; act =
     ReLU when ``relu``. ``x`` may be NCHW or channels-last; ``y`` has x's dtype and memory format.
     ``in_scale`` and ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel
-    fp32 mean and biased variance of the stored ``y`` (two extra tiny merge launches). Not differentiable by
+    fp32 mean and biased variance of the stored ``y`` (one extra tiny merge launch). Not differentiable by
     itself: the backend's autograd functions wrap it.
     """
     op = "triton conv2d_fused"

@@ -20,7 +20,8 @@ Tensors are [N, C, H, W] viewed as ``rows × C`` (rows = N·H·W). channels_last
 plain row-major [rows, C] matrix; NCHW tensors through ``(row // HW)·C·HW + ch·HW + row % HW``. All operands
 of one call are brought to the memory format of the first tensor argument. Math is fp32; outputs take the
 dtype of the tensor they are the value or gradient of; per-channel results are fp32. Reductions write
-per-program partials ``[programs, C]`` summed afterwards in a fixed order, so results are deterministic.
+per-program partials ``[programs, C]`` (written once, never zero-filled) summed afterwards in a fixed order, so
+results are deterministic.
 
 Each pass is a registered torch op (``resnet_fused::triton_*``) so ``torch.compile`` traces the training
 path without graph breaks; the public functions check their operands and call those ops.
@@ -360,9 +361,11 @@ def _plan(t: Tensor, fmt: torch.memory_format) -> _Plan:
 
 
 def _partials(t: Tensor, plan: _Plan, count: int) -> list[Tensor]:
-    """``count`` zeroed fp32 [programs along rows, C] buffers of per-program partial sums (separate tensors:
-    the per-channel results summed from them must not alias each other)."""
-    return [torch.zeros((plan.grid[0], t.shape[1]), dtype=torch.float32, device=t.device) for _ in range(count)]
+    """``count`` fp32 [programs along rows, C] buffers of per-program partial sums (separate tensors: the
+    per-channel results summed from them must not alias each other). Written once: every program stores its
+    row for every channel of its block, so no zero fill (an empty input launches nothing and gets zeros)."""
+    alloc = torch.empty if t.numel() else torch.zeros
+    return [alloc((plan.grid[0], t.shape[1]), dtype=torch.float32, device=t.device) for _ in range(count)]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 ``conv_stats`` runs a convolution whose input may carry the previous BN+ReLU as a prologue and whose epilogue
 produces the output's per-channel batch mean and biased variance: one conv launch (``conv2d_fused(...,
-stats=True)``, plus its tiny merge of per-tile statistics) instead of conv + normalize + activate + reduce.
+stats=True)``, plus its tiny merge of per-tile statistics) instead of conv + normalize + activate + reduce; the
+BatchNorm finalize that turns them into scale/shift is one more launch (:func:`.stats.finalize`).
 ``scale_bias_add_relu`` is the block tail ``relu(c*scale + shift + idn)`` (or with a normalized downsample
 branch) in one pass; ``bn_relu`` is a BatchNorm + ReLU on its own (the stem's) in one pass each way.
 

@@ -1,0 +1,280 @@
+"""Ahead-of-time compilation of recorded Triton launches for a GPU this machine need not have, and what the
+compiler made of them.
+
+The route matches a real launch (DESIGN.md, "Engines on Hopper"): a launcher runs on ``meta`` tensors inside
+:func:`resnet_fused.backends.triton._launch.capture`, which records each kernel with the arguments the launcher
+bound; the JIT's own signature binder (``create_function_from_signature`` + ``JITFunction._pack_args``) turns
+them into the signature, constexprs and specialization attributes (integers equal to 1 become constants,
+multiples of 16 and 16-byte aligned pointers carry that hint) a launch would compile; ``triton.compile`` then
+builds them for ``GPUTarget("cuda", 90, 32)`` (sm_90a) and the bundled ``ptxas -v`` reports registers, spills and
+stack. The PTX tells which MMA the main loop uses, how many wgmma groups it leaves in flight and whether its
+global loads are asynchronous 16-byte copies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+TARGET = GPUTarget("cuda", 90, 32)
+HOPPER_SMEM = 232448  # bytes of shared memory a CTA may use on sm_90 (227 KiB)
+
+
+@dataclass
+class Variant:
+    """One compilable variant of a recorded launch: the JIT function, its arguments and launch options."""
+
+    jit: JITFunction
+    args: tuple
+    kwargs: dict  # constexpr keyword arguments, the config's meta-parameters included
+    num_warps: int
+    num_stages: int
+    config: str  # the config as text ("-" for a kernel without configs)
+    meta: dict = field(default_factory=dict)  # the config's meta-parameters alone
+    configs_all: int = 1  # configs of the kernel's autotuner before pruning
+    configs_kept: int = 1  # ... and after: the variants of this launch
+
+
+def _config_text(meta: dict, num_warps: int, num_stages: int) -> str:
+    short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_K": "BK", "GROUP_M": "GM", "BLOCK_R": "BR", "BLOCK_C": "BC",
+             "BLOCK_P": "BP"}
+    parts = [f"{short.get(k, k)}{v}" for k, v in meta.items()]
+    return " ".join(parts + [f"w{num_warps}", f"s{num_stages}"])
+
+
+def variants(launch) -> list[Variant]:
+    """Every variant a launch may run: each config the autotuner may choose (after its ``prune_configs_by``
+    pruning, with the launch's arguments), or the launch itself for a plain kernel."""
+    kernel, args, kwargs = launch.kernel, launch.args, dict(launch.kwargs)
+    if isinstance(kernel, Autotuner):
+        nargs = dict(zip(kernel.arg_names, args))
+        configs = kernel.configs
+        if kernel.early_config_prune is not None:
+            configs = kernel.early_config_prune(configs, nargs, **kwargs)
+        out = []
+        for cfg in configs:
+            meta = dict(cfg.kwargs)
+            out.append(Variant(kernel.fn, args, {**kwargs, **meta}, cfg.num_warps, cfg.num_stages,
+                               _config_text(meta, cfg.num_warps, cfg.num_stages), meta, len(kernel.configs),
+                               len(configs)))
+        return out
+    warps = kwargs.pop("num_warps", 4)
+    stages = kwargs.pop("num_stages", 3)
+    meta = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_")}
+    return [Variant(kernel, args, kwargs, warps, stages, _config_text(meta, warps, stages), meta)]
+
+
+_BACKEND = None
+_BINDERS: dict[int, Any] = {}
+
+
+def _backend():
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = triton.compiler.make_backend(TARGET)
+    return _BACKEND
+
+
+def specialize(v: Variant):
+    """``(signature, constexprs, attrs, options)`` exactly as ``JITFunction.run`` would compile ``v``."""
+    backend = _backend()
+    binder = _BINDERS.get(id(v.jit))
+    if binder is None:
+        binder = _BINDERS[id(v.jit)] = create_function_from_signature(v.jit.signature, v.jit.params, backend)
+    kwargs = dict(v.kwargs, num_warps=v.num_warps, num_stages=v.num_stages)
+    bound, spec, opts = binder(*v.args, **kwargs)
+    options, signature, constexprs, attrs = v.jit._pack_args(backend, kwargs, bound, spec, opts)
+    return signature, constexprs, attrs, options
+
+
+def cache_key(v: Variant) -> str:
+    """Identity of the compiled binary: two variants with the same key compile to the same code."""
+    signature, constexprs, attrs, options = specialize(v)
+    return repr((v.jit.fn.__module__, v.jit.fn.__qualname__, sorted(signature.items()),
+                 sorted((str(k), repr(c)) for k, c in constexprs.items()),
+                 sorted((str(k), repr(a)) for k, a in attrs.items()), sorted(options.__dict__.items(), key=str)))
+
+
+def compile_variant(v: Variant) -> dict:
+    """Compile ``v`` for sm_90a; returns the compiler's facts (see :func:`analyze_ptx`, :func:`parse_ptxas`)."""
+    from triton import knobs
+
+    signature, constexprs, attrs, options = specialize(v)
+    src = triton.compiler.ASTSource(fn=v.jit, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    # ptxas -v runs inside triton.compile; its log is printed when asked for (never from the cache)
+    with knobs.compilation.scope(), knobs.nvidia.scope():
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=TARGET, options=options.__dict__)
+    facts = {"shared_bytes": int(compiled.metadata.shared), **parse_ptxas(log.getvalue())}
+    facts.update(analyze_ptx(compiled.asm["ptx"]))
+    operands = analyze_ttgir(compiled.asm["ttgir"])
+    if facts["mma"] != "none":
+        facts["operand_loads_async"] = operands["operand_loads_async"]
+    facts["operand_loads"] = operands["operand_loads"]
+    return facts
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> dict:
+    """Registers, stack frame, spill stores/loads and warnings from a ``ptxas -v`` log."""
+    regs = _PTXAS_REGS.search(log)
+    frame = _PTXAS_FRAME.search(log)
+    warnings = sorted({ln.split("warning :", 1)[1].strip() for ln in log.splitlines() if "ptxas warning" in ln})
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "stack_bytes": int(frame.group(1)) if frame else None,
+        "spill_bytes": int(frame.group(2)) if frame else None,
+        "spill_load_bytes": int(frame.group(3)) if frame else None,
+        "ptxas_warnings": warnings,
+    }
+
+
+_LABEL = re.compile(r"^(\$L__BB\d+_\d+):")
+_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);")
+_WAIT = re.compile(r"wgmma\.wait_group\.sync\.aligned\s+(\d+);")
+_CP_ASYNC = re.compile(r"cp\.async\.(ca|cg)\.shared\.global(?:\.[\w:]+)*\s*\[[^\]]*\],\s*\[[^\]]*\],\s*"
+                       r"(0x[0-9a-f]+|\d+)")
+_LD_GLOBAL = re.compile(r"\bld\.global(?:\.[\w:]+)*?\.(v[248]\.)?([bfsu])(\d+)\s")
+
+
+def _loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of every loop: a label and a later branch back to it."""
+    labels = {}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = _LABEL.match(ln.strip())
+        if m:
+            labels[m.group(1)] = i
+        b = _BRANCH.search(ln)
+        if b and b.group(1) in labels and labels[b.group(1)] < i:
+            loops.append((labels[b.group(1)], i))
+    return loops
+
+
+_ELEM_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4, "f8E4M3FN": 1, "f8E5M2": 1, "i8": 1, "i64": 8, "f64": 8}
+_TTG_TENSOR = re.compile(r"tensor<((?:\d+x)+)!tt\.ptr<(\w+)>")
+_TTG_CONTIG = re.compile(r"contiguity = (\d+)")
+
+
+def _ttgir_loops(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line of every ``scf.for`` body (brace matching; attribute braces close on their line)."""
+    loops = []
+    for i, ln in enumerate(lines):
+        if "scf.for" not in ln:
+            continue
+        depth = 0
+        for j in range(i, len(lines)):
+            depth += lines[j].count("{") - lines[j].count("}")
+            if depth <= 0 and j > i:
+                loops.append((i, j))
+                break
+    return loops
+
+
+def analyze_ttgir(ttgir: str) -> dict:
+    """The operand tiles the innermost loops holding an MMA (``warp_group_dot`` or ``tt.dot``) load, from the
+    TTGIR after pipelining: each 2-D global load is a tile of an MMA operand (the 1-D ones are per-channel
+    vectors, e.g. the prologue's scale and shift) and is either an asynchronous copy into shared memory
+    (``async_copy_global_to_local`` with its contiguity, or a TMA copy) or a synchronous ``tt.load``.
+    ``operand_loads_async``: every operand tile is a TMA copy or an async copy of >= 16 contiguous bytes;
+    ``operand_loads``: counts by kind, e.g. ``{"async16B": 2, "vector4B": 2}``."""
+    lines = ttgir.splitlines()
+    loops = _ttgir_loops(lines)
+    mma_loops = set()
+    for i, ln in enumerate(lines):
+        if "ttng.warp_group_dot " in ln or "tt.dot " in ln:
+            inner = [lp for lp in loops if lp[0] < i <= lp[1]]
+            if inner:
+                mma_loops.add(min(inner, key=lambda lp: lp[1] - lp[0]))
+    kinds: dict[str, int] = {}
+    ok = True
+    tiles = 0
+    for first, last in sorted(mma_loops):
+        for ln in lines[first + 1:last + 1]:
+            tma = "async_tma_copy_global_to_local" in ln
+            copy = "async_copy_global_to_local" in ln and not tma
+            load = re.search(r"=\s*tt\.load\b", ln) is not None
+            if not (tma or copy or load):
+                continue
+            t = _TTG_TENSOR.search(ln)
+            rank = t.group(1).count("x") if t else 2
+            if tma:
+                key, tiles = "tma", tiles + 1
+            else:
+                contig = int(_TTG_CONTIG.search(ln).group(1)) if _TTG_CONTIG.search(ln) else 1
+                nbytes = contig * _ELEM_BYTES.get(t.group(2), 4) if t else 0
+                if rank < 2:
+                    key = f"vector{nbytes}B" + ("" if copy else "-sync")
+                else:
+                    tiles += 1
+                    key = f"async{nbytes}B" if copy else f"sync{nbytes}B"
+                    ok &= copy and nbytes >= 16
+            kinds[key] = kinds.get(key, 0) + 1
+    return {"operand_loads_async": ok and tiles > 0, "operand_loads": dict(sorted(kinds.items()))}
+
+
+def analyze_ptx(ptx: str) -> dict:
+    """What the main loops (every innermost loop holding an MMA) do:
+
+    * ``mma``: ``wgmma``, ``mma.sync`` or ``none`` (no MMA instruction in any loop);
+    * ``wgmma_wait_in_loop``: the smallest N of the ``wgmma.wait_group N`` inside those loops (0: every K step
+      waits for all its MMAs, nothing stays in flight), None when no loop waits;
+    * ``operand_loads_async``: every global load in those loops is a 16-byte ``cp.async`` or a TMA copy (the
+      report takes it from :func:`analyze_ttgir` instead, which tells operand tiles from per-channel vectors);
+    * ``loop_loads``: counts of the loops' global loads by kind and bytes, e.g. ``{"cp.async16": 8,
+      "ld.b16": 16}``.
+    """
+    lines = ptx.splitlines()
+    loops = _loops(lines)
+    mma_loops = set()
+    for i, ln in enumerate(lines):
+        if "wgmma.mma_async" in ln or re.search(r"\bmma\.sync", ln):
+            inner = [lp for lp in loops if lp[0] <= i <= lp[1]]
+            if inner:
+                mma_loops.add(min(inner, key=lambda lp: lp[1] - lp[0]))
+    kinds = set()
+    waits = []
+    loads: dict[str, int] = {}
+    for first, last in sorted(mma_loops):
+        for ln in lines[first:last + 1]:
+            if "wgmma.mma_async" in ln:
+                kinds.add("wgmma")
+            elif re.search(r"\bmma\.sync", ln):
+                kinds.add("mma.sync")
+            w = _WAIT.search(ln)
+            if w:
+                waits.append(int(w.group(1)))
+            c = _CP_ASYNC.search(ln)
+            if c:
+                key = f"cp.async{int(c.group(2), 0)}"
+                loads[key] = loads.get(key, 0) + 1
+            elif "cp.async.bulk.tensor" in ln:
+                loads["tma"] = loads.get("tma", 0) + 1
+            else:
+                g = _LD_GLOBAL.search(ln)
+                if g:
+                    vec = int(g.group(1)[1]) if g.group(1) else 1
+                    key = f"ld.{vec * int(g.group(3)) // 8}B"
+                    loads[key] = loads.get(key, 0) + 1
+    mma = "wgmma" if "wgmma" in kinds else ("mma.sync" if kinds else "none")
+    async_ok = bool(loads) and all(k in ("cp.async16", "tma") for k in loads)
+    return {
+        "mma": mma,
+        "wgmma_wait_in_loop": min(waits) if waits else None,
+        "operand_loads_async": async_ok if mma != "none" else None,
+        "loop_loads": dict(sorted(loads.items())),
+    }
