@@ -123,7 +123,8 @@ fi
 echo "== gpu_check: install rc=$install_rc, tests rc=$tests_rc, bench rc=$bench_rc (124: timed out), ${SECONDS}s =="
 for group in cuda device triton; do
     if [[ -f "$OUT/tests_$group.log" ]]; then
-        echo "tests_$group.log: $(grep -E "passed|failed|error|skipped|no tests ran" "$OUT/tests_$group.log" | tail -n 1)"
+        summary="$(grep -E "passed|failed|error|skipped|no tests ran" "$OUT/tests_$group.log" | tail -n 1)"
+        echo "tests_$group.log: $summary"
         grep -E "BUILD CHECK FAILED" "$OUT/tests_$group.log" | head -n 3 || true
     fi
 done
