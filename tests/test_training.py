@@ -3,14 +3,18 @@
 torchvision's modules are the oracle: the same weights (``load_state_dict``), the same inputs, the same SGD
 steps; outputs, input gradients, every parameter gradient and the BatchNorm buffers must agree. Also: gradcheck
 of the reference ops in float64, a short ResNet-18 training run, the activation memory the NormConv scheme
-saves and bf16 autocast (SyncBatchNorm: tests/test_coverage_gaps.py).
+saves, bf16 autocast, and SyncBatchNorm over two gloo processes (tests/test_coverage_gaps.py adds three ranks, a
+subgroup with unequal counts and DDP; test_cuda_train.py reuses this one through the extension's CPU kernels).
 """
 
 import copy
 import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision.models.resnet as tvr
 from torch import nn
@@ -375,6 +379,83 @@ def test_autocast_bf16(backend, config, interpreter_rounds_bf16_to_nearest):
     fused.zero_grad()
     fused.load_state_dict(tv.state_dict())
     _check_amp(fused, tv, x, torch.randn(y.shape, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------- SyncBN, 2 processes
+
+WORLD = 2
+
+
+def _sync_bn_worker(rank: int, init_file: str, backend: str, result_dir: str) -> None:
+    """One rank: the fused, SyncBN-converted model on its half of the global batch."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(9)
+        model = _sync_bn_models(backend)[1]
+        x, grad_y = _sync_bn_batch()
+        half = slice(rank * x.shape[0] // WORLD, (rank + 1) * x.shape[0] // WORLD)
+        x_local = x[half].clone().requires_grad_()
+        y = model(x_local)
+        (y * grad_y[half]).sum().backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            dist.all_reduce(p.grad)  # the gradient of the global-batch loss, as DDP sums it (then averages)
+            grads[name] = p.grad
+        torch.save({"y": y.detach(), "x_grad": x_local.grad, "grads": grads,
+                    "buffers": dict(model.named_buffers())}, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_bn_models(backend: str):
+    """(torchvision BasicBlock with a downsample, the same block fused and converted to SyncBatchNorm)."""
+    tv = tvr.BasicBlock(4, 6, 2, _downsample(4, 6, 2))
+    _randomize_bn(tv)
+    fused = resnet_fused.BasicBlock(4, 6, 2, _downsample(4, 6, 2), backend=backend)
+    _randomize_bn(fused)
+    fused.load_state_dict(tv.state_dict())
+    fused = resnet_fused.convert_sync_batchnorm(fused)
+    assert all(m.momentum is None for m in fused.modules() if isinstance(m, _BatchNorm))
+    return tv, fused
+
+
+def _sync_bn_batch():
+    gen = torch.Generator().manual_seed(10)
+    return torch.randn(6, 4, 7, 7, generator=gen), torch.randn(6, 6, 4, 4, generator=gen)
+
+
+def test_sync_batchnorm_two_processes(backend):
+    """SyncBN over 2 gloo ranks, each with half the batch, equals plain BN on the whole batch.
+
+    torchvision's ``nn.SyncBatchNorm`` refuses CPU tensors, so the oracle is what it computes: eager
+    torchvision with BatchNorm2d over the global batch (outputs and input grads per half, parameter grads
+    summed over ranks, running statistics from the global batch)."""
+    mod = backends.load(backend)
+    reason = mod if isinstance(mod, str) else mod.unsupported(torch.empty(1, 1, 1, 1), 1, 1)
+    if reason is not None:
+        pytest.skip(f"gloo runs CPU tensors: {reason}")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_sync_bn_worker, args=(os.path.join(tmp, "init"), backend, tmp), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    torch.manual_seed(9)
+    tv, fused = _sync_bn_models(backend)
+    assert isinstance(fused.bn1, nn.SyncBatchNorm) and isinstance(fused.downsample[1], nn.SyncBatchNorm)
+    x, grad_y = _sync_bn_batch()
+    x = x.requires_grad_()
+    y = tv(x)
+    (y * grad_y).sum().backward()
+    dtype = torch.float32
+    _check(torch.cat([r["y"] for r in results]), y, dtype)
+    _check(torch.cat([r["x_grad"] for r in results]), x.grad, dtype, GRAD_SCALE)
+    for name, p in tv.named_parameters():
+        for r in results:
+            _check(r["grads"][name], p.grad, dtype, GRAD_SCALE, msg=name)
+    for name, b in tv.named_buffers():
+        for r in results:
+            if b.dtype == torch.long:
+                assert torch.equal(r["buffers"][name], b), name
+            else:
+                _check(r["buffers"][name], b, dtype, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- GPU only
