@@ -15,14 +15,18 @@ COLUMNS = (
     ("workload", "workload", "{}"),
     ("provider", "provider", "{}"),
     ("ms", "ms", "{:.3f}"),
+    ("spread", "spread", "{:.1%}"),
     ("tflops", "TFLOP/s", "{:.3g}"),
     ("pct_peak", "% peak", "{:.0f}"),
     ("img_per_s", "img/s", "{:,.0f}"),
     ("speedup_vs_eager", "x eager", "{:.2f}"),
     ("speedup_vs_compile", "x compile", "{:.2f}"),
-    ("floor_ratio", "/ floor", "{:.2f}"),
-    ("peak_mem_mib", "peak MiB", "{:,.0f}"),
-    ("rel_err", "rel err", "{:.1e}"),
+    ("convs_ratio", "/ cuDNN convs", "{:.2f}"),
+    ("step_mem_mib", "step MiB", "{:,.0f}"),
+    ("err", "err", "{:.1e}"),
+    ("eager_err", "eager err", "{:.1e}"),
+    ("grad_err", "grad err", "{:.1e}"),
+    ("eager_grad_err", "eager grad err", "{:.1e}"),
     ("error", "error", "{}"),
 )
 _ERROR_WIDTH = 60
@@ -83,13 +87,42 @@ def plain_table(rows: list[dict], columns, title: str) -> str:
     return "\n".join(lines)
 
 
+def _provenance(meta: dict) -> list[str]:
+    """Markdown lines: the card's state, precision policy, the library's build and switches."""
+    gpu = meta.get("gpu") or {}
+    policy = meta.get("precision") or {}
+    lines = []
+    if gpu:
+        lines.append(f"driver {gpu.get('driver_version')}, SM clock {gpu.get('clocks.sm')} (max "
+                     f"{gpu.get('clocks.max.sm')}), power limit {gpu.get('power.limit')} (default "
+                     f"{gpu.get('power.default_limit')}), {gpu.get('pstate')}, clock limits: "
+                     f"{gpu.get('clocks_event_reasons.active')}")
+    lines.append(f"TF32: matmul {policy.get('matmul_allow_tf32')}, cuDNN {policy.get('cudnn_allow_tf32')}; "
+                 f"cudnn.benchmark {policy.get('cudnn_benchmark')}")
+    lines.append(f"resnet_fused switches {meta.get('switches') or {}}, build {meta.get('build_info')}, "
+                 f"sources sha256 {str(meta.get('sources_sha256'))[:16]}")
+    return lines
+
+
+LEGEND = ("ms: median of the round medians (spread: their max - min over that median); / cuDNN convs: this row's "
+          "time over the module's convolutions alone (cuDNN, no BN/ReLU/residual epilogue) — a reference point, not "
+          "a floor, so values below 1.0 are legitimate; step MiB: memory one step allocates above what was resident; "
+          "err / grad err: relative L2 error of the output / the worst gradient against eager torchvision in fp32 "
+          "(fp64 for an fp32 run), measured after timing, beside eager's own.")
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    """The tables as Markdown, headed by the device and versions (for committed results)."""
+    """The tables as Markdown, headed by the device, versions and provenance (for committed results)."""
     out = [
         f"# {meta.get('device_name')} — {meta.get('timestamp')}",
         "",
-        f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, "
-        f"git {meta.get('git_sha')}, batch {meta['config'].get('batch')}, smoke {meta.get('smoke')}",
+        f"torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, cuDNN "
+        f"{meta.get('cudnn')}, git {meta.get('git_sha')}, batch {meta['config'].get('batch')}, "
+        f"smoke {meta.get('smoke')}, quick {meta.get('quick')}",
+        "",
+        *(line + "  " for line in _provenance(meta)),
+        "",
+        LEGEND,
     ]
     for (mode, dtype), group in groups(rows).items():
         columns = _columns(group)

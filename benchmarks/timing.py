@@ -1,13 +1,59 @@
-"""Timers and memory probes: triton.testing.do_bench on a GPU, time.perf_counter medians on a CPU."""
+"""Timers, clocks and memory probes: triton.testing.do_bench on a GPU, time.perf_counter medians on a CPU; the
+process's age (the benchmark's time budget counts from process start) and a per-row time limit."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+_IMPORTED_AT = time.monotonic()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since this module was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED_AT
+
+
+class RowTimeout(Exception):
+    """A benchmark row ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, what: str = "row"):
+    """Raise :class:`RowTimeout` in the main thread once ``seconds`` have passed (SIGALRM; no limit when None or
+    off the main thread). Python code — compilation, autotuning, the timing loop — is interrupted; a call blocked
+    in C (a hung kernel) is not: the caller's outer ``timeout`` handles that."""
+    if seconds is None or not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if seconds <= 0:
+        raise RowTimeout(f"no time left for the {what}")
+
+    def expire(signum, frame):
+        raise RowTimeout(f"{what} time limit of {seconds:.3g}s reached")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass(frozen=True)
