@@ -19,7 +19,7 @@ Environment switches:
                                    wheel (package ``cutlass_library``, ``source/include``) when it is installed
                                    (``pip install --no-deps nvidia-cutlass==4.2.0.0``, headers only). With CUDA
                                    and CUTLASS headers the extension is built with ``RESNET_FUSED_WITH_CUTLASS``;
-                                   without the headers it still builds, and conv_bias_act keeps its cuDNN path
+                                   without the headers it still builds, and conv_bn_act keeps its cuDNN path
                                    (``build_info()["cutlass"]`` is None).
 
 Install: ``CUDA_HOME=/usr/local/cuda-13.0 pip install --no-build-isolation -e .`` (after torch).
@@ -160,7 +160,7 @@ def _extensions():
             print(f"resnet_fused: CUTLASS tensor-core convolutions on (headers: {cutlass_inc})")
         else:
             print("resnet_fused: no CUTLASS headers (set CUTLASS_PATH or pip install --no-deps "
-                  "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bias_act uses cuDNN)")
+                  "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bn_act uses cuDNN)")
         ext = cpp_extension.CUDAExtension(
             name="resnet_fused._C",
             sources=sources,

@@ -1,15 +1,16 @@
 // CUTLASS 2.x implicit-GEMM convolutions on tensor cores for the resnet_fused CUDA ops (interface and coverage
 // rules in conv_cutlass.h).
 //
-// cutlass_conv_fprop:  out = act(conv2d(x, W) + bias[k] + residual)
+// cutlass_conv_fprop:  out = act(conv2d(x, W)·s[k] + t[k] + residual)   (an eval BN applied in the epilogue)
 //   Implicit GEMM on NHWC: M = N*P*Q output pixels, N = K output channels, K = R*S*C, fp16 or bf16 operands,
 //   fp32 accumulators. Kernel: cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast with the sm80 tensor-op
 //   mainloop (mma.sync m16n8k16; the same code runs on sm90), optimized activation / filter iterators, a 3-stage
 //   cp.async pipeline, threadblock tile 128x128x64, warp tile 64x64x64 (4 warps, 96 KiB of shared memory).
-//   The epilogue with broadcast hands each output vector its slice of the broadcast vector (the fp32 bias;
-//   zeros, with no load, when the bias pointer is null) and, only when the output op asks for it, the
-//   matching vector of the source tensor C (the residual). One output op, BiasResidualAct, takes "residual
-//   given" and "ReLU" as runtime flags, so each dtype has exactly one kernel.
+//   The epilogue with broadcast hands each output vector its slice of the broadcast vector, here the fp32
+//   (s, t) pairs of the output channels (ScaleShift below: one vector carries both), and, only when the output
+//   op asks for it, the matching vector of the source tensor C (the residual). One output op,
+//   ScaleShiftResidualAct, takes "residual given" and "ReLU" as runtime flags, so each dtype has exactly one
+//   kernel. The caller computes (s, t) from the BN's live tensors right before the launch (ops_cuda.cu).
 //
 // Only the CUTLASS and CUDA runtime headers plus ATen's Tensor and c10's stream / allocator headers are
 // included here: every nvcc device pass parses this file, so it stays away from <ATen/ATen.h>.
@@ -46,7 +47,7 @@ namespace resnet_fused {
 #ifndef RESNET_FUSED_WITH_CUTLASS
 
 bool cutlass_conv_fprop_supported(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+                                  at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
   return false;
 }
 
@@ -59,20 +60,33 @@ bool cutlass_conv_fprop(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 namespace {
 
+// The per-output-channel coefficients of the epilogue: an eval BN's scale s and shift t. The epilogue with broadcast
+// loads one ElementVector per output column from its broadcast pointer and hands the output op one ElementCompute
+// per output element; making both this pair carries s AND t in that single broadcast vector (a [K, 2] fp32 array),
+// and the loads stay vectorized (8 pairs = 64 bytes per access).
+struct ScaleShift {
+  float s, t;
+
+  ScaleShift() = default;
+  // What cutlass::Array::clear() fills with: s = t = 0 (columns past K).
+  CUTLASS_HOST_DEVICE explicit ScaleShift(int zero) : s(static_cast<float>(zero)), t(static_cast<float>(zero)) {}
+};
+static_assert(sizeof(ScaleShift) == 2 * sizeof(float), "ScaleShift must be two packed floats: [K, 2] fp32");
+
 // Epilogue output op of the fprop kernel, in the form cutlass::epilogue::threadblock::EpilogueWithBroadcast
-// expects (single source: the residual is tensor C; the broadcast vector V is the bias):
-//   Z = act(AB + V + C)   (C only when the residual is given; act = ReLU or identity), fp32, rounded once.
+// expects (single source: the residual is tensor C; the broadcast vector V holds each column's (s, t)):
+//   Z = act(AB·s + t + C)   (C only when the residual is given; act = ReLU or identity), fp32, rounded once.
 // The auxiliary output T of that epilogue is not stored (kStoreT = false).
 template <typename Element, int kN>
-class BiasResidualAct {
+class ScaleShiftResidualAct {
  public:
   using ElementOutput = Element;
   using ElementC = Element;
   using ElementZ = Element;
   using ElementT = Element;
   using ElementAccumulator = float;
-  using ElementCompute = float;
-  using ElementVector = float;
+  using ElementCompute = ScaleShift;  // the epilogue keeps the broadcast fragment in this type
+  using ElementVector = ScaleShift;
   static int const kCount = kN;  // elements per call (one 16-byte vector of the output)
 
   static bool const kIsSingleSource = true;
@@ -92,7 +106,7 @@ class BiasResidualAct {
   };
 
   CUTLASS_HOST_DEVICE
-  explicit BiasResidualAct(Params const& params) : with_residual_(params.with_residual), relu_(params.relu) {}
+  explicit ScaleShiftResidualAct(Params const& params) : with_residual_(params.with_residual), relu_(params.relu) {}
 
   // The epilogue loads tensor C only when this is true.
   CUTLASS_HOST_DEVICE
@@ -102,30 +116,30 @@ class BiasResidualAct {
   CUTLASS_HOST_DEVICE
   void set_k_partition(int, int) {}
 
-  // Z = act(AB + V + C).
+  // Z = act(AB·s + t + C).
   CUTLASS_HOST_DEVICE
   void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentC const& frag_C,
                   FragmentCompute const& V) const {
-    cutlass::NumericArrayConverter<ElementCompute, ElementC, kN> to_compute;
-    const FragmentCompute c = to_compute(frag_C);
-    FragmentCompute z;
+    cutlass::NumericArrayConverter<float, ElementC, kN> to_float;
+    const cutlass::Array<float, kN> c = to_float(frag_C);
+    cutlass::Array<float, kN> z;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      z[i] = act(AB[i] + V[i] + c[i]);
+      z[i] = act(fmaf(AB[i], V[i].s, V[i].t) + c[i]);
     }
-    cutlass::NumericArrayConverter<ElementZ, ElementCompute, kN> to_output;
+    cutlass::NumericArrayConverter<ElementZ, float, kN> to_output;
     frag_Z = to_output(z);
   }
 
-  // Z = act(AB + V)  (is_source_needed() == false).
+  // Z = act(AB·s + t)  (is_source_needed() == false).
   CUTLASS_HOST_DEVICE
   void operator()(FragmentZ& frag_Z, FragmentT&, FragmentAccumulator const& AB, FragmentCompute const& V) const {
-    FragmentCompute z;
+    cutlass::Array<float, kN> z;
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < kN; ++i) {
-      z[i] = act(AB[i] + V[i]);
+      z[i] = act(fmaf(AB[i], V[i].s, V[i].t));
     }
-    cutlass::NumericArrayConverter<ElementZ, ElementCompute, kN> to_output;
+    cutlass::NumericArrayConverter<ElementZ, float, kN> to_output;
     frag_Z = to_output(z);
   }
 
@@ -142,7 +156,7 @@ class BiasResidualAct {
 template <typename Element>
 struct Fprop {
   static constexpr int kAccess = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements = 16 bytes
-  using OutputOp = BiasResidualAct<Element, kAccess>;
+  using OutputOp = ScaleShiftResidualAct<Element, kAccess>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       Element, cutlass::layout::TensorNHWC,  // A: activations x
       Element, cutlass::layout::TensorNHWC,  // B: filters w, KRSC
@@ -155,8 +169,8 @@ struct Fprop {
   using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
-// Bias loads are 8 fp32 values (32 bytes) at column offsets that are multiples of 8.
-constexpr std::uintptr_t kBiasAlignment = 32;
+// The epilogue loads 8 (s, t) pairs (64 bytes) at column offsets that are multiples of 8.
+constexpr std::uintptr_t kScaleShiftAlignment = 64;
 
 std::atomic<int64_t> g_launches{0};
 
@@ -166,13 +180,13 @@ struct Call {
   void* x;
   void* w;
   void* residual;  // nullptr when absent
-  void* out;       // set only when launching (a mutable pointer)
-  float* bias;     // nullptr when absent
+  void* out;                // set only when launching (a mutable pointer)
+  ScaleShift* scale_shift;  // [K] pairs
   bool relu;
 };
 
 // Fills `call` and returns true when the kernels cover the arguments (rules in conv_cutlass.h).
-bool prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, const at::Tensor& residual,
+bool prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_shift, const at::Tensor& residual,
              const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
              int64_t groups, bool relu, Call& call) {
   constexpr const char* fn = "resnet_fused::cutlass_conv_fprop";
@@ -186,16 +200,22 @@ bool prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, c
       return false;
     }
   }
-  if (bias.defined() && (bias.device() != x.device() || bias.scalar_type() != at::kFloat || bias.dim() != 1 ||
-                         bias.size(0) != w.size(0) || !bias.is_contiguous() ||
-                         !cutlass_conv::aligned(bias.const_data_ptr(), kBiasAlignment))) {
-    return false;
+  // An undefined scale_shift: the coverage question alone (cutlass_conv_fprop_supported).
+  if (scale_shift.defined()) {
+    TORCH_CHECK(scale_shift.scalar_type() == at::kFloat && scale_shift.dim() == 2 &&
+                    scale_shift.size(0) == w.size(0) && scale_shift.size(1) == 2,
+                fn, ": scale_shift must be float32 [K = ", w.size(0), ", 2]");
+    if (scale_shift.device() != x.device() || !scale_shift.is_contiguous() ||
+        !cutlass_conv::aligned(scale_shift.const_data_ptr(), kScaleShiftAlignment)) {
+      return false;
+    }
   }
   call.x = const_cast<void*>(x.const_data_ptr());
   call.w = const_cast<void*>(w.const_data_ptr());
   call.residual = residual.defined() ? const_cast<void*>(residual.const_data_ptr()) : nullptr;
   call.out = nullptr;
-  call.bias = bias.defined() ? static_cast<float*>(const_cast<void*>(bias.const_data_ptr())) : nullptr;
+  call.scale_shift =
+      scale_shift.defined() ? static_cast<ScaleShift*>(const_cast<void*>(scale_shift.const_data_ptr())) : nullptr;
   call.relu = relu;
   return true;
 }
@@ -216,7 +236,7 @@ typename Fprop<Element>::Conv::Arguments arguments(const Call& c) {
   return typename Fprop<Element>::Conv::Arguments(
       p, {static_cast<Element*>(c.x), x_layout}, {static_cast<Element*>(c.w), w_layout}, {source, out_layout},
       {out, out_layout}, op, cutlass::conv::SplitKMode::kSerial,
-      /*ptr_Vector=*/c.bias, /*ptr_Tensor=*/nullptr, /*ldr=*/0, /*ldt=*/0);
+      /*ptr_Vector=*/c.scale_shift, /*ptr_Tensor=*/nullptr, /*ldr=*/0, /*ldt=*/0);
 }
 
 template <typename Element>
@@ -247,19 +267,20 @@ bool supported(const Call& c, at::ScalarType dtype) {
 
 }  // namespace
 
-bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                                  const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual,
+                                  const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups) {
   Call call;
-  return prepare(x, w, bias, residual, out, stride, padding, dilation, groups, false, call) &&
+  return prepare(x, w, at::Tensor(), residual, out, stride, padding, dilation, groups, false, call) &&
          supported(call, x.scalar_type());
 }
 
-bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_shift,
                         const at::Tensor& residual, at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool relu) {
+  TORCH_CHECK(scale_shift.defined(), "resnet_fused::cutlass_conv_fprop: scale_shift is required");
   Call call;
-  if (!prepare(x, w, bias, residual, out, stride, padding, dilation, groups, relu, call) ||
+  if (!prepare(x, w, scale_shift, residual, out, stride, padding, dilation, groups, relu, call) ||
       !supported(call, x.scalar_type())) {
     return false;
   }

@@ -11,26 +11,29 @@
 
 namespace resnet_fused {
 
-// out = act(conv2d(x, w) + bias + residual) on tensor cores, in one launch on the current CUDA stream:
-// fp32 accumulation, the epilogue in fp32 (summed in that order, act = ReLU when `relu`, else identity; ReLU
-// propagates NaN like torch.relu), one rounding to the output dtype at the store.
-//   x         [N, C, H, W] activations           w    [K, C, R, S] filters
-//   bias      undefined, or fp32 [K]              residual  undefined, or of out's shape
-//   out       [N, K, P, Q], preallocated (written, never read; must not overlap the inputs)
+// out = act(conv2d(x, w)·s[k] + t[k] + residual) on tensor cores, in one launch on the current CUDA stream:
+// fp32 accumulation, the epilogue in fp32 (acc·s + t with one fused multiply-add, then + residual, act = ReLU when
+// `relu`, else identity; ReLU propagates NaN like torch.relu), one rounding to the output dtype at the store.
+//   x            [N, C, H, W] activations           w    [K, C, R, S] filters
+//   scale_shift  fp32 [K, 2]: (s, t) of each output channel (an eval BN's scale and shift), contiguous, 64-byte
+//                aligned
+//   residual     undefined, or of out's shape
+//   out          [N, K, P, Q], preallocated (written, never read; must not overlap the inputs)
 // Returns false, launching nothing, when the kernels do not cover the call; the caller then uses its cuDNN
 // path. Covered: CUDA tensors on one device of compute capability >= 8.0; x, w, out, residual all float16 or
-// all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data; bias contiguous and 32-byte
-// aligned; groups == 1; C and K multiples of 8 (16-byte vectors); no empty tensor; each of x, w, out under
-// 2^31 bytes (the kernels' 32-bit offsets). Shapes that contradict each other are errors (TORCH_CHECK).
-bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
+// all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data; groups == 1; C and K multiples
+// of 8 (16-byte vectors); no empty tensor; each of x, w, out under 2^31 bytes (the kernels' 32-bit offsets).
+// Shapes that contradict each other are errors (TORCH_CHECK).
+bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_shift,
                         const at::Tensor& residual, at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, int64_t groups, bool relu);
 
-// Whether cutlass_conv_fprop would run these arguments (same rules; launches nothing). Lets a caller that
-// needs several launches decide for all of them before starting any.
-bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias,
-                                  const at::Tensor& residual, const at::Tensor& out, at::IntArrayRef stride,
-                                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+// Whether cutlass_conv_fprop would run these arguments with a contiguous, 64-byte aligned scale_shift on x's
+// device (same rules; launches nothing). Lets a caller that needs several launches decide for all of them before
+// starting any, or computing anything.
+bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual,
+                                  const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  at::IntArrayRef dilation, int64_t groups);
 
 // Training-path conv: c = conv2d(a, w) with a = x, or with the BN+ReLU prologue a = relu(x * in_scale[ch] +
 // in_shift[ch]) applied to the activation tile on load (padding contributes 0 after the activation); and mean /

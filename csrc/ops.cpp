@@ -1,14 +1,15 @@
 // resnet_fused ops: schemas (TORCH_LIBRARY), argument checks shared with the CUDA kernels, and the CPU
 // implementations.
 //
-//   conv_bias_act:        y = act(conv2d(x, W) + bias[k] + conv2d_1x1(shortcut_x, W_s) + residual)
+//   conv_bn_act:          y = act(conv2d(x, W)·s[k] + t[k] + conv2d_1x1(shortcut_x, W_s)·s_d[k] + t_d[k] + residual)
 //   scale_bias_add_relu:  out = relu(c * scale[k] + shift[k] + (idn * idn_scale[k] + idn_shift[k]  |  idn))
 //
-// The first is a ResNet block's inference tail (BN folded into W / bias, identity or downsample shortcut
-// added before the ReLU), the second its training tail (BN2 applied from batch statistics, plus the identity
-// or the downsample branch's own BN). The CPU versions run at::convolution and then the epilogue in the op-math
-// type (fp32 for fp32/fp16/bf16, fp64 for fp64) with one rounding to the output dtype, the same math as the fused
-// CUDA kernels (which differ only by using fused multiply-adds).
+// The first is a ResNet block's inference conv (each BN applied as a per-channel scale and shift computed from its
+// live tensors on every call: s = γ/√(σ² + ε), t = β − μ·s; identity or downsample shortcut added before the
+// ReLU), the second its training tail (BN2 applied from batch statistics, plus the identity or the downsample
+// branch's own BN). The CPU versions run at::convolution and then the epilogue in the op-math type (fp32 for
+// fp32/fp16/bf16, fp64 for fp64) with one rounding to the output dtype, the same math as the fused CUDA kernels
+// (which differ only by using fused multiply-adds).
 // Autograd and fake (meta) kernels are registered from Python (resnet_fused/backends/cuda.py).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +17,9 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <array>
+#include <cmath>
+#include <utility>
 
 #include "build_info.h"
 #include "ops.h"
@@ -61,63 +65,119 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
   check_pair(op, "padding", padding, 0);
   check_pair(op, "dilation", dilation, 1);
   TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t K = weight.size(0), R = weight.size(2), S = weight.size(3);
+  const int64_t C = x.size(1), K = weight.size(0);
   TORCH_CHECK(weight.size(1) * groups == C, op, ": x has ", C, " channels but weight expects ", weight.size(1),
               " x groups (", groups, ") = ", weight.size(1) * groups);
   TORCH_CHECK(K % groups == 0, op, ": weight's output channels (", K, ") must be divisible by groups (", groups,
               ")");
-  const int64_t P = (H + 2 * padding[0] - dilation[0] * (R - 1) - 1) / stride[0] + 1;
-  const int64_t Q = (W + 2 * padding[1] - dilation[1] * (S - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(P >= 1 && Q >= 1, op, ": output would be empty (", P, "x", Q, ") for input ", H, "x", W,
-              ", kernel ", R, "x", S, ", stride ", stride, ", padding ", padding, ", dilation ", dilation);
-  return {N, K, P, Q};
+  return conv_output_size(op, x.sizes(), weight.sizes(), stride, padding, dilation);
 }
 
-std::vector<int64_t> check_conv_bias_act(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride) {
-  constexpr const char* op = "resnet_fused::conv_bias_act";
-  const std::vector<int64_t> out_sizes = check_conv(op, x, weight, stride, padding, dilation, groups);
-  check_pair(op, "shortcut_stride", shortcut_stride, 1);
-  const int64_t N = out_sizes[0], K = out_sizes[1], P = out_sizes[2], Q = out_sizes[3];
+std::vector<int64_t> conv_output_size(const char* op, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x_sizes.size() == 4 && w_sizes.size() == 4, op, ": x and weight must be 4-D, got ", x_sizes, " and ",
+              w_sizes);
+  int64_t out[2];
+  for (int d = 0; d < 2; ++d) {
+    // The padded input minus the dilated window: negative when the window does not fit (PyTorch's error; C++
+    // division truncates toward zero, so dividing a negative span by a stride >= 2 would claim one output).
+    const int64_t padded = x_sizes[2 + d] + 2 * padding[d];
+    const int64_t window = dilation[d] * (w_sizes[2 + d] - 1) + 1;
+    TORCH_CHECK(padded >= window, op, ": Calculated padded input size per channel: (",
+                x_sizes[2] + 2 * padding[0], " x ", x_sizes[3] + 2 * padding[1], "). Kernel size: (",
+                dilation[0] * (w_sizes[2] - 1) + 1, " x ", dilation[1] * (w_sizes[3] - 1) + 1,
+                "). Kernel size can't be greater than actual input size");
+    out[d] = (padded - window) / stride[d] + 1;
+  }
+  return {x_sizes[0], w_sizes[0], out[0], out[1]};
+}
 
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == K, op, ": bias must be 1-D of size K = ", K, ", got shape ",
-                bias->sizes());
-    const at::ScalarType acc = at::toOpMathType(x.scalar_type());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type() || bias->scalar_type() == acc, op,
-                ": bias must have the dtype of x (", x.scalar_type(), ") or its accumulation dtype (", acc,
-                "), got ", bias->scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), op, ": bias must be on the device of x (", x.device(), "), got ",
-                bias->device());
+EvalBn make_eval_bn(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps) {
+  EvalBn bn;
+  bn.weight = weight.value_or(at::Tensor());
+  bn.bias = bias.value_or(at::Tensor());
+  bn.mean = mean.value_or(at::Tensor());
+  bn.var = var.value_or(at::Tensor());
+  bn.eps = eps;
+  return bn;
+}
+
+namespace {
+
+// The tensors of an eval BN of K channels: floating-point vectors of size K on x's device (any floating dtype: a
+// half model's buffers are read as they are), weight and bias given together, eps >= 0.
+void check_eval_bn(const char* op, const char* name, const EvalBn& bn, int64_t K, const at::Tensor& x) {
+  TORCH_CHECK(bn.mean.defined() && bn.var.defined(), op, ": ", name, "_mean and ", name,
+              "_var must be given together");
+  TORCH_CHECK(bn.weight.defined() == bn.bias.defined(), op, ": ", name, "_weight and ", name,
+              "_bias must be given together (affine) or both be None");
+  const std::pair<const char*, const at::Tensor*> fields[] = {
+      {"weight", &bn.weight}, {"bias", &bn.bias}, {"mean", &bn.mean}, {"var", &bn.var}};
+  for (const auto& [field, t] : fields) {
+    if (!t->defined()) {
+      continue;
+    }
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == K, op, ": ", name, "_", field, " must be 1-D of size K = ", K,
+                ", got shape ", t->sizes());
+    TORCH_CHECK(is_float_type(t->scalar_type()), op, ": ", name, "_", field,
+                " must be float32/float64/float16/bfloat16, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), op, ": ", name, "_", field, " must be on the device of x (", x.device(),
+                "), got ", t->device());
   }
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_sizes), op, ": residual must have the output shape ",
-                at::IntArrayRef(out_sizes), ", got ", residual->sizes());
-    check_like(op, "residual", *residual, x, "x");
+  TORCH_CHECK(bn.eps >= 0.0 && std::isfinite(bn.eps), op, ": ", name, "_eps must be finite and >= 0, got ", bn.eps);
+}
+
+}  // namespace
+
+std::vector<int64_t> check_conv_bn_act(const ConvBnActArgs& a) {
+  constexpr const char* op = "resnet_fused::conv_bn_act";
+  const std::vector<int64_t> out_sizes = check_conv(op, a.x, a.weight, a.stride, a.padding, a.dilation, a.groups);
+  check_pair(op, "shortcut_stride", a.shortcut_stride, 1);
+  const int64_t N = out_sizes[0], K = out_sizes[1], P = out_sizes[2], Q = out_sizes[3];
+  check_eval_bn(op, "bn", a.bn, K, a.x);
+
+  if (a.residual.defined()) {
+    TORCH_CHECK(a.residual.sizes() == at::IntArrayRef(out_sizes), op, ": residual must have the output shape ",
+                at::IntArrayRef(out_sizes), ", got ", a.residual.sizes());
+    check_like(op, "residual", a.residual, a.x, "x");
   }
-  TORCH_CHECK(shortcut_x.has_value() == shortcut_weight.has_value(), op,
+  TORCH_CHECK(a.shortcut_x.defined() == a.shortcut_weight.defined(), op,
               ": shortcut_x and shortcut_weight must be given together");
-  if (shortcut_x.has_value()) {
-    const at::Tensor& sx = *shortcut_x;
-    const at::Tensor& sw = *shortcut_weight;
-    TORCH_CHECK(sw.dim() == 4 && sw.size(0) == K && sw.size(2) == 1 && sw.size(3) == 1, op,
-                ": shortcut_weight must be [K, Cs, 1, 1] with K = ", K, ", got shape ", sw.sizes());
-    TORCH_CHECK(sx.dim() == 4, op, ": shortcut_x must be 4-D [N, Cs, Hs, Ws], got shape ", sx.sizes());
-    TORCH_CHECK(sx.size(0) == N, op, ": shortcut_x batch (", sx.size(0), ") must equal x's (", N, ")");
-    TORCH_CHECK(sx.size(1) == sw.size(1), op, ": shortcut_x has ", sx.size(1),
-                " channels but shortcut_weight expects ", sw.size(1));
-    const int64_t Ps = (sx.size(2) - 1) / shortcut_stride[0] + 1;
-    const int64_t Qs = (sx.size(3) - 1) / shortcut_stride[1] + 1;
-    TORCH_CHECK(Ps == P && Qs == Q, op, ": shortcut conv output is ", Ps, "x", Qs, " (input ", sx.size(2), "x",
-                sx.size(3), ", stride ", shortcut_stride, ") but the main conv output is ", P, "x", Q);
-    check_like(op, "shortcut_x", sx, x, "x");
-    check_like(op, "shortcut_weight", sw, x, "x");
+  const EvalBn& sbn = a.shortcut_bn;
+  if (!a.shortcut_x.defined()) {
+    TORCH_CHECK(!sbn.weight.defined() && !sbn.bias.defined() && !sbn.mean.defined() && !sbn.var.defined(), op,
+                ": shortcut_bn_* tensors were given without a shortcut (shortcut_x)");
+    return out_sizes;
   }
+  const at::Tensor& sx = a.shortcut_x;
+  const at::Tensor& sw = a.shortcut_weight;
+  TORCH_CHECK(sw.dim() == 4 && sw.size(0) == K && sw.size(2) == 1 && sw.size(3) == 1, op,
+              ": shortcut_weight must be [K, Cs, 1, 1] with K = ", K, ", got shape ", sw.sizes());
+  TORCH_CHECK(sx.dim() == 4, op, ": shortcut_x must be 4-D [N, Cs, Hs, Ws], got shape ", sx.sizes());
+  TORCH_CHECK(sx.size(0) == N, op, ": shortcut_x batch (", sx.size(0), ") must equal x's (", N, ")");
+  TORCH_CHECK(sx.size(1) == sw.size(1), op, ": shortcut_x has ", sx.size(1), " channels but shortcut_weight expects ",
+              sw.size(1));
+  check_like(op, "shortcut_x", sx, a.x, "x");
+  check_like(op, "shortcut_weight", sw, a.x, "x");
+  const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
+  const std::vector<int64_t> s_sizes =
+      conv_output_size(op, sx.sizes(), sw.sizes(), a.shortcut_stride, no_padding, no_dilation);
+  TORCH_CHECK(s_sizes[2] == P && s_sizes[3] == Q, op, ": shortcut conv output is ", s_sizes[2], "x", s_sizes[3],
+              " (input ", sx.size(2), "x", sx.size(3), ", stride ", a.shortcut_stride,
+              ") but the main conv output is ", P, "x", Q);
+  check_eval_bn(op, "shortcut_bn", sbn, K, a.x);
   return out_sizes;
+}
+
+std::pair<at::Tensor, at::Tensor> eval_scale_shift(const EvalBn& bn, at::ScalarType acc) {
+  const at::Tensor invstd = at::rsqrt(bn.var.to(acc) + bn.eps);
+  const at::Tensor scale = bn.weight.defined() ? bn.weight.to(acc) * invstd : invstd;
+  at::Tensor shift = -bn.mean.to(acc) * scale;
+  if (bn.bias.defined()) {
+    shift = shift + bn.bias.to(acc);
+  }
+  return {scale, shift};
 }
 
 void check_scale_bias_add_relu(
@@ -161,16 +221,13 @@ bool has_format_strides(const at::Tensor& t, at::MemoryFormat mf) {
   return t.strides() == at::IntArrayRef(strides);
 }
 
-ConvParts conv_parts(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride, at::MemoryFormat mf) {
+ConvParts conv_parts(const ConvBnActArgs& a, at::MemoryFormat mf) {
   ConvParts parts;
-  parts.main = at::convolution(x, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
-                               /*output_padding=*/{0, 0}, groups)
+  parts.main = at::convolution(a.x, a.weight, std::nullopt, a.stride, a.padding, a.dilation, /*transposed=*/false,
+                               /*output_padding=*/{0, 0}, a.groups)
                    .contiguous(mf);
-  if (shortcut_x.has_value()) {
-    parts.shortcut = at::convolution(*shortcut_x, *shortcut_weight, std::nullopt, shortcut_stride,
+  if (a.shortcut_x.defined()) {
+    parts.shortcut = at::convolution(a.shortcut_x, a.shortcut_weight, std::nullopt, a.shortcut_stride,
                                      /*padding=*/{0, 0}, /*dilation=*/{1, 1}, /*transposed=*/false,
                                      /*output_padding=*/{0, 0}, /*groups=*/1)
                          .contiguous(mf);
@@ -182,28 +239,62 @@ at::Tensor channel_view(const at::Tensor& p, at::ScalarType acc) {
   return p.to(acc).view({1, -1, 1, 1});
 }
 
+ConvBnActArgs conv_bn_act_args(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
+    const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
+    const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
+    const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
+    bool relu) {
+  ConvBnActArgs a;
+  a.x = x;
+  a.weight = weight;
+  a.bn = make_eval_bn(bn_weight, bn_bias, bn_mean, bn_var, bn_eps);
+  a.stride = stride;
+  a.padding = padding;
+  a.dilation = dilation;
+  a.groups = groups;
+  a.residual = residual.value_or(at::Tensor());
+  a.shortcut_x = shortcut_x.value_or(at::Tensor());
+  a.shortcut_weight = shortcut_weight.value_or(at::Tensor());
+  a.shortcut_bn = make_eval_bn(shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var,
+                               shortcut_bn_eps);
+  a.shortcut_stride = shortcut_stride;
+  a.relu = relu;
+  return a;
+}
+
+
 namespace {
 
-at::Tensor conv_bias_act_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& shortcut_x, const std::optional<at::Tensor>& shortcut_weight,
-    at::IntArrayRef shortcut_stride, bool relu) {
-  const auto out_sizes = check_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual,
-                                             shortcut_x, shortcut_weight, shortcut_stride);
+at::Tensor conv_bn_act_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
+    const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
+    const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
+    const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
+    bool relu) {
+  const ConvBnActArgs a = conv_bn_act_args(
+      x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual, shortcut_x,
+      shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var, shortcut_bn_eps,
+      shortcut_stride, relu);
+  const auto out_sizes = check_conv_bn_act(a);
   const at::MemoryFormat mf = x.suggest_memory_format();
-  const ConvParts parts = conv_parts(x, weight, stride, padding, dilation, groups, shortcut_x, shortcut_weight,
-                                     shortcut_stride, mf);
+  const ConvParts parts = conv_parts(a, mf);
   const at::ScalarType acc = at::toOpMathType(x.scalar_type());
-  at::Tensor t = parts.main.to(acc);
-  if (bias.has_value()) {
-    t.add_(channel_view(*bias, acc));
-  }
+  // y = conv·s + t [+ conv_d·s_d + t_d] [+ residual], in that order, in the op-math dtype.
+  const auto [scale, shift] = eval_scale_shift(a.bn, acc);
+  at::Tensor t = parts.main.to(acc).mul(scale.view({1, -1, 1, 1})).add_(shift.view({1, -1, 1, 1}));
   if (parts.shortcut.defined()) {
-    t.add_(parts.shortcut.to(acc));
+    const auto [s_scale, s_shift] = eval_scale_shift(a.shortcut_bn, acc);
+    t.add_(parts.shortcut.to(acc).mul(s_scale.view({1, -1, 1, 1})).add_(s_shift.view({1, -1, 1, 1})));
   }
-  if (residual.has_value()) {
-    t.add_(residual->to(acc));
+  if (a.residual.defined()) {
+    t.add_(a.residual.to(acc));
   }
   if (relu) {
     t.relu_();
@@ -250,8 +341,10 @@ BuildInfo build_info() {
 
 TORCH_LIBRARY(resnet_fused, m) {
   m.def(
-      "conv_bias_act(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, Tensor? residual, Tensor? shortcut_x, Tensor? shortcut_weight, int[2] shortcut_stride, "
+      "conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor bn_mean, Tensor bn_var, "
+      "float bn_eps, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual, "
+      "Tensor? shortcut_x, Tensor? shortcut_weight, Tensor? shortcut_bn_weight, Tensor? shortcut_bn_bias, "
+      "Tensor? shortcut_bn_mean, Tensor? shortcut_bn_var, float shortcut_bn_eps, int[2] shortcut_stride, "
       "bool relu) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
@@ -261,7 +354,7 @@ TORCH_LIBRARY(resnet_fused, m) {
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
-  m.impl("conv_bias_act", &conv_bias_act_cpu);
+  m.impl("conv_bn_act", &conv_bn_act_cpu);
   m.impl("scale_bias_add_relu", &scale_bias_add_relu_cpu);
 }
 

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 namespace resnet_fused {
@@ -32,14 +33,66 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                 int64_t groups);
 
-// Validates the arguments of resnet_fused::conv_bias_act (ranks, channel counts, conv parameters, devices,
-// residual / shortcut shapes, dtypes: all of x's dtype except bias, which may also be in the accumulation
-// dtype, fp32 or fp64 for fp64 x) and returns the output size [N, K, P, Q].
-std::vector<int64_t> check_conv_bias_act(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+// A BatchNorm in its eval form as conv_bn_act receives it: the module's live tensors (never a copy) and eps.
+// weight / bias are undefined for affine=False; every tensor is undefined for the absent shortcut BN.
+// bn(c) = c·s + t with s = weight/√(var + eps) (1/√(var + eps) without weight), t = bias − mean·s.
+struct EvalBn {
+  at::Tensor weight;
+  at::Tensor bias;
+  at::Tensor mean;
+  at::Tensor var;
+  double eps = 0.0;
+
+  bool present() const { return mean.defined(); }
+};
+
+EvalBn make_eval_bn(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps);
+
+// The arguments of resnet_fused::conv_bn_act, as one value the CPU and CUDA implementations share:
+//   y = act(conv2d(x, W)·s + t [+ conv1x1(shortcut_x, W_s, shortcut_stride)·s_d + t_d] [+ residual])
+// (summed in that order; act = ReLU when relu, else identity; (s, t) from bn, (s_d, t_d) from shortcut_bn).
+// The array refs point into the op's arguments and live as long as the call.
+struct ConvBnActArgs {
+  at::Tensor x;                // [N, C, H, W]
+  at::Tensor weight;           // [K, C/groups, R, S], x's dtype and device
+  EvalBn bn;                   // K channels
+  at::IntArrayRef stride, padding, dilation;
+  int64_t groups = 1;
+  at::Tensor residual;         // [N, K, P, Q] in x's dtype, or undefined
+  at::Tensor shortcut_x;       // [N, Cs, Hs, Ws] in x's dtype, or undefined
+  at::Tensor shortcut_weight;  // [K, Cs, 1, 1], given with shortcut_x
+  EvalBn shortcut_bn;          // present exactly when shortcut_x is
+  at::IntArrayRef shortcut_stride;
+  bool relu = true;
+};
+
+// Gathers the op's arguments (schema order) into a ConvBnActArgs.
+ConvBnActArgs conv_bn_act_args(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
     const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride);
+    const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
+    const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
+    const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
+    bool relu);
+
+// The output size [N, K, P, Q] of a convolution with PyTorch's rule P = (H + 2·pad − dil·(R − 1) − 1) / stride + 1
+// for a window that fits the padded input, and PyTorch's error (TORCH_CHECK, prefixed by `op`) for one that does
+// not (truncating that negative numerator toward zero would give P = 1 for strides >= 2).
+std::vector<int64_t> conv_output_size(const char* op, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
+
+// Validates the arguments of resnet_fused::conv_bn_act (ranks, channel counts, conv parameters, devices,
+// residual / shortcut shapes; x, weight, residual, shortcut tensors all of x's dtype; each BN's tensors
+// floating-point vectors of K channels on x's device, of any floating dtype, weight and bias given together, eps
+// >= 0; the shortcut BN given exactly with the shortcut) and returns the output size [N, K, P, Q].
+std::vector<int64_t> check_conv_bn_act(const ConvBnActArgs& a);
+
+// (s, t) of `bn` as [K] tensors in the op-math dtype `acc` (the CPU implementation; the same ATen ops as the
+// reference backend's eval_scale_shift).
+std::pair<at::Tensor, at::Tensor> eval_scale_shift(const EvalBn& bn, at::ScalarType acc);
 
 // Validates the arguments of resnet_fused::scale_bias_add_relu (c / idn same 4-D shape, dtype and device;
 // per-channel fp32 parameters of size C, fp64 allowed with fp64 c; idn_scale / idn_shift given together).
@@ -61,15 +114,12 @@ at::Tensor empty_in_format(at::IntArrayRef sizes, const at::TensorOptions& optio
 // True when `t` has exactly the strides of empty_in_format(t.sizes(), ..., mf).
 bool has_format_strides(const at::Tensor& t, at::MemoryFormat mf);
 
-// Output of the main convolution and of the optional 1x1 shortcut convolution of conv_bias_act, both made
-// dense in memory format `mf` (undefined shortcut when there is none).
+// Output of the main convolution and of the optional 1x1 shortcut convolution of conv_bn_act (at::convolution:
+// cuDNN on CUDA), both made dense in memory format `mf` (undefined shortcut when there is none).
 struct ConvParts {
   at::Tensor main;
   at::Tensor shortcut;
 };
-ConvParts conv_parts(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, at::IntArrayRef shortcut_stride, at::MemoryFormat mf);
+ConvParts conv_parts(const ConvBnActArgs& a, at::MemoryFormat mf);
 
 }  // namespace resnet_fused

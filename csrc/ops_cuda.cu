@@ -1,21 +1,25 @@
-// CUDA implementations of the resnet_fused ops (fp32 / fp16 / bf16, fp32 math).
+// CUDA implementations of the resnet_fused eval op conv_bn_act (fp32 / fp16 / bf16 activations, fp32 math).
 //
 // (scale_bias_add_relu, the training tail, lives with its backward in train_cuda.cu.)
 //
-// conv_bias_act on float16 / bfloat16 channels_last tensors that the CUTLASS kernels cover (conv_cutlass.h:
-// groups 1, C and K multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension
-// built with the CUTLASS headers) runs each convolution as an implicit GEMM on tensor cores with bias, residual
-// and ReLU in its epilogue: one launch, or two with a downsample shortcut (the 1x1 shortcut conv plus the
-// residual into a temporary, then the main conv plus bias plus that temporary, then ReLU). Sharing one
-// accumulator between the two (DESIGN.md's single-launch tail) is not done yet.
-// Everything else (float32, NCHW, other channel counts, groups > 1, a call that any of its launches does not
-// cover) runs the convolution(s) with at::convolution (cuDNN) and then ONE fused epilogue kernel for bias +
-// shortcut-conv output + residual + ReLU, instead of separate bias, add and ReLU passes.
+// conv_bn_act: y = act(conv(x, W)·s + t [+ conv1x1(x_d, W_d)·s_d + t_d] [+ residual]), each BN's (s, t) computed
+// from its live tensors on every call (eval_bn.cuh), applied in fp32 to the fp32 accumulator or conv output, one
+// rounding to x's dtype.
+//   float16 / bfloat16 channels_last calls that the CUTLASS kernels cover (conv_cutlass.h: groups 1, C and K
+//   multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension built with the
+//   CUTLASS headers): one tiny launch computing the (s, t) pairs of both BNs, then each convolution as an implicit
+//   GEMM on tensor cores with BN, residual and ReLU in its epilogue: one launch, or two with a downsample shortcut
+//   (the 1x1 shortcut conv with its BN plus the residual into a temporary in x's dtype, then the main conv with
+//   its BN plus that temporary, then ReLU). Sharing one accumulator between the two (DESIGN.md's single-launch
+//   tail) is not done: the temporary costs one write and one read of the block's output and one extra rounding.
+//   Everything else (float32, NCHW, other channel counts, groups > 1, a call that any of its launches does not
+//   cover): the convolution(s) with at::convolution (cuDNN), then ONE channel pass that computes (s, t) and
+//   (s_d, t_d) from the BN tensors for its channels and applies both BNs, the residual and the ReLU, instead of
+//   separate BN, add and ReLU passes.
 //
-// The epilogue is a per-channel pass of channel_pass.cuh (shared with the training kernels of train_cuda.cu):
-// elementwise over a dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte
-// packs where layout and alignment allow, NHWC threads keeping one channel pack's coefficients while they walk
-// the pixels.
+// The channel pass is channel_pass.cuh's (shared with the training kernels of train_cuda.cu): elementwise over a
+// dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte packs where layout and
+// alignment allow, NHWC threads keeping one channel pack's coefficients while they walk the pixels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,6 +36,7 @@
 #include "build_info.h"
 #include "channel_pass.cuh"
 #include "conv_cutlass.h"
+#include "eval_bn.cuh"
 #include "ops.h"
 
 namespace resnet_fused {
@@ -57,25 +62,27 @@ using channel_pass::NoState;
 using channel_pass::Pack;
 using channel_pass::relu;
 
-// The epilogue below is an elementwise pass of channel_pass.cuh (State = NoState): coef<VEC, PER_LANE>(k0) loads
-// the per-channel coefficients of a pack, apply<VEC>(i, coef, st) computes pack i of every operand.
+// The epilogue below is an elementwise pass of channel_pass.cuh (State = NoState): coef<VEC, PER_LANE>(k0) computes
+// the per-channel coefficients of a pack from the BN tensors, apply<VEC>(i, coef, st) computes pack i of every
+// operand.
 
-// conv_bias_act epilogue:  out[e] = act(y[e] + bias[k] + sc[e] + res[e])  (summed in this order; absent terms
-// skipped, bias 0 when absent), act = relu or identity, k = channel(e); fp32 math, one rounding at the store.
-// The optional-term branches are uniform across the grid.
+// conv_bn_act epilogue:  out[e] = act(y[e]·s[k] + t[k] + (sc[e]·s_d[k] + t_d[k]) + res[e])  (summed in this order;
+// absent terms skipped), act = relu or identity, k = channel(e); (s, t) and (s_d, t_d) from the BN tensors
+// (eval_bn.cuh), fp32 math, one rounding at the store. The optional-term branches are uniform across the grid.
 template <typename scalar_t>
-struct BiasAct {
+struct BnAct {
   using State = NoState;
   const scalar_t* y;                  // conv output [N, K, P, Q], dense in the launch's layout (may alias out)
-  const float* __restrict__ bias;     // [K] in fp32, or nullptr
   const scalar_t* __restrict__ sc;    // shortcut conv output, same shape and layout as y, or nullptr
   const scalar_t* __restrict__ res;   // residual, same shape and layout as y, or nullptr
   scalar_t* out;                      // same shape and layout as y
+  BnRef bn;                           // the main conv's BN
+  BnRef sc_bn;                        // the shortcut's BN (read only with sc)
   bool with_relu;                     // act = relu, else identity
 
   template <int VEC>
   struct Coef {
-    float b[VEC];
+    float s[VEC], t[VEC], sd[VEC], td[VEC];
   };
 
   template <int VEC, bool PER_LANE, typename index_t>
@@ -83,7 +90,13 @@ struct BiasAct {
     Coef<VEC> q;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      q.b[j] = bias != nullptr ? bias[PER_LANE ? k0 + j : k0] : 0.f;
+      const int64_t k = PER_LANE ? static_cast<int64_t>(k0) + j : static_cast<int64_t>(k0);
+      bn_scale_shift(bn, k, q.s[j], q.t[j]);
+      if (sc != nullptr) {
+        bn_scale_shift(sc_bn, k, q.sd[j], q.td[j]);
+      } else {
+        q.sd[j] = q.td[j] = 0.f;
+      }
     }
     return q;
   }
@@ -95,13 +108,13 @@ struct BiasAct {
     float acc[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      acc[j] = static_cast<float>(yv.v[j]) + q.b[j];
+      acc[j] = fmaf(static_cast<float>(yv.v[j]), q.s[j], q.t[j]);
     }
     if (sc != nullptr) {
       const P sv = reinterpret_cast<const P*>(sc)[i];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        acc[j] += static_cast<float>(sv.v[j]);
+        acc[j] += fmaf(static_cast<float>(sv.v[j]), q.sd[j], q.td[j]);
       }
     }
     if (res != nullptr) {
@@ -120,92 +133,125 @@ struct BiasAct {
   }
 };
 
-// conv_bias_act on the CUTLASS kernels (conv_cutlass.h): one launch, or with a downsample shortcut two (the 1x1
-// shortcut conv plus the residual into a temporary, then the main conv plus bias plus that temporary, then
-// ReLU). `bias_f32` is the bias in fp32 (or undefined). Returns an undefined tensor, having launched nothing
-// (apart from copying a misaligned bias), when any of the launches is not covered.
-at::Tensor conv_bias_act_cutlass(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias_f32, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& shortcut_x, const std::optional<at::Tensor>& shortcut_weight,
-    at::IntArrayRef shortcut_stride, bool relu, at::IntArrayRef out_sizes, at::MemoryFormat mf) {
-  // The kernels read the bias as 32-byte vectors.
-  const at::Tensor bias_d =
-      bias_f32.defined() && reinterpret_cast<std::uintptr_t>(bias_f32.data_ptr()) % 32 != 0 ? bias_f32.clone()
-                                                                                            : bias_f32;
-  const at::Tensor res = residual.has_value() ? *residual : at::Tensor();
-  // Filters in the kernels' KRSC layout (a copy of the small weight tensor only when it is NCHW); activations
-  // are taken as they are.
-  const at::Tensor w = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor sw = shortcut_weight.has_value() ? shortcut_weight->contiguous(at::MemoryFormat::ChannelsLast)
-                                                    : at::Tensor();
-  at::Tensor out = empty_in_format(out_sizes, x.options(), mf);
-  if (!shortcut_x.has_value()) {
-    const bool ran = cutlass_conv_fprop(x, w, bias_d, res, out, stride, padding, dilation, groups, relu);
-    return ran ? out : at::Tensor();
+// The (s, t) pairs the CUTLASS epilogue reads: pairs[b][k] = (s, t) of channel k of BN b (b = 0: the main conv's,
+// b = 1: the shortcut's when present), fp32 [n_bn, K, 2].
+__global__ void bn_scale_shift_pairs_kernel(BnRef bn, BnRef sc_bn, int64_t K, float2* __restrict__ pairs) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= K) {
+    return;
   }
-  at::Tensor sc = empty_in_format(out_sizes, x.options(), mf);
+  float s, t;
+  bn_scale_shift(bn, k, s, t);
+  pairs[k] = make_float2(s, t);
+  if (sc_bn.mean.data != nullptr) {
+    bn_scale_shift(sc_bn, k, s, t);
+    pairs[K + k] = make_float2(s, t);
+  }
+}
+
+// [n_bn, K, 2] fp32 (s, t) pairs of the BN of `a` and, with a shortcut, of the shortcut's BN: one launch.
+at::Tensor bn_scale_shift_pairs(const ConvBnActArgs& a, int64_t K) {
+  const bool with_shortcut = a.shortcut_x.defined();
+  at::Tensor pairs = at::empty({with_shortcut ? 2 : 1, K, 2}, a.x.options().dtype(at::kFloat));
+  constexpr int kThreads = 128;
+  bn_scale_shift_pairs_kernel<<<static_cast<unsigned>(channel_pass::ceil_div(K, kThreads)), kThreads, 0,
+                                at::cuda::getCurrentCUDAStream()>>>(
+      bn_ref(a.bn), with_shortcut ? bn_ref(a.shortcut_bn) : BnRef{}, K,
+      reinterpret_cast<float2*>(pairs.mutable_data_ptr<float>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return pairs;
+}
+
+// conv_bn_act on the CUTLASS kernels (conv_cutlass.h): the (s, t) pairs, then one conv launch, or with a
+// downsample shortcut two (the 1x1 shortcut conv with its BN plus the residual into a temporary, then the main
+// conv with its BN plus that temporary, then ReLU). Returns an undefined tensor, having launched nothing, when
+// any of the convolutions is not covered.
+at::Tensor conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf) {
+  const int64_t K = out_sizes[1];
+  // Filters in the kernels' KRSC layout (a copy of the small weight tensor only when it is NCHW); activations are
+  // taken as they are.
+  const at::Tensor w = a.weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = empty_in_format(out_sizes, a.x.options(), mf);
   const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
-  if (!cutlass_conv_fprop_supported(*shortcut_x, sw, at::Tensor(), res, sc, shortcut_stride,
-                                    no_padding, no_dilation, 1) ||
-      !cutlass_conv_fprop_supported(x, w, bias_d, sc, out, stride, padding, dilation, groups)) {
+  if (!a.shortcut_x.defined()) {
+    if (!cutlass_conv_fprop_supported(a.x, w, a.residual, out, a.stride, a.padding, a.dilation,
+                                      a.groups)) {
+      return at::Tensor();
+    }
+    const at::Tensor pairs = bn_scale_shift_pairs(a, K);
+    const bool ran = cutlass_conv_fprop(a.x, w, pairs[0], a.residual, out, a.stride, a.padding, a.dilation, a.groups,
+                                        a.relu);
+    TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as supported did not run");
+    return out;
+  }
+  const at::Tensor sw = a.shortcut_weight.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor sc = empty_in_format(out_sizes, a.x.options(), mf);
+  if (!cutlass_conv_fprop_supported(a.shortcut_x, sw, a.residual, sc, a.shortcut_stride, no_padding,
+                                    no_dilation, 1) ||
+      !cutlass_conv_fprop_supported(a.x, w, sc, out, a.stride, a.padding, a.dilation, a.groups)) {
     return at::Tensor();
   }
-  const bool ran = cutlass_conv_fprop(*shortcut_x, sw, at::Tensor(), res, sc, shortcut_stride,
-                                      no_padding, no_dilation, 1, /*relu=*/false) &&
-                   cutlass_conv_fprop(x, w, bias_d, sc, out, stride, padding, dilation, groups, relu);
-  TORCH_CHECK(ran, "resnet_fused::conv_bias_act: a CUTLASS convolution checked as supported did not run");
+  const at::Tensor pairs = bn_scale_shift_pairs(a, K);
+  const bool ran = cutlass_conv_fprop(a.shortcut_x, sw, pairs[1], a.residual, sc, a.shortcut_stride, no_padding,
+                                      no_dilation, 1, /*relu=*/false) &&
+                   cutlass_conv_fprop(a.x, w, pairs[0], sc, out, a.stride, a.padding, a.dilation, a.groups, a.relu);
+  TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as supported did not run");
   return out;
 }
 
-at::Tensor conv_bias_act_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& shortcut_x, const std::optional<at::Tensor>& shortcut_weight,
-    at::IntArrayRef shortcut_stride, bool relu) {
-  constexpr const char* op = "resnet_fused::conv_bias_act";
-  const auto out_sizes = check_conv_bias_act(x, weight, bias, stride, padding, dilation, groups, residual,
-                                             shortcut_x, shortcut_weight, shortcut_stride);
-  check_cuda_dtype(op, x);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::MemoryFormat mf = x.suggest_memory_format();
-  const at::Tensor bias_d = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  if (mf == at::MemoryFormat::ChannelsLast && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
-    at::Tensor out = conv_bias_act_cutlass(x, weight, bias_d, stride, padding, dilation, groups, residual,
-                                           shortcut_x, shortcut_weight, shortcut_stride, relu, out_sizes, mf);
-    if (out.defined()) {
-      return out;
-    }
-  }
-  const ConvParts parts = conv_parts(x, weight, stride, padding, dilation, groups, shortcut_x, shortcut_weight,
-                                     shortcut_stride, mf);
+// conv_bn_act with cuDNN (at::convolution) for the convolution(s) and ONE channel pass for everything else.
+at::Tensor conv_bn_act_plain(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf) {
+  constexpr const char* op = "resnet_fused::conv_bn_act";
+  const ConvParts parts = conv_parts(a, mf);
   const at::Tensor& y = parts.main;
   // The epilogue runs in place on the (fresh) conv output when it already has the output's exact strides.
-  const bool in_place = has_format_strides(y, mf);
-  const bool nothing_to_fuse = !bias.has_value() && !residual.has_value() && !parts.shortcut.defined() && !relu;
-  if (nothing_to_fuse && in_place) {
-    return y;
-  }
-  at::Tensor out = in_place ? y : empty_in_format(out_sizes, x.options(), mf);
+  at::Tensor out = has_format_strides(y, mf) ? y : empty_in_format(out_sizes, a.x.options(), mf);
   if (out.numel() == 0) {
     return out;
   }
-  const at::Tensor res_d = residual.has_value() ? residual->contiguous(mf) : at::Tensor();
+  const at::Tensor res_d = a.residual.defined() ? a.residual.contiguous(mf) : at::Tensor();
   const at::Tensor& sc_d = parts.shortcut;
   const bool all_aligned = aligned16(y.data_ptr()) && aligned16(out.data_ptr()) &&
                            (!res_d.defined() || aligned16(res_d.data_ptr())) &&
                            (!sc_d.defined() || aligned16(sc_d.data_ptr()));
-  RESNET_FUSED_DISPATCH_CUDA_TYPES(x.scalar_type(), op, [&] {
-    const BiasAct<scalar_t> epi{
-        y.const_data_ptr<scalar_t>(),
-        bias_d.defined() ? bias_d.const_data_ptr<float>() : nullptr,
-        sc_d.defined() ? sc_d.const_data_ptr<scalar_t>() : nullptr,
-        res_d.defined() ? res_d.const_data_ptr<scalar_t>() : nullptr,
-        out.mutable_data_ptr<scalar_t>(),
-        relu};
+  RESNET_FUSED_DISPATCH_CUDA_TYPES(a.x.scalar_type(), op, [&] {
+    const BnAct<scalar_t> epi{y.const_data_ptr<scalar_t>(),
+                              sc_d.defined() ? sc_d.const_data_ptr<scalar_t>() : nullptr,
+                              res_d.defined() ? res_d.const_data_ptr<scalar_t>() : nullptr,
+                              out.mutable_data_ptr<scalar_t>(),
+                              bn_ref(a.bn),
+                              sc_d.defined() ? bn_ref(a.shortcut_bn) : BnRef{},
+                              a.relu};
     launch_pass<scalar_t>(epi, out.sizes(), mf, all_aligned, out.options());
   });
   return out;
+}
+
+at::Tensor conv_bn_act_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
+    const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
+    const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
+    const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
+    bool relu) {
+  constexpr const char* op = "resnet_fused::conv_bn_act";
+  const ConvBnActArgs a = conv_bn_act_args(
+      x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual, shortcut_x,
+      shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var, shortcut_bn_eps,
+      shortcut_stride, relu);
+  const auto out_sizes = check_conv_bn_act(a);
+  check_cuda_dtype(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::MemoryFormat mf = x.suggest_memory_format();
+  if (mf == at::MemoryFormat::ChannelsLast && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
+    at::Tensor out = conv_bn_act_cutlass(a, out_sizes, mf);
+    if (out.defined()) {
+      return out;
+    }
+  }
+  return conv_bn_act_plain(a, out_sizes, mf);
 }
 
 // Test hook for cutlass_conv_stats (conv_cutlass.h), which the conv_stats op tries first: runs it on fresh
@@ -236,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
-  m.impl("conv_bias_act", &conv_bias_act_cuda);
+  m.impl("conv_bn_act", &conv_bn_act_cuda);
 }
 
 TORCH_LIBRARY(resnet_fused_debug, m) {

@@ -11,7 +11,7 @@
 
 namespace resnet_fused {
 
-// conv_stats: x, weight and the conv parameters as for conv_bias_act's convolution; in_scale / in_shift given
+// conv_stats: x, weight and the conv parameters as for conv_bn_act's convolution; in_scale / in_shift given
 // together, per-channel vectors of x. Returns the output size [N, K, P, Q].
 std::vector<int64_t> check_conv_stats(
     const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,

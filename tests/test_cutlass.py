@@ -1,8 +1,8 @@
-"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bias_act`` (csrc/conv_cutlass.cu).
+"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bn_act`` (csrc/conv_cutlass.cu).
 
 CPU: the extension reports the CUTLASS version it was compiled against when setup.py's header lookup
 (``CUTLASS_PATH``, else the ``cutlass_library`` package) finds headers. GPU (``gpu`` mark): float16 / bfloat16
-channels_last ``conv_bias_act`` against the reference backend on the same inputs (tolerances.py), on shapes the
+channels_last ``conv_bn_act`` against the reference backend on the same inputs (tolerances.py), on shapes the
 CUTLASS kernels cover (3x3 / 1x1 / 7x7, strides 1 and 2, dilation, odd N/H/W and channel counts that leave
 partial tiles, each optional epilogue term, a downsample shortcut) and on shapes they do not (C=3, groups=2,
 NCHW, a misaligned input, float32), which must stay correct through the cuDNN path. Which path ran is read from
@@ -91,13 +91,25 @@ def _out_hw(h, w, k, stride, padding, dilation):
             (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
 
 
+def _bn(k, affine=True):
+    """An EvalBN of k channels on the GPU with non-trivial fp32 tensors (γ in ±[0.5, 1.5), σ² in [0.5, 2.5))."""
+    weight = (torch.rand(k, device="cuda") + 0.5) * torch.where(torch.arange(k, device="cuda") % 3 == 0, -1.0, 1.0)
+    return reference.EvalBN(weight if affine else None, torch.randn(k, device="cuda") if affine else None,
+                            torch.randn(k, device="cuda"), torch.rand(k, device="cuda") * 2 + 0.5, 1e-5)
+
+
 def _check(out, args, relu, dtype):
     """Output dtype, layout, and values against the reference backend on the same inputs."""
-    x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss = args
-    ref = reference.conv_bias_act(x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss, relu)
+    x, w, bn, stride, padding, dilation, groups, residual, shortcut = args
+    ref = reference.conv_bn_act(x, w, bn, stride, padding, dilation, groups, residual, shortcut, relu)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.stride() == torch.empty(ref.shape, memory_format=reference.memory_format(x)).stride()
     assert_close(out.double(), ref.double(), dtype=dtype)
+
+
+def _run(args, relu):
+    x, w, bn, stride, padding, dilation, groups, residual, shortcut = args
+    return cuda_backend.conv_bn_act(x, w, bn, stride, padding, dilation, groups, residual, shortcut, relu)
 
 
 # name: (N, C, K, H, W, kernel, stride, padding, dilation)
@@ -110,13 +122,13 @@ COVERED = {
     "3x3_dilation2": (2, 16, 24, 13, 13, 3, 1, 2, 2),
     "7x7_s2_c8": (2, 8, 64, 20, 20, 7, 2, 3, 1),
 }
-# (bias, residual, relu)
+# (affine BN, residual, relu)
 TERMS = {
-    "plain": (False, False, False),
-    "bias_relu": (True, False, True),
-    "bias_residual": (True, True, False),
-    "bias_residual_relu": (True, True, True),
-    "residual_relu": (False, True, True),
+    "bn": (True, False, False),
+    "bn_relu": (True, False, True),
+    "bn_residual": (True, True, False),
+    "bn_residual_relu": (True, True, True),
+    "no_affine_residual_relu": (False, True, True),
 }
 
 
@@ -128,17 +140,16 @@ TERMS = {
 def test_covered_shapes_run_cutlass(dtype, shape, terms):
     torch.manual_seed(0)
     N, C, K, H, W, k, s, p, d = shape
-    with_bias, with_residual, relu = terms
+    affine, with_residual, relu = terms
     P, Q = _out_hw(H, W, k, s, p, d)
     x, w = _rand(N, C, H, W, dtype=dtype), _weight(K, C, k, k, dtype)
-    b = torch.randn(K, device="cuda") if with_bias else None
     residual = _rand(N, K, P, Q, dtype=dtype) if with_residual else None
-    args = (x, w, b, s, p, d, 1, residual, None, None, 1)
+    args = (x, w, _bn(K, affine), s, p, d, 1, residual, None)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=relu)
+    out = _run(args, relu)
     _check(out, args, relu, dtype)
     if before is not None:
-        assert _launches() == before + 1, "a covered conv_bias_act must be one CUTLASS launch"
+        assert _launches() == before + 1, "a covered conv_bn_act must be one CUTLASS launch"
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["shortcut", "shortcut_residual"])
@@ -146,16 +157,15 @@ def test_covered_shapes_run_cutlass(dtype, shape, terms):
 @pytest.mark.gpu
 @needs_gpu
 def test_downsample_shortcut_runs_two_cutlass_launches(dtype, with_residual):
-    """BasicBlock 64 -> 128, stride 2 tail: relu(conv3x3(h) + b + conv1x1_s2(x_in) [+ residual])."""
+    """BasicBlock 64 -> 128, stride 2 tail: relu(bn(conv3x3(h)) + bn_d(conv1x1_s2(x_in)) [+ residual])."""
     torch.manual_seed(1)
     N = 2
     h, w = _rand(N, 128, 7, 7, dtype=dtype), _weight(128, 128, 3, 3, dtype)
-    sx, sw = _rand(N, 64, 14, 14, dtype=dtype), _weight(128, 64, 1, 1, dtype)
-    b = torch.randn(128, device="cuda")
+    sc = reference.Shortcut(_rand(N, 64, 14, 14, dtype=dtype), _weight(128, 64, 1, 1, dtype), _bn(128), 2)
     residual = _rand(N, 128, 7, 7, dtype=dtype) if with_residual else None
-    args = (h, w, b, 1, 1, 1, 1, residual, sx, sw, 2)
+    args = (h, w, _bn(128), 1, 1, 1, 1, residual, sc)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=True)
+    out = _run(args, True)
     _check(out, args, True, dtype)
     if before is not None:
         assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
@@ -171,7 +181,7 @@ def _misaligned(t):
 
 
 def _fallback_case(name, dtype):
-    """conv_bias_act arguments (all epilogue terms) for a call the CUTLASS kernels do not cover."""
+    """conv_bn_act arguments (all epilogue terms) for a call the CUTLASS kernels do not cover."""
     cl = name != "nchw"
     C, K, groups, Cs = {"c3_stem": (3, 64, 1, 8), "groups2": (16, 32, 2, 8), "shortcut_c3": (16, 32, 1, 3)}.get(
         name, (16, 32, 1, 8))
@@ -179,10 +189,10 @@ def _fallback_case(name, dtype):
     w = _weight(K, C // groups, 3, 3, dtype, channels_last=cl and name != "weight_nchw")
     if name == "misaligned":
         x = _misaligned(x)
-    b = torch.randn(K, device="cuda")
     residual = _rand(2, K, 9, 9, dtype=dtype, channels_last=cl)
-    sx, sw = _rand(2, Cs, 17, 17, dtype=dtype, channels_last=cl), _weight(K, Cs, 1, 1, dtype, channels_last=cl)
-    return (x, w, b, 1, 1, 1, groups, residual, sx, sw, 2)
+    sc = reference.Shortcut(_rand(2, Cs, 17, 17, dtype=dtype, channels_last=cl),
+                            _weight(K, Cs, 1, 1, dtype, channels_last=cl), _bn(K), 2)
+    return (x, w, _bn(K), 1, 1, 1, groups, residual, sc)
 
 
 FALLBACK = ["c3_stem", "groups2", "nchw", "misaligned", "shortcut_c3"]
@@ -199,7 +209,7 @@ def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
     try:
         args = _fallback_case(name, dtype)
         before = _launches()
-        out = cuda_backend.conv_bias_act(*args, relu=True)
+        out = _run(args, True)
         _check(out, args, True, dtype)
         if before is not None:
             assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
@@ -217,7 +227,7 @@ def test_nchw_weights_are_taken_to_krsc_and_run_cutlass(dtype):
     args = _fallback_case("weight_nchw", dtype)
     assert not args[1].is_contiguous(memory_format=torch.channels_last)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=True)
+    out = _run(args, True)
     _check(out, args, True, dtype)
     if before is not None:
         assert _launches() == before + 2
@@ -426,9 +436,10 @@ import torch, resnet_fused._C as C
 from resnet_fused.backends import cuda as be, reference as ref
 x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-out = be.conv_bias_act(x, w, None, 1, 1, relu=True)
+bn = ref.EvalBN(None, None, torch.zeros(32, device="cuda"), torch.ones(32, device="cuda"), 1e-5)
+out = be.conv_bn_act(x, w, bn, 1, 1, relu=True)
 c, mean, var = be.conv_stats(x, w, 1, 1)
-torch.testing.assert_close(out.float(), ref.conv_bias_act(x, w, None, 1, 1, relu=True).float(), rtol=2e-2, atol=2e-2)
+torch.testing.assert_close(out.float(), ref.conv_bn_act(x, w, bn, 1, 1, relu=True).float(), rtol=2e-2, atol=2e-2)
 torch.cuda.synchronize()
 print(C.cutlass_conv_launches())
 """

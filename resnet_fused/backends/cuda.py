@@ -2,13 +2,19 @@
 
 What is fused, and why:
 
-* ``conv_bias_act`` — the inference conv. float16 / bfloat16 channels_last calls that the CUTLASS kernels cover
-  (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute capability >= 8.0, extension built
-  with the CUTLASS headers: ``build_info()["cutlass"]``): an implicit-GEMM conv on tensor cores with bias +
-  residual + ReLU in its epilogue, one launch (two with a downsample shortcut: the 1x1 shortcut conv plus the
-  residual into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts,
-  groups > 1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE epilogue kernel
-  for bias + shortcut + residual + ReLU (instead of separate bias, add and ReLU passes).
+* ``conv_bn_act`` — the inference conv with its BatchNorm(s) applied from the live BN tensors on every call
+  (``s = γ/√(σ²+ε)``, ``t = β − μ·s`` in fp32; never a folded or cached copy). float16 / bfloat16 channels_last
+  calls that the CUTLASS kernels cover (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute
+  capability >= 8.0, extension built with the CUTLASS headers: ``build_info()["cutlass"]``): one tiny launch
+  computing the (s, t) pairs, then an implicit-GEMM conv on tensor cores with ``acc·s + t`` + residual + ReLU in
+  its epilogue (two conv launches with a downsample shortcut: the 1x1 shortcut conv with its BN plus the residual
+  into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts, groups >
+  1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE channel pass that
+  computes both BNs' (s, t) from their tensors and applies them, the residual and the ReLU. Backward: the
+  reference backend's :func:`~resnet_fused.backends.reference.conv_bn_act_grads` (shared by every backend).
+  NCHW filters are copied to KRSC for the CUTLASS kernels on every call (no weight cache: an in-place edit
+  through ``.data`` bumps no version counter, so any cache could serve stale weights); a channels_last model
+  (``model.to(memory_format=torch.channels_last)``) already holds KRSC filters and pays nothing.
 * ``conv_stats`` — the training conv (NormConv, DESIGN.md). Calls the CUTLASS kernels cover (as above): an
   implicit-GEMM conv on tensor cores whose epilogue also writes per-tile Σ/Σ² of the stored output, merged per
   channel in a fixed order (deterministic). The previous BN+ReLU is applied on load for float16; for bfloat16 it
@@ -53,7 +59,6 @@ _NOT_BUILT = "resnet_fused._C is not built: reinstall with CUDA_HOME set (pip in
 _NO_CUDA = ("resnet_fused._C was built without CUDA (no CUDA toolkit or RESNET_FUSED_FORCE_CPU_EXT at build "
             "time): reinstall with CUDA_HOME set (pip install --no-build-isolation -e .)")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHANNEL_DIMS = (0, 2, 3)
 
 _ext: ModuleType | None = None
 _ext_info: dict | None = None
@@ -108,46 +113,20 @@ def _pair(v) -> list[int]:
     return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0, dilation=1, groups=1,
-                  residual: Tensor | None = None, shortcut_x: Tensor | None = None,
-                  shortcut_weight: Tensor | None = None, shortcut_stride=1, relu: bool = True) -> Tensor:
-    """``act(conv2d(x, W) + bias + conv1x1(shortcut_x, W_s) + residual)``: ``torch.ops.resnet_fused.conv_bias_act``."""
-    _require()
-    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation),
-                                                int(groups), residual, shortcut_x, shortcut_weight,
-                                                _pair(shortcut_stride), bool(relu))
-
-
 def conv_bn_act(x: Tensor, weight: Tensor, bn: reference.EvalBN, stride=1, padding=0, dilation=1, groups=1,
                 residual: Tensor | None = None, shortcut: reference.Shortcut | None = None,
                 relu: bool = True) -> Tensor:
     """The eval conv with its BatchNorm applied from the live BN tensors (see
-    :func:`resnet_fused.backends.reference.conv_bn_act`).
-
-    Composed from this extension's ops: the convolution(s) by ``conv_bias_act`` without epilogue, then one fused
-    per-channel pass (``scale_bias_add_relu`` or ``affine_relu``) applying each BN's scale and shift in fp32, the
-    residual or the shortcut branch and the ReLU; the per-channel ``s``/``t`` come from the BN tensors on every
-    call. Differentiable in every tensor argument through those ops' autograd.
-    """
+    :func:`resnet_fused.backends.reference.conv_bn_act`): ``torch.ops.resnet_fused.conv_bn_act``, differentiable
+    in every tensor argument (backward: :func:`reference.conv_bn_act_grads`)."""
     _require()
-    reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
-                               "cuda conv_bn_act")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale, shift = reference.eval_scale_shift(bn, acc)
-    c = conv_bias_act(x, weight, None, stride, padding, dilation, groups, relu=False)
-    if shortcut is not None:
-        c_d = conv_bias_act(shortcut.x, shortcut.weight, None, shortcut.stride, 0, relu=False)
-        s_d, t_d = reference.eval_scale_shift(shortcut.bn, acc)
-        if relu:
-            return scale_bias_add_relu(c, scale, shift, c_d, s_d, t_d)
-        residual = reference.affine(c_d, s_d, t_d) if residual is None else residual + reference.affine(c_d, s_d,
-                                                                                                          t_d)
-    if relu and residual is not None:
-        return scale_bias_add_relu(c, scale, shift, residual)
-    if relu:
-        return bn_relu(c, scale, shift)
-    y = reference.affine(c, scale, shift)
-    return y if residual is None else (y + residual).to(x.dtype)
+    (x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var,
+     conf) = reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
+                                        "cuda conv_bn_act")
+    _, _, _, _, eps, s_eps, s_stride, relu = conf
+    return torch.ops.resnet_fused.conv_bn_act(x, weight, bn_w, bn_b, bn_mean, bn_var, eps, _pair(stride),
+                                              _pair(padding), _pair(dilation), int(groups), residual, sx, sw, sbn_w,
+                                              sbn_b, sbn_mean, sbn_var, s_eps, _pair(s_stride), relu)
 
 
 def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Tensor | None = None,
@@ -195,13 +174,23 @@ def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | No
 # Fake (meta) kernels: output shape, dtype and strides exactly as the C++ kernels produce them (dense in the
 # input's suggested memory format, which torch's suggest_memory_format mirrors).
 
-def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, residual, shortcut_x, shortcut_weight,
-                        shortcut_stride, relu):
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+def _conv_out(x, weight, stride, padding, dilation) -> Tensor:
+    """An empty conv output of x and weight: PyTorch's output size and PyTorch's error for a window larger than the
+    padded input (as the C++ checks), dense in x's suggested memory format (as the C++ kernels allocate it)."""
+    padded = [x.shape[2 + d] + 2 * padding[d] for d in (0, 1)]
+    window = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in (0, 1)]
+    if padded[0] < window[0] or padded[1] < window[1]:
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({window[0]} x {window[1]}). Kernel size can't be greater than actual input size")
+    p, q = ((padded[d] - window[d]) // stride[d] + 1 for d in (0, 1))
+    return torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
+
+
+def _conv_bn_act_fake(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups,
+                      residual, shortcut_x, shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean,
+                      shortcut_bn_var, shortcut_bn_eps, shortcut_stride, relu):
+    return _conv_out(x, weight, stride, padding, dilation)
 
 
 def _scale_bias_add_relu_fake(c, scale, shift, idn, idn_scale, idn_shift):
@@ -220,7 +209,7 @@ def _channel_vec(t: Tensor, size: int | None = None) -> Tensor:
 
 
 def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift):
-    c = _conv_bias_act_fake(x, weight, None, stride, padding, dilation, groups, None, None, None, None, False)
+    c = _conv_out(x, weight, stride, padding, dilation)
     return c, _channel_vec(c), _channel_vec(c)
 
 
@@ -247,34 +236,29 @@ def _bn_finalize_fake(mean, var, weight, bias, running_mean, running_var, count,
 
 # Autograd. For y = act(z): dz = threshold_backward(dy, y, 0) = dy * [y > 0] (as torch.relu's backward).
 
-def _conv_bias_act_setup_context(ctx, inputs, output):
-    (x, weight, bias, stride, padding, dilation, groups, _residual, shortcut_x, shortcut_weight, shortcut_stride,
-     relu) = inputs
-    ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.shortcut_stride = list(shortcut_stride)
-    ctx.relu = relu
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, output if relu else None)
+# conv_bn_act's argument positions of the 13 tensor inputs of reference.conv_bn_act_grads, in its order
+# (x, W, γ, β, μ, σ², residual, x_d, W_d, γ_d, β_d, μ_d, σ²_d).
+_CONV_BN_ACT_TENSORS = (0, 1, 2, 3, 4, 5, 11, 12, 13, 14, 15, 16, 17)
+_CONV_BN_ACT_ARGS = 21
 
 
-def _conv_bias_act_backward(ctx, grad):
-    """dz = dy*[y>0]; db = Σ_{n,h,w} dz; d(residual) = dz; (dx, dW), (dx_s, dW_s) = convolution_backward(dz, ...)."""
-    x, weight, shortcut_x, shortcut_weight, out = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    need = ctx.needs_input_grad
-    g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
-    gx = gw = gb = gres = gsx = gsw = None
-    if need[0] or need[1]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                        groups, [need[0], need[1], False])
-    if need[2]:
-        gb = g.sum(_CHANNEL_DIMS, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.bias_dtype)
-    if need[7]:
-        gres = g
-    if shortcut_x is not None and (need[8] or need[9]):
-        gsx, gsw, _ = torch.ops.aten.convolution_backward(g, shortcut_x, shortcut_weight, None, ctx.shortcut_stride,
-                                                          [0, 0], [1, 1], False, [0, 0], 1, [need[8], need[9], False])
-    return gx, gw, gb, None, None, None, None, gres, gsx, gsw, None, None
+def _conv_bn_act_setup_context(ctx, inputs, output):
+    """Saves what :func:`reference.conv_bn_act_save` saves: the tensors of both branches and the output y."""
+    (x, weight, bn_w, bn_b, bn_mean, bn_var, eps, stride, padding, dilation, groups, _residual, sx, sw, sbn_w, sbn_b,
+     sbn_mean, sbn_var, s_eps, s_stride, relu) = inputs[:_CONV_BN_ACT_ARGS]
+    ctx.conf = (list(stride), list(padding), list(dilation), groups, eps, s_eps, list(s_stride), relu)
+    ctx.save_for_backward(x, weight, bn_w, bn_b, bn_mean, bn_var, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, output)
+
+
+def _conv_bn_act_backward(ctx, grad):
+    """The 13 tensor inputs' gradients by :func:`reference.conv_bn_act_grads` (the backward every backend shares),
+    placed at their argument positions; None for the rest."""
+    need = tuple(ctx.needs_input_grad[i] for i in _CONV_BN_ACT_TENSORS)
+    grads = reference.conv_bn_act_grads(grad, ctx.saved_tensors, ctx.conf, need)
+    out = [None] * len(ctx.needs_input_grad)
+    for pos, g in zip(_CONV_BN_ACT_TENSORS, grads):
+        out[pos] = g
+    return tuple(out)
 
 
 def _conv_stats_setup_context(ctx, inputs, output):
@@ -375,7 +359,7 @@ class _BnFinalize(torch.autograd.Function):
 
 def _register() -> None:
     """Attach the fake and autograd kernels to the ops that loading ``resnet_fused._C`` defined."""
-    for name, fake in (("conv_bias_act", _conv_bias_act_fake), ("scale_bias_add_relu", _scale_bias_add_relu_fake),
+    for name, fake in (("conv_bn_act", _conv_bn_act_fake), ("scale_bias_add_relu", _scale_bias_add_relu_fake),
                        ("conv_stats", _conv_stats_fake), ("affine_relu", _affine_relu_fake),
                        ("conv_stats_backward_input", _conv_stats_backward_input_fake),
                        ("affine_relu_backward", _affine_relu_backward_fake),
@@ -383,7 +367,7 @@ def _register() -> None:
                        ("bn_finalize", _bn_finalize_fake)):
         torch.library.register_fake(f"resnet_fused::{name}")(fake)
     for name, backward, setup_context in (
-            ("conv_bias_act", _conv_bias_act_backward, _conv_bias_act_setup_context),
+            ("conv_bn_act", _conv_bn_act_backward, _conv_bn_act_setup_context),
             ("scale_bias_add_relu", _scale_bias_add_relu_backward, _scale_bias_add_relu_setup_context),
             ("conv_stats", _conv_stats_backward, _conv_stats_setup_context),
             ("affine_relu", _affine_relu_backward, _affine_relu_setup_context)):
