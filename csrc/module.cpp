@@ -1,9 +1,9 @@
 // Python module object of resnet_fused._C: plain helpers only (the ops themselves are registered with the
-// dispatcher by TORCH_LIBRARY in ops.cpp as a side effect of loading this shared library).
+// dispatcher by TORCH_LIBRARY in ops/*.cpp as a side effect of loading this shared library).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "build_info.h"
+#include "common/build_info.h"
 
 namespace py = pybind11;
 

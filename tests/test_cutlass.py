@@ -1,4 +1,4 @@
-"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bn_act`` (csrc/conv_cutlass.cu).
+"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bn_act`` (csrc/cutlass/fprop.cu).
 
 CPU: the extension reports the CUTLASS version it was compiled against when setup.py's header lookup
 (``CUTLASS_PATH``, else the ``cutlass_library`` package) finds headers. GPU (``gpu`` mark): float16 / bfloat16
@@ -404,10 +404,10 @@ def test_prologue_rounding_fits_the_tolerance():
 
 
 def test_bf16_out_of_bounds_marker_is_a_nan_nobody_makes():
-    """The bf16 prologue's out-of-bounds marker (kBf16PadBits in csrc/conv_cutlass_stats.cu) must be a bf16 NaN
+    """The bf16 prologue's out-of-bounds marker (kBf16PadBits in csrc/cutlass/fprop_stats.cu) must be a bf16 NaN
     (so no finite input is mistaken for padding) that PyTorch and the hardware do not produce; CUTLASS's fp16
     marker 0x7eff, a NaN in fp16, is finite in bf16 (why bf16 needs its own)."""
-    src = Path(__file__).resolve().parents[1] / "csrc" / "conv_cutlass_stats.cu"
+    src = Path(__file__).resolve().parents[1] / "csrc" / "cutlass" / "fprop_stats.cu"
     bits = int(re.search(r"kBf16PadBits\s*=\s*0x([0-9a-fA-F]{4});", src.read_text()).group(1), 16)
 
     def as_dtype(b, dtype):

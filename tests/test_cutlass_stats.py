@@ -1,4 +1,4 @@
-"""Precision of the batch statistics that the CUTLASS training convolution (csrc/conv_cutlass_stats.cu) makes in
+"""Precision of the batch statistics that the CUTLASS training convolution (csrc/cutlass/fprop_stats.cu) makes in
 its epilogue: mean-centred per-tile partials merged with Chan's formula, so BatchNorm's mean / biased variance do
 not depend on how far the channel mean is from zero.
 

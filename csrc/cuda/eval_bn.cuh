@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "ops.h"
+#include "../common/checks.h"
 
 namespace resnet_fused {
 

@@ -10,7 +10,7 @@
 //   (s, t) pairs of the output channels (ScaleShift below: one vector carries both), and, only when the output
 //   op asks for it, the matching vector of the source tensor C (the residual). One output op,
 //   ScaleShiftResidualAct, takes "residual given" and "ReLU" as runtime flags, so each dtype has exactly one
-//   kernel. The caller computes (s, t) from the BN's live tensors right before the launch (ops_cuda.cu).
+//   kernel. The caller computes (s, t) from the BN's live tensors right before the launch (cuda/eval_ops.cu).
 //
 // Only the CUTLASS and CUDA runtime headers plus ATen's Tensor and c10's stream / allocator headers are
 // included here: every nvcc device pass parses this file, so it stays away from <ATen/ATen.h>.
@@ -27,7 +27,7 @@
 #include <cstdint>
 #include <string>
 
-#include "build_info.h"
+#include "../common/build_info.h"
 
 #ifdef RESNET_FUSED_WITH_CUTLASS
 #include "cutlass/array.h"

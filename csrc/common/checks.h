@@ -1,5 +1,6 @@
-// Argument checks and layout helpers shared by the CPU (ops.cpp) and CUDA (ops_cuda.cu) implementations of the
-// resnet_fused ops, so both devices accept exactly the same inputs and produce the same output layout.
+// Argument checks and layout helpers shared by the CPU (csrc/ops/) and CUDA (csrc/cuda/) implementations of the
+// resnet_fused ops, so both devices accept exactly the same inputs and produce the same output layout; the one
+// place for them (definitions in checks.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,8 +11,7 @@
 
 namespace resnet_fused {
 
-// Building blocks of the argument checks, shared with the training ops (train_ops.cpp). `op` prefixes every
-// message (e.g. "resnet_fused::conv_stats").
+// Building blocks of the argument checks. `op` prefixes every message (e.g. "resnet_fused::conv_stats").
 
 // float32 / float64 / float16 / bfloat16.
 bool is_float_type(at::ScalarType t);
@@ -90,10 +90,6 @@ std::vector<int64_t> conv_output_size(const char* op, at::IntArrayRef x_sizes, a
 // >= 0; the shortcut BN given exactly with the shortcut) and returns the output size [N, K, P, Q].
 std::vector<int64_t> check_conv_bn_act(const ConvBnActArgs& a);
 
-// (s, t) of `bn` as [K] tensors in the op-math dtype `acc` (the CPU implementation; the same ATen ops as the
-// reference backend's eval_scale_shift).
-std::pair<at::Tensor, at::Tensor> eval_scale_shift(const EvalBn& bn, at::ScalarType acc);
-
 // Validates the arguments of resnet_fused::scale_bias_add_relu (c / idn same 4-D shape, dtype and device;
 // per-channel fp32 parameters of size C, fp64 allowed with fp64 c; idn_scale / idn_shift given together).
 void check_scale_bias_add_relu(
@@ -103,6 +99,43 @@ void check_scale_bias_add_relu(
 void check_scale_bias_add_relu(
     const char* op, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
     const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift);
+
+// ------------------------------------------------------------------------------------------ training ops
+// Activations are 4-D [N, C, H, W] of any float dtype; per-channel vectors are float32 (float64 allowed with
+// float64 activations) of size C on the activation's device.
+
+// conv_stats: x, weight and the conv parameters as for conv_bn_act's convolution; in_scale / in_shift given
+// together, per-channel vectors of x. Returns the output size [N, K, P, Q].
+std::vector<int64_t> check_conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift);
+
+// affine_relu: x 4-D floating, scale / shift per-channel vectors of x.
+void check_affine_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift);
+
+// affine_relu_backward: as affine_relu, and da of x's shape, dtype and device.
+void check_affine_relu_backward(const at::Tensor& da, const at::Tensor& x, const at::Tensor& scale,
+                                const at::Tensor& shift);
+
+// conv_stats_backward_input: c 4-D floating; mean, dmean, dvar per-channel vectors of c; dc of c's shape, dtype
+// and device.
+void check_conv_stats_backward_input(const at::Tensor& c, const at::Tensor& mean, const std::optional<at::Tensor>& dc,
+                                     const std::optional<at::Tensor>& dmean, const std::optional<at::Tensor>& dvar);
+
+// scale_bias_add_relu_backward: the operands of scale_bias_add_relu, and dout of c's shape, dtype and device.
+void check_scale_bias_add_relu_backward(
+    const at::Tensor& dout, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& idn, const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift);
+
+// bn_finalize: mean 1-D float32 or float64; var, weight, bias, running_mean, running_var of mean's shape, dtype and
+// device; the running statistics given together, contiguous (they are updated in place), and count > 1 for
+// their unbiased variance.
+void check_bn_finalize(const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& running_var, double count);
+
+// ------------------------------------------------------------------------------------------ layout helpers
 
 // Per-channel parameter as a [1, C, 1, 1] tensor in the op-math dtype `acc` (for the CPU implementations).
 at::Tensor channel_view(const at::Tensor& p, at::ScalarType acc);

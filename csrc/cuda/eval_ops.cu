@@ -1,11 +1,11 @@
 // CUDA implementations of the resnet_fused eval op conv_bn_act (fp32 / fp16 / bf16 activations, fp32 math).
 //
-// (scale_bias_add_relu, the training tail, lives with its backward in train_cuda.cu.)
+// (scale_bias_add_relu, the training tail, lives with its backward in train_ops.cu.)
 //
 // conv_bn_act: y = act(conv(x, W)·s + t [+ conv1x1(x_d, W_d)·s_d + t_d] [+ residual]), each BN's (s, t) computed
 // from its live tensors on every call (eval_bn.cuh), applied in fp32 to the fp32 accumulator or conv output, one
 // rounding to x's dtype.
-//   float16 / bfloat16 channels_last calls that the CUTLASS kernels cover (conv_cutlass.h: groups 1, C and K
+//   float16 / bfloat16 channels_last calls that the CUTLASS kernels cover (cutlass/conv_cutlass.h: groups 1, C and K
 //   multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension built with the
 //   CUTLASS headers): one tiny launch computing the (s, t) pairs of both BNs, then each convolution as an implicit
 //   GEMM on tensor cores with BN, residual and ReLU in its epilogue: one launch, or two with a downsample shortcut
@@ -17,7 +17,7 @@
 //   (s_d, t_d) from the BN tensors for its channels and applies both BNs, the residual and the ReLU, instead of
 //   separate BN, add and ReLU passes.
 //
-// The channel pass is channel_pass.cuh's (shared with the training kernels of train_cuda.cu): elementwise over a
+// The channel pass is channel_pass.cuh's (shared with the training kernels of train_ops.cu): elementwise over a
 // dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte packs where layout and
 // alignment allow, NHWC threads keeping one channel pack's coefficients while they walk the pixels.
 #include <ATen/ATen.h>
@@ -33,11 +33,11 @@
 #include <limits>
 #include <tuple>
 
-#include "build_info.h"
+#include "../common/build_info.h"
+#include "../common/checks.h"
+#include "../cutlass/conv_cutlass.h"
 #include "channel_pass.cuh"
-#include "conv_cutlass.h"
 #include "eval_bn.cuh"
-#include "ops.h"
 
 namespace resnet_fused {
 
@@ -254,9 +254,9 @@ at::Tensor conv_bn_act_cuda(
   return conv_bn_act_plain(a, out_sizes, mf);
 }
 
-// Test hook for cutlass_conv_stats (conv_cutlass.h), which the conv_stats op tries first: runs it on fresh
+// Test hook for cutlass_conv_stats (cutlass/conv_cutlass.h), which the conv_stats op tries first: runs it on fresh
 // outputs (c dense channels_last) and returns (c, mean, var, ran); when ran is false nothing was launched and
-// the tensors are uninitialized. Registered in the separate library resnet_fused_debug.
+// the tensors are uninitialized. Registered in the separate library resnet_fused_debug (schema in ops/eval_ops.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& in_scale,
     const std::optional<at::Tensor>& in_shift, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -283,12 +283,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
 
 TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("conv_bn_act", &conv_bn_act_cuda);
-}
-
-TORCH_LIBRARY(resnet_fused_debug, m) {
-  m.def(
-      "cutlass_conv_stats(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, int[2] stride, "
-      "int[2] padding, int[2] dilation, int groups) -> (Tensor, Tensor, Tensor, bool)");
 }
 
 TORCH_LIBRARY_IMPL(resnet_fused_debug, CUDA, m) {

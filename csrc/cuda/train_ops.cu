@@ -1,9 +1,9 @@
 // CUDA implementations of the training-path ops (fp32 / fp16 / bf16 activations; fp32 math and per-channel
-// vectors). The formulas are in train_ops.cpp; what each launch fuses:
+// vectors). The formulas are in ops/train_ops.cpp; what each launch fuses:
 //
 //   conv_stats                    float16 / bfloat16 channels_last calls the CUTLASS kernels cover: one
 //                                 tensor-core implicit-GEMM launch whose epilogue writes per-tile statistics of c,
-//                                 plus their merge (conv_cutlass.h), the prologue applied on load or, where the
+//                                 plus their merge (cutlass/conv_cutlass.h), the prologue applied on load or, where the
 //                                 kernel cannot, as one vectorized pass first. Otherwise: that pass (none without
 //                                 in_scale), at::convolution (cuDNN), then ONE read of c for its per-channel mean
 //                                 and biased variance (Welford per thread, Chan merge of per-block partials:
@@ -31,10 +31,9 @@
 #include <string>
 #include <tuple>
 
+#include "../common/checks.h"
+#include "../cutlass/conv_cutlass.h"
 #include "channel_pass.cuh"
-#include "conv_cutlass.h"
-#include "ops.h"
-#include "train_ops.h"
 
 namespace resnet_fused {
 
@@ -482,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
 
-  // Tensor cores first: cutlass_conv_stats (conv_cutlass.h) is one implicit-GEMM launch whose epilogue also
+  // Tensor cores first: cutlass_conv_stats (cutlass/conv_cutlass.h) is one implicit-GEMM launch whose epilogue also
   // writes per-tile statistics of c, plus their deterministic merge. It returns false, launching nothing, for a
   // call it does not cover (float32, NCHW, groups > 1, channel counts not multiples of 8, ...).
   // The BN+ReLU prologue on load rounds scale and shift to the activation dtype (CUTLASS's fusion mainloop keeps

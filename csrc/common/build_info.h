@@ -15,17 +15,17 @@ struct BuildInfo {
   std::string cutlass_version;   // CUTLASS version compiled against (e.g. "4.2.0"), empty without CUTLASS
 };
 
-// Defined in ops.cpp.
+// Defined in build_info.cpp.
 BuildInfo build_info();
 
 #ifdef RESNET_FUSED_WITH_CUDA
-// Defined in ops_cuda.cu (what nvcc actually compiled).
+// Defined in cuda/eval_ops.cu (what nvcc actually compiled).
 int cuda_runtime_version();
 std::vector<int> cuda_archs();
 #endif
 
 #ifdef RESNET_FUSED_WITH_CUTLASS
-// Defined in conv_cutlass.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), and how many
+// Defined in cutlass/fprop.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), and how many
 // CUTLASS convolution kernels this process has launched (a test hook: it shows which path an op took).
 std::string cutlass_version();
 int64_t cutlass_conv_launches();

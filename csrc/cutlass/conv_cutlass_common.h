@@ -1,4 +1,4 @@
-// Internals shared by the CUTLASS units (conv_cutlass.cu, conv_cutlass_stats.cu): the tile configuration of
+// Internals shared by the CUTLASS units (fprop.cu, fprop_stats.cu): the tile configuration of
 // their kernels and the host-side checks deciding whether a call is covered. Included only when the extension
 // is built with CUTLASS (RESNET_FUSED_WITH_CUTLASS); the public interface is conv_cutlass.h.
 #pragma once
@@ -120,7 +120,7 @@ inline bool conv_problem(const char* fn, const at::Tensor& x, const at::Tensor& 
   return true;
 }
 
-// Adds one to the count _C.cutlass_conv_launches() reports (defined in conv_cutlass.cu).
+// Adds one to the count _C.cutlass_conv_launches() reports (defined in fprop.cu).
 void count_launch();
 
 }  // namespace cutlass_conv

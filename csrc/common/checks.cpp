@@ -1,28 +1,13 @@
-// resnet_fused ops: schemas (TORCH_LIBRARY), argument checks shared with the CUDA kernels, and the CPU
+// Argument checks and layout helpers of every resnet_fused op (declared in checks.h), shared by the CPU and CUDA
 // implementations.
-//
-//   conv_bn_act:          y = act(conv2d(x, W)·s[k] + t[k] + conv2d_1x1(shortcut_x, W_s)·s_d[k] + t_d[k] + residual)
-//   scale_bias_add_relu:  out = relu(c * scale[k] + shift[k] + (idn * idn_scale[k] + idn_shift[k]  |  idn))
-//
-// The first is a ResNet block's inference conv (each BN applied as a per-channel scale and shift computed from its
-// live tensors on every call: s = γ/√(σ² + ε), t = β − μ·s; identity or downsample shortcut added before the
-// ReLU), the second its training tail (BN2 applied from batch statistics, plus the identity or the downsample
-// branch's own BN). The CPU versions run at::convolution and then the epilogue in the op-math type (fp32 for
-// fp32/fp16/bf16, fp64 for fp64) with one rounding to the output dtype, the same math as the fused CUDA kernels
-// (which differ only by using fused multiply-adds).
-// Autograd and fake (meta) kernels are registered from Python (resnet_fused/backends/cuda.py).
+#include "checks.h"
+
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <utility>
-
-#include "build_info.h"
-#include "ops.h"
 
 namespace resnet_fused {
 
@@ -170,16 +155,6 @@ std::vector<int64_t> check_conv_bn_act(const ConvBnActArgs& a) {
   return out_sizes;
 }
 
-std::pair<at::Tensor, at::Tensor> eval_scale_shift(const EvalBn& bn, at::ScalarType acc) {
-  const at::Tensor invstd = at::rsqrt(bn.var.to(acc) + bn.eps);
-  const at::Tensor scale = bn.weight.defined() ? bn.weight.to(acc) * invstd : invstd;
-  at::Tensor shift = -bn.mean.to(acc) * scale;
-  if (bn.bias.defined()) {
-    shift = shift + bn.bias.to(acc);
-  }
-  return {scale, shift};
-}
-
 void check_scale_bias_add_relu(
     const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
     const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
@@ -269,93 +244,106 @@ ConvBnActArgs conv_bn_act_args(
 
 namespace {
 
-at::Tensor conv_bn_act_cpu(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bn_weight,
-    const std::optional<at::Tensor>& bn_bias, const at::Tensor& bn_mean, const at::Tensor& bn_var, double bn_eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& shortcut_x,
-    const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
-    const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
-    const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
-    bool relu) {
-  const ConvBnActArgs a = conv_bn_act_args(
-      x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual, shortcut_x,
-      shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var, shortcut_bn_eps,
-      shortcut_stride, relu);
-  const auto out_sizes = check_conv_bn_act(a);
-  const at::MemoryFormat mf = x.suggest_memory_format();
-  const ConvParts parts = conv_parts(a, mf);
-  const at::ScalarType acc = at::toOpMathType(x.scalar_type());
-  // y = conv·s + t [+ conv_d·s_d + t_d] [+ residual], in that order, in the op-math dtype.
-  const auto [scale, shift] = eval_scale_shift(a.bn, acc);
-  at::Tensor t = parts.main.to(acc).mul(scale.view({1, -1, 1, 1})).add_(shift.view({1, -1, 1, 1}));
-  if (parts.shortcut.defined()) {
-    const auto [s_scale, s_shift] = eval_scale_shift(a.shortcut_bn, acc);
-    t.add_(parts.shortcut.to(acc).mul(s_scale.view({1, -1, 1, 1})).add_(s_shift.view({1, -1, 1, 1})));
-  }
-  if (a.residual.defined()) {
-    t.add_(a.residual.to(acc));
-  }
-  if (relu) {
-    t.relu_();
-  }
-  at::Tensor out = empty_in_format(out_sizes, x.options(), mf);
-  out.copy_(t);
-  return out;
+void check_activation(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got shape ", t.sizes());
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
+              t.scalar_type());
 }
 
-at::Tensor scale_bias_add_relu_cpu(
-    const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& idn,
-    const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
-  check_scale_bias_add_relu(c, scale, shift, idn, idn_scale, idn_shift);
-  const at::ScalarType acc = at::toOpMathType(c.scalar_type());
-  at::Tensor t = c.to(acc).mul(channel_view(scale, acc)).add_(channel_view(shift, acc));
-  at::Tensor r = idn.to(acc);
-  if (idn_scale.has_value()) {
-    r = r.mul(channel_view(*idn_scale, acc)).add_(channel_view(*idn_shift, acc));
-  }
-  t.add_(r).relu_();
-  at::Tensor out = empty_in_format(c.sizes(), c.options(), c.suggest_memory_format());
-  out.copy_(t);
-  return out;
+// `t` has the shape, dtype and device of activation `like` (called `like_name` in the message).
+void check_same_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
+                           const char* like_name) {
+  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name, " ", like.sizes(),
+              ", got ", t.sizes());
+  check_like(op, name, t, like, like_name);
+}
+
+// A per-channel statistic or parameter of bn_finalize: the shape, dtype and device of mean.
+void check_like_mean(const char* op, const char* name, const at::Tensor& t, const at::Tensor& mean) {
+  TORCH_CHECK(t.sizes() == mean.sizes(), op, ": ", name, " must have the shape of mean ", mean.sizes(), ", got ",
+              t.sizes());
+  check_like(op, name, t, mean, "mean");
 }
 
 }  // namespace
 
-BuildInfo build_info() {
-  BuildInfo info;
-#ifdef RESNET_FUSED_WITH_CUDA
-  info.with_cuda = true;
-  info.cuda_runtime_version = cuda_runtime_version();
-  info.cuda_archs = cuda_archs();
-#else
-  info.with_cuda = false;
-  info.cuda_runtime_version = 0;
-#endif
-  info.torch_version = TORCH_VERSION;
-#ifdef RESNET_FUSED_WITH_CUTLASS
-  info.cutlass_version = cutlass_version();
-#endif
-  return info;
+std::vector<int64_t> check_conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift) {
+  constexpr const char* op = "resnet_fused::conv_stats";
+  std::vector<int64_t> out_sizes = check_conv(op, x, weight, stride, padding, dilation, groups);
+  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op, ": in_scale and in_shift must be given together");
+  if (in_scale.has_value()) {
+    check_channel_param(op, "in_scale", *in_scale, x, "x");
+    check_channel_param(op, "in_shift", *in_shift, x, "x");
+  }
+  return out_sizes;
 }
 
-TORCH_LIBRARY(resnet_fused, m) {
-  m.def(
-      "conv_bn_act(Tensor x, Tensor weight, Tensor? bn_weight, Tensor? bn_bias, Tensor bn_mean, Tensor bn_var, "
-      "float bn_eps, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual, "
-      "Tensor? shortcut_x, Tensor? shortcut_weight, Tensor? shortcut_bn_weight, Tensor? shortcut_bn_bias, "
-      "Tensor? shortcut_bn_mean, Tensor? shortcut_bn_var, float shortcut_bn_eps, int[2] shortcut_stride, "
-      "bool relu) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
-  m.def(
-      "scale_bias_add_relu(Tensor c, Tensor scale, Tensor shift, Tensor idn, Tensor? idn_scale, "
-      "Tensor? idn_shift) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+void check_affine_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  constexpr const char* op = "resnet_fused::affine_relu";
+  check_activation(op, "x", x);
+  check_channel_param(op, "scale", scale, x, "x");
+  check_channel_param(op, "shift", shift, x, "x");
 }
 
-TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
-  m.impl("conv_bn_act", &conv_bn_act_cpu);
-  m.impl("scale_bias_add_relu", &scale_bias_add_relu_cpu);
+void check_affine_relu_backward(const at::Tensor& da, const at::Tensor& x, const at::Tensor& scale,
+                                const at::Tensor& shift) {
+  constexpr const char* op = "resnet_fused::affine_relu_backward";
+  check_activation(op, "x", x);
+  check_same_activation(op, "da", da, x, "x");
+  check_channel_param(op, "scale", scale, x, "x");
+  check_channel_param(op, "shift", shift, x, "x");
+}
+
+void check_conv_stats_backward_input(const at::Tensor& c, const at::Tensor& mean, const std::optional<at::Tensor>& dc,
+                                     const std::optional<at::Tensor>& dmean, const std::optional<at::Tensor>& dvar) {
+  constexpr const char* op = "resnet_fused::conv_stats_backward_input";
+  check_activation(op, "c", c);
+  check_channel_param(op, "mean", mean, c, "c");
+  if (dc.has_value()) {
+    check_same_activation(op, "dc", *dc, c, "c");
+  }
+  if (dmean.has_value()) {
+    check_channel_param(op, "dmean", *dmean, c, "c");
+  }
+  if (dvar.has_value()) {
+    check_channel_param(op, "dvar", *dvar, c, "c");
+  }
+}
+
+void check_scale_bias_add_relu_backward(
+    const at::Tensor& dout, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& idn, const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
+  constexpr const char* op = "resnet_fused::scale_bias_add_relu_backward";
+  check_scale_bias_add_relu(op, c, scale, shift, idn, idn_scale, idn_shift);
+  check_same_activation(op, "dout", dout, c, "c");
+}
+
+void check_bn_finalize(const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& running_var, double count) {
+  constexpr const char* op = "resnet_fused::bn_finalize";
+  TORCH_CHECK(mean.dim() == 1, op, ": mean must be 1-D [C], got shape ", mean.sizes());
+  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
+              ": mean must be float32 or float64, got ", mean.scalar_type());
+  check_like_mean(op, "var", var, mean);
+  if (weight.has_value()) {
+    check_like_mean(op, "weight", *weight, mean);
+  }
+  if (bias.has_value()) {
+    check_like_mean(op, "bias", *bias, mean);
+  }
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
+              ": running_mean and running_var must be given together");
+  if (running_mean.has_value()) {
+    check_like_mean(op, "running_mean", *running_mean, mean);
+    check_like_mean(op, "running_var", *running_var, mean);
+    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous(), op,
+                ": running_mean and running_var must be contiguous (they are updated in place)");
+    TORCH_CHECK(count > 1, op, ": count must be > 1 to update the running variance (unbiased), got ", count);
+  }
 }
 
 }  // namespace resnet_fused

@@ -1,4 +1,4 @@
-// CUTLASS implicit-GEMM convolutions on tensor cores (defined in conv_cutlass.cu and conv_cutlass_stats.cu).
+// CUTLASS implicit-GEMM convolutions on tensor cores (defined in fprop.cu and fprop_stats.cu).
 //
 // Built with CUTLASS when setup.py finds its headers (macro RESNET_FUSED_WITH_CUTLASS); without them these
 // functions exist but always return false, so callers keep their cuDNN path.
@@ -40,7 +40,7 @@ bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, cons
 // var: per-output-channel mean and biased variance of the stored c over its N*P*Q pixels (fp32 [K],
 // preallocated, overwritten). The epilogue writes mean-centred per-tile statistics (count, mean, M2) to a
 // workspace, and two small kernels merge them with Chan's formula in fp64 in a fixed order (deterministic,
-// accurate whatever the mean; conv_cutlass_stats.cu). Launches on the current CUDA stream. Coverage as
+// accurate whatever the mean; fprop_stats.cu). Launches on the current CUDA stream. Coverage as
 // cutlass_conv_fprop for x, w and c (c takes out's place), plus mean / var contiguous on x's device; with the
 // prologue also in_scale / in_shift float32 [C], contiguous, on x's device (given together; wrong shapes are
 // errors). Precision of the prologue: in_scale / in_shift are rounded to x's dtype (round to nearest) before use,
