@@ -18,6 +18,9 @@ Environment switches:
                                    an entry may end in ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for
                                    newer GPUs.
 ``MAX_JOBS``                       parallel compile jobs (honoured by BuildExtension / ninja).
+``RESNET_FUSED_PTXAS_VERBOSE=1``   pass ``-Xptxas -v`` to nvcc: ptxas's report of every kernel (registers, spills,
+                                   stack, shared memory, per arch) in the build log, the offline evidence of what the
+                                   compiler made of the kernels.
 ``RESNET_FUSED_NO_CUTLASS=1``      build without the CUTLASS kernels even when their headers are installed (the
                                    configuration of a machine without them; conv_bn_act and conv_stats then run
                                    their cuDNN path).
@@ -174,6 +177,8 @@ def _extensions():
             system_includes += ["-isystem", inc]
         # --threads: nvcc compiles the per-arch device code of each .cu file in parallel.
         nvcc_flags = ["-O3", f"--threads={min(len(archs), 4)}", *_gencode_flags(archs), *system_includes]
+        if _env_flag("RESNET_FUSED_PTXAS_VERBOSE"):
+            nvcc_flags += ["-Xptxas", "-v"]
         cutlass_inc = _cutlass_include_dir()
         if cutlass_inc is not None:
             define_macros.append(("RESNET_FUSED_WITH_CUTLASS", None))

@@ -35,5 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef RESNET_FUSED_WITH_CUTLASS
   m.def("cutlass_conv_launches", &resnet_fused::cutlass_conv_launches,
         "Number of CUTLASS convolution kernels launched by this process (test hook: which path an op took)");
+  m.def("cutlass_last_config", &resnet_fused::cutlass_last_config,
+        "Tile configuration and swizzle width of this thread's last CUTLASS fprop kernel, e.g. "
+        "'128x64x64/3 swizzle 1' (test hook: which kernel a covered conv_bn_act ran)");
 #endif
 }

@@ -25,10 +25,13 @@ std::vector<int> cuda_archs();
 #endif
 
 #ifdef RESNET_FUSED_WITH_CUTLASS
-// Defined in cutlass/fprop.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), and how many
-// CUTLASS convolution kernels this process has launched (a test hook: it shows which path an op took).
+// Defined in cutlass/fprop.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), how many
+// CUTLASS convolution kernels this process has launched, and which fprop configuration ran last (test hooks: they
+// show which path an op took).
 std::string cutlass_version();
 int64_t cutlass_conv_launches();
+// The tile configuration and swizzle width of this thread's last CUTLASS fprop kernel (conv_cutlass.h).
+std::string cutlass_last_config();
 #endif
 
 }  // namespace resnet_fused

@@ -58,25 +58,6 @@ std::vector<int64_t> check_conv(const char* op, const at::Tensor& x, const at::T
   return conv_output_size(op, x.sizes(), weight.sizes(), stride, padding, dilation);
 }
 
-std::vector<int64_t> conv_output_size(const char* op, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
-                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x_sizes.size() == 4 && w_sizes.size() == 4, op, ": x and weight must be 4-D, got ", x_sizes, " and ",
-              w_sizes);
-  int64_t out[2];
-  for (int d = 0; d < 2; ++d) {
-    // The padded input minus the dilated window: negative when the window does not fit (PyTorch's error; C++
-    // division truncates toward zero, so dividing a negative span by a stride >= 2 would claim one output).
-    const int64_t padded = x_sizes[2 + d] + 2 * padding[d];
-    const int64_t window = dilation[d] * (w_sizes[2 + d] - 1) + 1;
-    TORCH_CHECK(padded >= window, op, ": Calculated padded input size per channel: (",
-                x_sizes[2] + 2 * padding[0], " x ", x_sizes[3] + 2 * padding[1], "). Kernel size: (",
-                dilation[0] * (w_sizes[2] - 1) + 1, " x ", dilation[1] * (w_sizes[3] - 1) + 1,
-                "). Kernel size can't be greater than actual input size");
-    out[d] = (padded - window) / stride[d] + 1;
-  }
-  return {x_sizes[0], w_sizes[0], out[0], out[1]};
-}
-
 EvalBn make_eval_bn(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                     const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var, double eps) {
   EvalBn bn;

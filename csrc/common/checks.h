@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "conv_size.h"  // conv_output_size: PyTorch's output size and its error
+
 namespace resnet_fused {
 
 // Building blocks of the argument checks. `op` prefixes every message (e.g. "resnet_fused::conv_stats").
@@ -77,12 +79,6 @@ ConvBnActArgs conv_bn_act_args(
     const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
     const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
     bool relu);
-
-// The output size [N, K, P, Q] of a convolution with PyTorch's rule P = (H + 2·pad − dil·(R − 1) − 1) / stride + 1
-// for a window that fits the padded input, and PyTorch's error (TORCH_CHECK, prefixed by `op`) for one that does
-// not (truncating that negative numerator toward zero would give P = 1 for strides >= 2).
-std::vector<int64_t> conv_output_size(const char* op, at::IntArrayRef x_sizes, at::IntArrayRef w_sizes,
-                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation);
 
 // Validates the arguments of resnet_fused::conv_bn_act (ranks, channel counts, conv parameters, devices,
 // residual / shortcut shapes; x, weight, residual, shortcut tensors all of x's dtype; each BN's tensors

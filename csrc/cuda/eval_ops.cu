@@ -174,8 +174,8 @@ at::Tensor conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes
   at::Tensor out = empty_in_format(out_sizes, a.x.options(), mf);
   const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
   if (!a.shortcut_x.defined()) {
-    if (!cutlass_conv_fprop_supported(a.x, w, a.residual, out, a.stride, a.padding, a.dilation,
-                                      a.groups)) {
+    if (!cutlass_conv_fprop_uncovered(a.x, w, a.residual, out, a.stride, a.padding, a.dilation, a.groups)
+             .empty()) {
       return at::Tensor();
     }
     const at::Tensor pairs = bn_scale_shift_pairs(a, K);
@@ -186,9 +186,10 @@ at::Tensor conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes
   }
   const at::Tensor sw = a.shortcut_weight.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor sc = empty_in_format(out_sizes, a.x.options(), mf);
-  if (!cutlass_conv_fprop_supported(a.shortcut_x, sw, a.residual, sc, a.shortcut_stride, no_padding,
-                                    no_dilation, 1) ||
-      !cutlass_conv_fprop_supported(a.x, w, sc, out, a.stride, a.padding, a.dilation, a.groups)) {
+  if (!cutlass_conv_fprop_uncovered(a.shortcut_x, sw, a.residual, sc, a.shortcut_stride, no_padding, no_dilation,
+                                    1)
+           .empty() ||
+      !cutlass_conv_fprop_uncovered(a.x, w, sc, out, a.stride, a.padding, a.dilation, a.groups).empty()) {
     return at::Tensor();
   }
   const at::Tensor pairs = bn_scale_shift_pairs(a, K);
@@ -263,15 +264,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> cutlass_conv_stats_debug(
     at::IntArrayRef dilation, int64_t groups) {
   constexpr const char* op = "resnet_fused_debug::cutlass_conv_stats";
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D");
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2 && stride[0] >= 1 &&
-                  stride[1] >= 1,
-              op, ": stride, padding and dilation must have 2 elements, stride >= 1");
-  const int64_t K = weight.size(0);
-  const int64_t P = (x.size(2) + 2 * padding[0] - dilation[0] * (weight.size(2) - 1) - 1) / stride[0] + 1;
-  const int64_t Q = (x.size(3) + 2 * padding[1] - dilation[1] * (weight.size(3) - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(P >= 1 && Q >= 1, op, ": empty output");
+  check_pair(op, "stride", stride, 1);
+  check_pair(op, "padding", padding, 0);
+  check_pair(op, "dilation", dilation, 1);
+  const std::vector<int64_t> out_sizes = conv_output_size(op, x.sizes(), weight.sizes(), stride, padding, dilation);
+  const int64_t K = out_sizes[1];
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor c = empty_in_format({x.size(0), K, P, Q}, x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor c = empty_in_format(out_sizes, x.options(), at::MemoryFormat::ChannelsLast);
   at::Tensor mean = at::empty({K}, x.options().dtype(at::kFloat));
   at::Tensor var = at::empty({K}, x.options().dtype(at::kFloat));
   const bool ran = cutlass_conv_stats(x, weight, in_scale.value_or(at::Tensor()), in_shift.value_or(at::Tensor()),

@@ -1,15 +1,19 @@
 // CUTLASS implicit-GEMM convolutions on tensor cores (defined in fprop.cu and fprop_stats.cu).
 //
 // Built with CUTLASS when setup.py finds its headers (macro RESNET_FUSED_WITH_CUTLASS); without them these
-// functions exist but always return false, so callers keep their cuDNN path.
+// functions exist but always decline (kNoCutlass), so callers keep their cuDNN path.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+#include <string>
 
 namespace resnet_fused {
+
+// Why every call is declined in a build without the CUTLASS headers.
+inline constexpr const char* kNoCutlass = "the extension was built without the CUTLASS headers";
 
 // out = act(conv2d(x, w)·s[k] + t[k] + residual) on tensor cores, in one launch on the current CUDA stream:
 // fp32 accumulation, the epilogue in fp32 (acc·s + t with one fused multiply-add, then + residual, act = ReLU when
@@ -19,21 +23,27 @@ namespace resnet_fused {
 //                aligned
 //   residual     undefined, or of out's shape
 //   out          [N, K, P, Q], preallocated (written, never read; must not overlap the inputs)
-// Returns false, launching nothing, when the kernels do not cover the call; the caller then uses its cuDNN
-// path. Covered: CUDA tensors on one device of compute capability >= 8.0; x, w, out, residual all float16 or
-// all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data; groups == 1; C and K multiples
-// of 8 (16-byte vectors); no empty tensor; each of x, w, out under 2^31 bytes (the kernels' 32-bit offsets).
-// Shapes that contradict each other are errors (TORCH_CHECK).
+// Returns false, launching nothing, when the kernels do not cover the call (with the reason in *why when given);
+// the caller then uses its cuDNN path. Covered: CUDA tensors on one device of compute capability >= 8.0; x, w,
+// out, residual all float16 or all bfloat16, all dense channels_last (NHWC / KRSC) with 16-byte aligned data;
+// groups == 1; C and K multiples of 8 (16-byte vectors); no empty tensor; each of x, w, out under 2^31 bytes (the
+// kernels' 32-bit offsets); CUTLASS's can_implement. Shapes that contradict each other are errors (TORCH_CHECK), and
+// so is a failed launch (with CUDA's error text).
+// Kernels: tile 128x64x64 for K <= 64, else 128x128x64; the 1x1 convs with a threadblock swizzle (fprop.cu).
 bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale_shift,
                         const at::Tensor& residual, at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups, bool relu);
+                        at::IntArrayRef dilation, int64_t groups, bool relu, std::string* why = nullptr);
 
-// Whether cutlass_conv_fprop would run these arguments with a contiguous, 64-byte aligned scale_shift on x's
-// device (same rules; launches nothing). Lets a caller that needs several launches decide for all of them before
-// starting any, or computing anything.
-bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual,
-                                  const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
-                                  at::IntArrayRef dilation, int64_t groups);
+// Why cutlass_conv_fprop would not run these arguments (with a contiguous, 64-byte aligned scale_shift on x's
+// device), or "" when it would (same rules; launches nothing). Lets a caller that needs several launches decide
+// for all of them before starting any, or computing anything.
+std::string cutlass_conv_fprop_uncovered(const at::Tensor& x, const at::Tensor& w, const at::Tensor& residual,
+                                         const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups);
+
+// The tile configuration and swizzle width of the last conv_fprop kernel this thread launched, e.g.
+// "128x64x64/3 swizzle 1" ("" before any): which kernel ran, for the record.
+std::string cutlass_last_config();
 
 // Training-path conv: c = conv2d(a, w) with a = x, or with the BN+ReLU prologue a = relu(x * in_scale[ch] +
 // in_shift[ch]) applied to the activation tile on load (padding contributes 0 after the activation); and mean /
@@ -48,9 +58,11 @@ bool cutlass_conv_fprop_supported(const at::Tensor& x, const at::Tensor& w, cons
 // multiply-add per element (fp16: error up to 2^-11 relative to |x*s| + |t|; bf16: 2^-8); in fp16, scale or
 // shift beyond +-65504 become +-inf. An input pair of adjacent channels bitwise equal to the kernel's
 // out-of-bounds marker (fp16 NaN 0x7eff / bf16 NaN 0x7fa5, both channels) is read as padding: 0, not NaN.
-// Returns false, launching nothing, for any call not covered.
+// Returns false, launching nothing, for any call not covered (with the reason in *why when given). The 1x1 convs run
+// with a threadblock swizzle, as cutlass_conv_fprop's.
 bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
                         const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        std::string* why = nullptr);
 
 }  // namespace resnet_fused
