@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "common/build_info.h"
+#include "common/engine.h"
 
 namespace py = pybind11;
 
@@ -32,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "dict(with_cuda: bool, cuda_version: str | None, archs: list[int] (SM versions), torch_version: str, "
       "cutlass: str | None (CUTLASS version of the tensor-core conv kernels, None when built without them))");
+  m.def("last_engine", &resnet_fused::engine::last_engine,
+        "The engine (and for CUTLASS its tile configuration) that ran this thread's last CUDA conv_bn_act / "
+        "conv_stats call, e.g. 'cutlass 128x64x64/3 swizzle 1' or 'plain'; '' before any");
 #ifdef RESNET_FUSED_WITH_CUTLASS
   m.def("cutlass_conv_launches", &resnet_fused::cutlass_conv_launches,
         "Number of CUTLASS convolution kernels launched by this process (test hook: which path an op took)");

@@ -5,13 +5,16 @@ convolution by shifted windows and einsum, not ``at::convolution`` that the kern
 bf16, NCHW and channels_last, affine and ``affine=False`` BNs, BN tensors of another dtype; every gradient (input,
 weights, residual, both BNs' four tensors) against autograd through that formula; memory format, fake kernels and
 autograd registration (``opcheck``), fp64 ``gradcheck``, input checks (PyTorch's error for a window larger than the
-padded input); ``scale_bias_add_relu`` likewise; build info. GPU kernels (``gpu`` mark): ``conv_bn_act`` on shapes
-the CUTLASS kernels cover and on shapes that take cuDNN plus the channel pass, ``scale_bias_add_relu``'s vectorized
-and scalar paths, fp32 / fp16 / bf16, against the same formulas.
+padded input); ``scale_bias_add_relu`` likewise; build info; the engine argument and the engine choice (forced
+engine, measurement with fake timings, memory and disk cache). GPU kernels (``gpu`` mark): ``conv_bn_act`` on shapes
+the CUTLASS kernels cover and on shapes that take cuDNN plus the channel pass, each engine forced (it runs what it
+covers, declines the rest with its reason), the measured engine choice, ``scale_bias_add_relu``'s vectorized and
+scalar paths, fp32 / fp16 / bf16, against the same formulas.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -19,7 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
+try:
+    import resnet_fused._C  # noqa: F401
+except ImportError as err:
+    if torch.cuda.is_available():  # a failed build on a GPU machine fails the test step instead of skipping it
+        raise ImportError(f"resnet_fused._C is not built on a machine with a GPU: {err}") from err
+    pytest.skip(f"resnet_fused._C is not built (pip install --no-build-isolation -e .): {err}",
+                allow_module_level=True)
 
 from resnet_fused.backends import cuda as cuda_backend  # noqa: E402
 from resnet_fused.backends import reference  # noqa: E402
@@ -482,7 +491,7 @@ def test_scale_bias_add_relu_rejects_bad_input(case):
 
 def test_build_info():
     info = cuda_backend.build_info()
-    assert set(info) == {"with_cuda", "cuda_version", "archs", "torch_version", "cutlass"}
+    assert set(info) >= {"with_cuda", "cuda_version", "archs", "torch_version", "cutlass"}
     assert info["torch_version"] == torch.__version__.split("+")[0]
     if info["with_cuda"]:
         assert re.fullmatch(r"\d+\.\d+", info["cuda_version"])
@@ -580,6 +589,134 @@ def test_blocks_through_extension_cpu_kernels(monkeypatch, case, train):
         assert calls["scale_bias_add_relu"] == 1
     else:
         assert calls["conv_bn_act"] == len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) - down
+
+
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def test_engine_argument_is_validated():
+    """The ops take 'auto' or a comma-separated list of distinct engines; the CPU kernels (one implementation)
+    accept any valid list and reject the rest."""
+    torch.manual_seed(30)
+    args, _ = _conv_args(CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.float32, torch.channels_last)
+    ref = ops.conv_bn_act(*_op_args(args, True))
+    for engines in ("auto", "plain", "cutlass,plain", "cudnn,cutlass,plain"):
+        assert torch.equal(ops.conv_bn_act(*_op_args(args, True), engines), ref)
+    for engines, message in (("bogus", "unknown engine 'bogus'"), ("plain,plain", "listed twice"),
+                             ("cutlass,", "unknown engine ''"), ("", "unknown engine ''")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.conv_bn_act(*_op_args(args, True), engines)
+    x, w = _rand(2, 3, 5, 5), _rand(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="unknown engine"):
+        ops.conv_stats(x, w, [1, 1], [1, 1], [1, 1], 1, None, None, "cuDNN")
+    assert ops.conv_stats(x, w, [1, 1], [1, 1], [1, 1], 1, None, None, "cutlass,plain")[0].shape == (2, 4, 5, 5)
+
+
+def test_forced_engine_context_and_environment(monkeypatch):
+    monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
+    assert cuda_backend.forced() is None
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "plain")
+    assert cuda_backend.forced() == "plain"
+    with cuda_backend.forced_engine("cutlass"):
+        assert cuda_backend.forced() == "cutlass"
+        with cuda_backend.forced_engine("cudnn"):
+            assert cuda_backend.forced() == "cudnn"
+        assert cuda_backend.forced() == "cutlass"
+    assert cuda_backend.forced() == "plain"
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "fast")
+    with pytest.raises(ValueError, match="RESNET_FUSED_CUDA_ENGINE='fast'"):
+        cuda_backend.forced()
+    with pytest.raises(ValueError, match="unknown cuda engine"):
+        with cuda_backend.forced_engine("triton"):
+            pass
+
+
+def test_cpu_tensors_get_the_default_order(monkeypatch):
+    """CPU tensors (the extension's CPU kernels) are never measured, nor forced."""
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "cutlass")
+
+    def no_measure(run):
+        raise AssertionError("measured a CPU call")
+
+    assert cuda_backend._engines_for(torch.zeros(1), "k", lambda e: None, no_measure) == "auto"
+
+
+def _fake_run(declines=(), fails=()):
+    """A stand-in for one op call on one engine: declines like the C++ ops, fails, or runs."""
+    calls = []
+
+    def run(engine):
+        calls.append(engine)
+        if engine in declines:
+            raise RuntimeError(f"resnet_fused::conv_bn_act: engine '{engine}' cannot run this call: no {engine}\n"
+                               "Exception raised from decline at engine.cpp:60")
+        if engine in fails:
+            raise RuntimeError(f"CUDA error: {engine} broke")
+
+    return run, calls
+
+
+def test_measure_engines_races_the_engines_that_run():
+    """Fake timings: the fastest engine that ran wins; a declining engine is recorded with its reason (the C++
+    message's tail), a failing one with its error and a warning, neither races."""
+    run, calls = _fake_run(declines=("cudnn",), fails=("plain",))
+    timings = {"cudnn": 0.1, "cutlass": 0.5, "plain": 0.2}
+
+    def timer(fn):
+        fn()
+        return timings[calls[-1]]
+
+    with pytest.warns(RuntimeWarning, match="'plain' failed while being measured"):
+        entry = cuda_backend.measure_engines(run, timer)
+    assert entry == {"engine": "cutlass", "ms": {"cutlass": 0.5}, "declined": {"cudnn": "no cudnn"},
+                     "errors": {"plain": "RuntimeError: CUDA error: plain broke"}}
+    run, calls = _fake_run()
+    entry = cuda_backend.measure_engines(run, lambda fn: (fn(), timings[calls[-1]])[1])
+    assert entry["engine"] == "cudnn" and entry["ms"] == timings
+    run, _ = _fake_run(declines=cuda_backend.ENGINES)
+    assert cuda_backend.measure_engines(run, lambda fn: fn())["engine"] is None
+
+
+def test_measured_order_is_cached_in_memory_and_on_disk(monkeypatch, tmp_path):
+    """The first call of a key measures; later calls reuse the choice from memory, a new process from the disk
+    file (under its environment key); another environment measures again; a winner goes first, then the default
+    order; nothing is measured (nor stored) while torch.compile traces."""
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "_engine_memory", {})
+    measured = []
+
+    def measure(run):
+        measured.append(run)
+        return {"engine": "cutlass", "ms": {"cutlass": 1.0, "plain": 2.0}, "declined": {"cudnn": "no frontend"},
+                "errors": {}}
+
+    def order(env="gpu A", key="conv_bn_act|k1", memory="cuda:0"):
+        return cuda_backend._measured_order(f"{memory}|{key}", lambda: env, key, "run", measure)
+
+    assert order() == "cutlass,cudnn,plain" and measured == ["run"]
+    assert order() == "cutlass,cudnn,plain" and len(measured) == 1
+    table = json.loads(cuda_backend.engine_cache_path().read_text())
+    assert table == {"gpu A": {"conv_bn_act|k1": measure(None)}}
+    measured.clear()
+    cuda_backend.clear_engine_memory()
+    assert order() == "cutlass,cudnn,plain" and measured == []  # from the disk file
+    assert order(env="gpu B", memory="cuda:1") == "cutlass,cudnn,plain" and len(measured) == 1
+    assert cuda_backend.engine_cache_path().parent == tmp_path
+    assert set(json.loads(cuda_backend.engine_cache_path().read_text())) == {"gpu A", "gpu B"}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert order(key="conv_bn_act|k2") == "auto" and len(measured) == 1
+    assert "cuda:0|conv_bn_act|k2" not in cuda_backend._engine_memory
+    choices = cuda_backend.engine_choices()
+    assert choices["conv_bn_act|k1"]["engine"] == "cutlass"
+    assert choices["conv_bn_act|k1"]["declined"] == {"cudnn": "no frontend"}
+
+
+def test_no_winner_means_the_default_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "_engine_memory", {})
+    entry = {"engine": None, "ms": {}, "declined": {}, "errors": {"plain": "boom"}}
+    assert cuda_backend._measured_order("cuda:0|k", lambda: "env", "k", None, lambda run: entry) == "auto"
+    assert not cuda_backend.engine_cache_path().exists()  # nothing to remember
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
@@ -734,3 +871,69 @@ def test_window_larger_than_padded_input_cuda():
     args = (x, w, _eval_bn(8, device="cuda"), [2, 2], [0, 0], [1, 1], 1, None, None)
     with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
         ops.conv_bn_act(*_op_args(args, True))
+
+
+def _cutlass_covers(config, dtype, fmt, feature):
+    """Whether the CUTLASS engine covers a CONV_GPU_CASES case (csrc/cutlass/conv_cutlass.h's rules)."""
+    C, K, *_, g = config
+    return (dtype != torch.float32 and fmt == "nhwc" and g == 1 and C % 8 == 0 and K % 8 == 0
+            and cuda_backend.build_info()["cutlass"] is not None and torch.cuda.get_device_capability()[0] >= 8)
+
+
+@pytest.mark.parametrize("engine", ["cutlass", "plain", "cudnn"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", CONV_GPU_CASES.values(), ids=CONV_GPU_CASES.keys())
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_bn_act_cuda_engines(dtype, case, fmt, engine, no_tf32):
+    """Each engine forced: plain runs everything; cutlass runs exactly the calls its rules cover and declines the
+    rest with its reason; cudnn runs what cuDNN's graphs accept (built with the frontend) or declines with cuDNN's
+    reason. What runs matches the fp64 formula, and _C.last_engine() names the engine."""
+    _needs_cuda_build()
+    torch.manual_seed(12)
+    config, feature, relu = case
+    args, shape = _conv_args(config, feature, dtype, FORMATS[fmt], device="cuda")
+    x, w, bn, st, pd, dl, g, residual, shortcut = args
+    try:
+        with cuda_backend.forced_engine(engine):
+            out = cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual, shortcut, relu)
+    except RuntimeError as err:
+        assert f"engine '{engine}' cannot run this call: " in str(err)
+        assert engine == "cudnn" or (engine == "cutlass" and not _cutlass_covers(config, dtype, fmt, feature))
+        return
+    assert engine != "cutlass" or _cutlass_covers(config, dtype, fmt, feature), "ran a call it should decline"
+    assert cuda_backend._ext.last_engine().split()[0] == engine
+    _check_conv_bn_act_gpu(out, args, relu, dtype, shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_choice_is_measured_once_and_reported(monkeypatch, tmp_path, no_tf32):
+    """The first eager call of a key times every engine and stores the choice (memory and disk); the next calls
+    reuse it; engine_choices() reports the timings, the declines and what ran; a forced engine overrides it."""
+    _needs_cuda_build()
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
+    cuda_backend.clear_engine_memory()
+    torch.manual_seed(31)
+    args, shape = _conv_args((64, 64, 14, 14, 3, 1, 1, 1, 1), "bn_residual", torch.bfloat16, torch.channels_last,
+                             device="cuda", n=8)
+    x, w, bn, st, pd, dl, g, residual, _ = args
+    measured = []
+    real = cuda_backend.measure_engines
+    monkeypatch.setattr(cuda_backend, "measure_engines", lambda run: measured.append(1) or real(run))
+    outs = [cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual) for _ in range(3)]
+    assert measured == [1]
+    (key, entry), = cuda_backend.engine_choices().items()
+    assert key.startswith("conv_bn_act|")
+    assert set(entry["ms"]) | set(entry["declined"]) | set(entry["errors"]) == set(cuda_backend.ENGINES)
+    assert entry["engine"] == min(entry["ms"], key=entry["ms"].get)
+    assert entry["ran"].split()[0] == entry["engine"]
+    assert json.loads(cuda_backend.engine_cache_path().read_text())
+    for out in outs:
+        _check_conv_bn_act_gpu(out, args, True, torch.bfloat16, shape)
+    with cuda_backend.forced_engine("plain"):
+        cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual)
+    assert cuda_backend.engine_choices()[key]["ran"] == "plain"
+    cuda_backend.clear_engine_memory()

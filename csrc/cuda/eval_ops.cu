@@ -1,21 +1,25 @@
-// CUDA implementations of the resnet_fused eval op conv_bn_act (fp32 / fp16 / bf16 activations, fp32 math).
+// CUDA implementation of the resnet_fused eval op conv_bn_act (fp32 / fp16 / bf16 activations, fp32 math).
 //
 // (scale_bias_add_relu, the training tail, lives with its backward in train_ops.cu.)
 //
 // conv_bn_act: y = act(conv(x, W)·s + t [+ conv1x1(x_d, W_d)·s_d + t_d] [+ residual]), each BN's (s, t) computed
 // from its live tensors on every call (eval_bn.cuh), applied in fp32 to the fp32 accumulator or conv output, one
-// rounding to x's dtype.
-//   float16 / bfloat16 channels_last calls that the CUTLASS kernels cover (cutlass/conv_cutlass.h: groups 1, C and K
-//   multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension built with the
-//   CUTLASS headers): one tiny launch computing the (s, t) pairs of both BNs, then each convolution as an implicit
-//   GEMM on tensor cores with BN, residual and ReLU in its epilogue: one launch, or two with a downsample shortcut
-//   (the 1x1 shortcut conv with its BN plus the residual into a temporary in x's dtype, then the main conv with
-//   its BN plus that temporary, then ReLU). Sharing one accumulator between the two (DESIGN.md's single-launch
-//   tail) is not done: the temporary costs one write and one read of the block's output and one extra rounding.
-//   Everything else (float32, NCHW, other channel counts, groups > 1, a call that any of its launches does not
-//   cover): the convolution(s) with at::convolution (cuDNN), then ONE channel pass that computes (s, t) and
-//   (s_d, t_d) from the BN tensors for its channels and applies both BNs, the residual and the ReLU, instead of
-//   separate BN, add and ReLU passes.
+// rounding to x's dtype. The engines, tried in the order the op's `engines` argument gives (common/engine.h):
+//   cudnn    one launch computing both BNs' (s, t), then cuDNN's fusion graphs conv -> ×s -> +t [-> +residual] ->
+//            ReLU (cudnn_engine.h; with a downsample shortcut its graph first, into a temporary). Declines in a
+//            build without the cuDNN frontend, and wherever cuDNN refuses a graph (its message).
+//   cutlass  float16 / bfloat16 channels_last calls the CUTLASS kernels cover (cutlass/conv_cutlass.h: groups 1, C
+//            and K multiples of 8, dense 16-byte aligned NHWC operands, compute capability >= 8.0, extension built
+//            with the CUTLASS headers): one tiny launch computing the (s, t) pairs of both BNs, then each
+//            convolution as an implicit GEMM on tensor cores with BN, residual and ReLU in its epilogue: one launch,
+//            or two with a downsample shortcut (the 1x1 shortcut conv with its BN plus the residual into a temporary
+//            in x's dtype, then the main conv with its BN plus that temporary, then ReLU). Sharing one accumulator
+//            between the two (DESIGN.md's single-launch tail) is not done: the temporary costs one write and one
+//            read of the block's output and one extra rounding.
+//   plain    every call: the convolution(s) with at::convolution (cuDNN), then ONE channel pass that computes
+//            (s, t) and (s_d, t_d) from the BN tensors for its channels and applies both BNs, the residual and the
+//            ReLU, instead of separate BN, add and ReLU passes.
+// An engine that cannot run a call says why and launches nothing; the next one runs it (engine::decline when none).
 //
 // The channel pass is channel_pass.cuh's (shared with the training kernels of train_ops.cu): elementwise over a
 // dense NCHW or NHWC tensor, every operand made dense in the output's memory format, 16-byte packs where layout and
@@ -31,12 +35,18 @@
 #include <array>
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <string_view>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "../common/build_info.h"
 #include "../common/checks.h"
+#include "../common/engine.h"
 #include "../cutlass/conv_cutlass.h"
 #include "channel_pass.cuh"
+#include "cudnn_engine.h"
 #include "eval_bn.cuh"
 
 namespace resnet_fused {
@@ -133,71 +143,96 @@ struct BnAct {
   }
 };
 
-// The (s, t) pairs the CUTLASS epilogue reads: pairs[b][k] = (s, t) of channel k of BN b (b = 0: the main conv's,
-// b = 1: the shortcut's when present), fp32 [n_bn, K, 2].
-__global__ void bn_scale_shift_pairs_kernel(BnRef bn, BnRef sc_bn, int64_t K, float2* __restrict__ pairs) {
+// The (s, t) of channel k of BN b (b = 0: the main conv's, b = 1: the shortcut's when present), fp32, written
+// interleaved, out[b][k] = (s, t) ([n_bn, K, 2]: what the CUTLASS epilogue reads), or planar, out[b][0][k] = s,
+// out[b][1][k] = t ([n_bn, 2, K]: two [K] vectors, what the cuDNN graphs take).
+__global__ void bn_scale_shift_kernel(BnRef bn, BnRef sc_bn, int64_t K, bool planar, float* __restrict__ out) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= K) {
     return;
   }
-  float s, t;
-  bn_scale_shift(bn, k, s, t);
-  pairs[k] = make_float2(s, t);
-  if (sc_bn.mean.data != nullptr) {
-    bn_scale_shift(sc_bn, k, s, t);
-    pairs[K + k] = make_float2(s, t);
+  for (int b = 0; b < 2; ++b) {
+    const BnRef& r = b == 0 ? bn : sc_bn;
+    if (r.mean.data == nullptr) {
+      break;
+    }
+    float s, t;
+    bn_scale_shift(r, k, s, t);
+    float* o = out + 2 * K * b;
+    o[planar ? k : 2 * k] = s;
+    o[planar ? K + k : 2 * k + 1] = t;
   }
 }
 
-// [n_bn, K, 2] fp32 (s, t) pairs of the BN of `a` and, with a shortcut, of the shortcut's BN: one launch.
-at::Tensor bn_scale_shift_pairs(const ConvBnActArgs& a, int64_t K) {
-  const bool with_shortcut = a.shortcut_x.defined();
-  at::Tensor pairs = at::empty({with_shortcut ? 2 : 1, K, 2}, a.x.options().dtype(at::kFloat));
+// The (s, t) of the BN of `a` and, with a shortcut, of the shortcut's BN, computed from their live tensors: one
+// launch; fp32 [n_bn, K, 2] (interleaved) or [n_bn, 2, K] (planar).
+at::Tensor bn_scale_shift(const ConvBnActArgs& a, int64_t K, bool planar) {
+  const int64_t n_bn = a.shortcut_x.defined() ? 2 : 1;
+  at::Tensor out = at::empty(planar ? at::IntArrayRef({n_bn, 2, K}) : at::IntArrayRef({n_bn, K, 2}),
+                             a.x.options().dtype(at::kFloat));
   constexpr int kThreads = 128;
-  bn_scale_shift_pairs_kernel<<<static_cast<unsigned>(channel_pass::ceil_div(K, kThreads)), kThreads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
-      bn_ref(a.bn), with_shortcut ? bn_ref(a.shortcut_bn) : BnRef{}, K,
-      reinterpret_cast<float2*>(pairs.mutable_data_ptr<float>()));
+  bn_scale_shift_kernel<<<static_cast<unsigned>(channel_pass::ceil_div(K, kThreads)), kThreads, 0,
+                          at::cuda::getCurrentCUDAStream()>>>(
+      bn_ref(a.bn), a.shortcut_x.defined() ? bn_ref(a.shortcut_bn) : BnRef{}, K, planar,
+      out.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return pairs;
+  return out;
 }
 
-// conv_bn_act on the CUTLASS kernels (conv_cutlass.h): the (s, t) pairs, then one conv launch, or with a
-// downsample shortcut two (the 1x1 shortcut conv with its BN plus the residual into a temporary, then the main
-// conv with its BN plus that temporary, then ReLU). Returns an undefined tensor, having launched nothing, when
-// any of the convolutions is not covered.
-at::Tensor conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf) {
+// Engine "cutlass": the (s, t) pairs, then one conv launch, or with a downsample shortcut two (the 1x1 shortcut
+// conv with its BN plus the residual into a temporary, then the main conv with its BN plus that temporary, then
+// ReLU). Returns "" having run, or why not, having launched nothing (any of the convolutions not covered).
+std::string conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf,
+                                at::Tensor& out) {
   const int64_t K = out_sizes[1];
-  // Filters in the kernels' KRSC layout (a copy of the small weight tensor only when it is NCHW); activations are
-  // taken as they are.
+  // Filters in the kernels' KRSC layout: a copy of the small weight tensor on every call when it is NCHW (no cache
+  // of it: an in-place edit through .data bumps no version counter); channels_last models pay nothing.
   const at::Tensor w = a.weight.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out = empty_in_format(out_sizes, a.x.options(), mf);
+  out = empty_in_format(out_sizes, a.x.options(), mf);
   const std::array<int64_t, 2> no_padding{0, 0}, no_dilation{1, 1};
   if (!a.shortcut_x.defined()) {
-    if (!cutlass_conv_fprop_uncovered(a.x, w, a.residual, out, a.stride, a.padding, a.dilation, a.groups)
-             .empty()) {
-      return at::Tensor();
+    std::string why = cutlass_conv_fprop_uncovered(a.x, w, a.residual, out, a.stride, a.padding, a.dilation,
+                                                   a.groups);
+    if (!why.empty()) {
+      return why;
     }
-    const at::Tensor pairs = bn_scale_shift_pairs(a, K);
+    const at::Tensor pairs = bn_scale_shift(a, K, /*planar=*/false);
     const bool ran = cutlass_conv_fprop(a.x, w, pairs[0], a.residual, out, a.stride, a.padding, a.dilation, a.groups,
-                                        a.relu);
-    TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as supported did not run");
-    return out;
+                                        a.relu, &why);
+    TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as covered declined: ", why);
+    return "";
   }
   const at::Tensor sw = a.shortcut_weight.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor sc = empty_in_format(out_sizes, a.x.options(), mf);
-  if (!cutlass_conv_fprop_uncovered(a.shortcut_x, sw, a.residual, sc, a.shortcut_stride, no_padding, no_dilation,
-                                    1)
-           .empty() ||
-      !cutlass_conv_fprop_uncovered(a.x, w, sc, out, a.stride, a.padding, a.dilation, a.groups).empty()) {
-    return at::Tensor();
+  std::string why = cutlass_conv_fprop_uncovered(a.shortcut_x, sw, a.residual, sc, a.shortcut_stride, no_padding,
+                                                 no_dilation, 1);
+  if (!why.empty()) {
+    return "the shortcut conv: " + why;
   }
-  const at::Tensor pairs = bn_scale_shift_pairs(a, K);
+  why = cutlass_conv_fprop_uncovered(a.x, w, sc, out, a.stride, a.padding, a.dilation, a.groups);
+  if (!why.empty()) {
+    return why;
+  }
+  const at::Tensor pairs = bn_scale_shift(a, K, /*planar=*/false);
   const bool ran = cutlass_conv_fprop(a.shortcut_x, sw, pairs[1], a.residual, sc, a.shortcut_stride, no_padding,
-                                      no_dilation, 1, /*relu=*/false) &&
-                   cutlass_conv_fprop(a.x, w, pairs[0], sc, out, a.stride, a.padding, a.dilation, a.groups, a.relu);
-  TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as supported did not run");
-  return out;
+                                      no_dilation, 1, /*relu=*/false, &why) &&
+                   cutlass_conv_fprop(a.x, w, pairs[0], sc, out, a.stride, a.padding, a.dilation, a.groups, a.relu,
+                                      &why);
+  TORCH_CHECK(ran, "resnet_fused::conv_bn_act: a CUTLASS convolution checked as covered declined: ", why);
+  return "";
+}
+
+// Engine "cudnn": the (s, t) of both BNs as planar vectors, then cuDNN's fusion graphs (cuda/cudnn_engine.h).
+// Returns "" having run, or why not.
+std::string conv_bn_act_cudnn(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf,
+                              at::Tensor& out) {
+  std::string why = cudnn_engine::unavailable();
+  if (!why.empty()) {
+    return why;
+  }
+  const at::Tensor scale_shift = bn_scale_shift(a, out_sizes[1], /*planar=*/true);
+  out = empty_in_format(out_sizes, a.x.options(), mf);
+  return cudnn_engine::conv_bn_act(a, scale_shift, out);
 }
 
 // conv_bn_act with cuDNN (at::convolution) for the convolution(s) and ONE channel pass for everything else.
@@ -236,23 +271,39 @@ at::Tensor conv_bn_act_cuda(
     const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
     const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
     const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
-    bool relu) {
+    bool relu, c10::string_view engines) {
   constexpr const char* op = "resnet_fused::conv_bn_act";
   const ConvBnActArgs a = conv_bn_act_args(
       x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual, shortcut_x,
       shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var, shortcut_bn_eps,
       shortcut_stride, relu);
   const auto out_sizes = check_conv_bn_act(a);
+  const engine::Order order = engine::parse(op, std::string_view(engines.data(), engines.size()));
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
-  if (mf == at::MemoryFormat::ChannelsLast && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)) {
-    at::Tensor out = conv_bn_act_cutlass(a, out_sizes, mf);
-    if (out.defined()) {
+  std::vector<std::string> reasons;
+  for (int i = 0; i < order.count; ++i) {
+    at::Tensor out;
+    std::string why;
+    switch (order.engines[i]) {
+      case engine::Engine::kCudnn:
+        why = conv_bn_act_cudnn(a, out_sizes, mf, out);
+        break;
+      case engine::Engine::kCutlass:
+        why = conv_bn_act_cutlass(a, out_sizes, mf, out);
+        break;
+      case engine::Engine::kPlain:
+        out = conv_bn_act_plain(a, out_sizes, mf);
+        break;
+    }
+    if (why.empty()) {
+      engine::record(order.engines[i], order.engines[i] == engine::Engine::kCutlass ? cutlass_last_config() : "");
       return out;
     }
+    reasons.push_back(std::move(why));
   }
-  return conv_bn_act_plain(a, out_sizes, mf);
+  engine::decline(op, order, reasons);
 }
 
 // Test hook for cutlass_conv_stats (cutlass/conv_cutlass.h), which the conv_stats op tries first: runs it on fresh

@@ -65,4 +65,10 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                         std::string* why = nullptr);
 
+// Why cutlass_conv_stats would not run these arguments, or "" when it would (same rules; launches nothing).
+std::string cutlass_conv_stats_uncovered(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                                         const at::Tensor& in_shift, const at::Tensor& c, const at::Tensor& mean,
+                                         const at::Tensor& var, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups);
+
 }  // namespace resnet_fused

@@ -166,6 +166,12 @@ bool cutlass_conv_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&,
   return false;
 }
 
+std::string cutlass_conv_stats_uncovered(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                         at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return kNoCutlass;
+}
+
 #else
 
 namespace {
@@ -919,6 +925,16 @@ const char* stats_uncovered(const char* fn, const at::Tensor& x, const at::Tenso
 }
 
 }  // namespace
+
+std::string cutlass_conv_stats_uncovered(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                                         const at::Tensor& in_shift, const at::Tensor& c, const at::Tensor& mean,
+                                         const at::Tensor& var, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups) {
+  cutlass::conv::Conv2dProblemSize problem;
+  const char* why = stats_uncovered("resnet_fused::cutlass_conv_stats", x, w, in_scale, in_shift, c, mean, var,
+                                    stride, padding, dilation, groups, problem);
+  return why != nullptr ? why : "";
+}
 
 bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
                         const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,

@@ -15,9 +15,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <string_view>
 #include <utility>
 
 #include "../common/checks.h"
+#include "../common/engine.h"
 
 namespace resnet_fused {
 
@@ -43,7 +45,9 @@ at::Tensor conv_bn_act_cpu(
     const std::optional<at::Tensor>& shortcut_weight, const std::optional<at::Tensor>& shortcut_bn_weight,
     const std::optional<at::Tensor>& shortcut_bn_bias, const std::optional<at::Tensor>& shortcut_bn_mean,
     const std::optional<at::Tensor>& shortcut_bn_var, double shortcut_bn_eps, at::IntArrayRef shortcut_stride,
-    bool relu) {
+    bool relu, c10::string_view engines) {
+  // One implementation on the CPU: the engine argument (common/engine.h) is only validated.
+  engine::parse("resnet_fused::conv_bn_act", std::string_view(engines.data(), engines.size()));
   const ConvBnActArgs a = conv_bn_act_args(
       x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual, shortcut_x,
       shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean, shortcut_bn_var, shortcut_bn_eps,
@@ -94,7 +98,7 @@ TORCH_LIBRARY(resnet_fused, m) {
       "float bn_eps, int[2] stride, int[2] padding, int[2] dilation, int groups, Tensor? residual, "
       "Tensor? shortcut_x, Tensor? shortcut_weight, Tensor? shortcut_bn_weight, Tensor? shortcut_bn_bias, "
       "Tensor? shortcut_bn_mean, Tensor? shortcut_bn_var, float shortcut_bn_eps, int[2] shortcut_stride, "
-      "bool relu) -> Tensor",
+      "bool relu, str engines=\"auto\") -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "scale_bias_add_relu(Tensor c, Tensor scale, Tensor shift, Tensor idn, Tensor? idn_scale, "

@@ -21,9 +21,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <string_view>
 #include <tuple>
 
 #include "../common/checks.h"
+#include "../common/engine.h"
 
 namespace resnet_fused {
 
@@ -53,8 +55,10 @@ at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
+    const std::optional<at::Tensor>& in_shift, c10::string_view engines) {
   check_conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  // One implementation on the CPU: the engine argument (common/engine.h) is only validated.
+  engine::parse("resnet_fused::conv_stats", std::string_view(engines.data(), engines.size()));
   const at::MemoryFormat mf = x.suggest_memory_format();
   const at::Tensor a = in_scale.has_value() ? affine_relu_cpu(x, *in_scale, *in_shift) : x;
   at::Tensor c = at::convolution(a, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
@@ -141,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "conv_stats(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "Tensor? in_scale, Tensor? in_shift) -> (Tensor c, Tensor mean, Tensor var)",
+      "Tensor? in_scale, Tensor? in_shift, str engines=\"auto\") -> (Tensor c, Tensor mean, Tensor var)",
       {at::Tag::pt2_compliant_tag});
   m.def("affine_relu(Tensor x, Tensor scale, Tensor shift) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("conv_stats_backward_input(Tensor c, Tensor mean, Tensor? dc, Tensor? dmean, Tensor? dvar) -> Tensor",

@@ -36,6 +36,15 @@ statistics), ``affine_relu`` (the activated input recomputed for the weight grad
 (dx with Σ g·x and Σ g in one pass) and ``scale_bias_add_relu_backward`` (ReLU mask recomputed from the inputs, dc,
 didn and the per-channel sums in one pass), around ``aten.convolution_backward`` for the convolutions.
 
+Engines: ``conv_bn_act`` and ``conv_stats`` on CUDA tensors each have several implementations — ``cudnn``
+(cuDNN's fusion graphs, csrc/cudnn/, when built with the cuDNN frontend; ``conv_stats`` not yet), ``cutlass`` (the
+CUTLASS kernels above) and ``plain`` (cuDNN's convolution plus the fused passes above; runs everything). The op
+tries them in the order its ``engines`` argument gives, an engine that cannot run a call declining with its reason.
+The order is chosen per (op, shape, dtype): ``forced_engine(name)`` or ``RESNET_FUSED_CUDA_ENGINE=name`` forces one
+(a call it cannot run raises ``RuntimeError`` with its reason); otherwise each engine is timed on the key's first
+eager call on the GPU and the fastest goes first, remembered in memory and on disk (``cuda_engines.json`` beside
+``auto``'s backend choice); :func:`engine_choices` reports what was chosen and what ran.
+
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
 module loads it lazily and adds the Python halves of each op: a fake kernel (so ``torch.compile`` traces it) and
 autograd (``torch.library.register_autograd``; an ``autograd.Function`` for ``bn_finalize``, which mutates the
@@ -44,14 +53,21 @@ running statistics).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import statistics
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import reference
+from . import autoselect, reference
 
 NAME = "cuda"
 
@@ -124,9 +140,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn: reference.EvalBN, stride=1, paddi
      conf) = reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
                                         "cuda conv_bn_act")
     _, _, _, _, eps, s_eps, s_stride, relu = conf
-    return torch.ops.resnet_fused.conv_bn_act(x, weight, bn_w, bn_b, bn_mean, bn_var, eps, _pair(stride),
-                                              _pair(padding), _pair(dilation), int(groups), residual, sx, sw, sbn_w,
-                                              sbn_b, sbn_mean, sbn_var, s_eps, _pair(s_stride), relu)
+    args = (x, weight, bn_w, bn_b, bn_mean, bn_var, eps, _pair(stride), _pair(padding), _pair(dilation), int(groups),
+            residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, s_eps, _pair(s_stride), relu)
+    key = _shape_key("conv_bn_act", x, weight, *args[7:11], residual is not None, sx, s_stride, relu)
+    engines = _engines_for(x, key, lambda engine: torch.ops.resnet_fused.conv_bn_act(*_detached(args), engine))
+    y = torch.ops.resnet_fused.conv_bn_act(*args, engines)
+    _record_ran(x, key)
+    return y
 
 
 def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Tensor | None = None,
@@ -148,8 +168,12 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, group
     """``(c, mean, var)``: ``c = conv2d(relu(x*in_scale + in_shift) or x, W)`` and its per-channel batch mean and
     biased variance: ``torch.ops.resnet_fused.conv_stats``."""
     _require()
-    return torch.ops.resnet_fused.conv_stats(x, weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
-                                             in_scale, in_shift)
+    args = (x, weight, _pair(stride), _pair(padding), _pair(dilation), int(groups), in_scale, in_shift)
+    key = _shape_key("conv_stats", x, weight, *args[2:6], in_scale is not None)
+    engines = _engines_for(x, key, lambda engine: torch.ops.resnet_fused.conv_stats(*_detached(args), engine))
+    out = torch.ops.resnet_fused.conv_stats(*args, engines)
+    _record_ran(x, key)
+    return out
 
 
 def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -171,6 +195,225 @@ def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | No
     return scale, shift
 
 
+# Engines. conv_bn_act and conv_stats each have several CUDA implementations ("engines"): the cuDNN fusion graphs
+# (csrc/cudnn/, when built with the frontend), the CUTLASS kernels, and "plain" (cuDNN's convolution plus this
+# extension's fused passes, which runs everything). The C++ ops take the engines to try, in order, as a string
+# ("auto": cudnn, cutlass, plain); an engine that cannot run a call declines with its reason and the next one
+# runs it; when none of them can (a single forced engine), the op raises a RuntimeError with the reasons.
+# Which order a call gets is decided here, per (op, shape, dtype) key:
+#   * forced: ``forced_engine(name)`` (innermost first), else ``RESNET_FUSED_CUDA_ENGINE``: that engine only;
+#   * measured: on the key's first eager call on a GPU (never while torch.compile traces or a CUDA graph is
+#     captured) each engine runs the call alone and is timed; the fastest goes first, then the default order.
+#     The result is kept for the process and on disk, in ``cuda_engines.json`` beside ``auto``'s backend choice
+#     (``RESNET_FUSED_CACHE_DIR``), under the environment key of :func:`autoselect.cache_key` (GPU, dtype,
+#     versions) so a new GPU, driver stack or build measures again;
+#   * otherwise (CPU tensors, tracing or capturing with nothing stored): "auto".
+
+ENGINES = ("cudnn", "cutlass", "plain")
+ENV_ENGINE = "RESNET_FUSED_CUDA_ENGINE"
+ENGINE_CACHE_FILE = "cuda_engines.json"
+_DECLINED = "cannot run this call"  # in the C++ ops' error when the one engine they were given declines
+_MEASURE_REPS = 5
+
+_forced_stack: list[str] = []
+# device-qualified op key -> {"engine", "ms", "declined", "errors"}; op key -> what ran its last eager call
+_engine_memory: dict[str, dict] = {}
+_engine_ran: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def forced_engine(name: str):
+    """Inside the block, every ``conv_bn_act`` / ``conv_stats`` call of this backend on a CUDA tensor runs on
+    engine ``name`` (``"cudnn"``, ``"cutlass"`` or ``"plain"``) only, like ``RESNET_FUSED_CUDA_ENGINE=name``: a
+    call that engine cannot run raises ``RuntimeError`` with the engine's reason. Nests (the innermost wins) and
+    takes precedence over the environment variable. Under ``torch.compile`` the engine is fixed at trace time."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown cuda engine {name!r}: choose one of {', '.join(ENGINES)}")
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def forced() -> str | None:
+    """The engine forced by :func:`forced_engine` or ``RESNET_FUSED_CUDA_ENGINE`` (empty: none), else None."""
+    if _forced_stack:
+        return _forced_stack[-1]
+    env = os.environ.get(ENV_ENGINE, "").strip()
+    if not env:
+        return None
+    if env not in ENGINES:
+        raise ValueError(f"{ENV_ENGINE}={env!r}: choose one of {', '.join(ENGINES)}")
+    return env
+
+
+def engine_choices() -> dict:
+    """What this process decided and ran, per op key (the benchmark's provenance):
+    ``{key: {"engine": the measured fastest or None, "ms": {engine: median ms}, "declined": {engine: reason},
+    "errors": {engine: error}, "ran": what ran the key's last eager call, e.g. "cutlass 128x64x64/3 swizzle 1"}}``.
+    A key run only under a forced engine, or without a measurement, has only ``"ran"``."""
+    out: dict[str, dict] = {}
+    for key, entry in _engine_memory.items():
+        out[key.split("|", 1)[1]] = dict(entry)
+    for key, ran in _engine_ran.items():
+        out.setdefault(key, {})["ran"] = ran
+    return out
+
+
+def clear_engine_memory() -> None:
+    """Forget this process's measured engine choices and what ran (the disk cache stays)."""
+    _engine_memory.clear()
+    _engine_ran.clear()
+
+
+def engine_cache_path() -> Path:
+    """The JSON file of measured engine choices: ``cuda_engines.json`` beside ``auto``'s ``auto_backend.json``."""
+    return autoselect.cache_path().parent / ENGINE_CACHE_FILE
+
+
+def _read_engine_disk() -> dict:
+    try:
+        return json.loads(engine_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_engine_disk(env: str, key: str, entry: dict) -> None:
+    path = engine_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = _read_engine_disk()
+        table.setdefault(env, {})[key] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as err:  # a read-only cache dir must not break inference: the choice stays in memory
+        warnings.warn(f"resnet_fused: could not store the cuda engine choice in {path} ({err})", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _cuda_time(fn: Callable[[], object], reps: int = _MEASURE_REPS) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event-timed calls, after one untimed call (which raises
+    if the engine declines)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_engines(run: Callable[[str], object], timer: Callable[[Callable[[], object]], float] = _cuda_time,
+                    engines: tuple[str, ...] = ENGINES) -> dict:
+    """Time ``run(engine)`` (one op call on that engine alone) for every engine; returns ``{"engine": fastest or
+    None, "ms": {engine: ms}, "declined": {engine: reason}, "errors": {engine: error}}``. An engine that declines
+    the call (the op's "cannot run this call" error) or fails is left out of the race, with its reason."""
+    ms, declined, errors = {}, {}, {}
+    with torch.no_grad():
+        for engine in engines:
+            try:
+                ms[engine] = round(timer(lambda engine=engine: run(engine)), 5)
+            except RuntimeError as err:
+                message = str(err).split("\n")[0]
+                if _DECLINED in message:
+                    declined[engine] = message.split(f"{_DECLINED}: ", 1)[-1]
+                else:  # a failing engine must not take the call down: the others still run it
+                    errors[engine] = f"{type(err).__name__}: {message}"
+                    warnings.warn(f"resnet_fused: cuda engine {engine!r} failed while being measured ({message})",
+                                  RuntimeWarning, stacklevel=3)
+    best = min(ms, key=ms.get) if ms else None
+    return {"engine": best, "ms": ms, "declined": declined, "errors": errors}
+
+
+def _measuring_allowed() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _order(best: str | None) -> str:
+    """The engine argument of the ops for a measured fastest engine: it first, then the default order."""
+    return "auto" if best is None else ",".join((best,) + tuple(e for e in ENGINES if e != best))
+
+
+def _engines_for(x: Tensor, key: str, run: Callable[[str], object],
+                 measure: Callable[..., dict] | None = None) -> str:
+    """The engine argument for one call of the op of ``key`` on input ``x`` (see the comment above ENGINES); CPU
+    tensors (the extension's CPU kernels, one implementation) always get "auto"."""
+    if x.device.type != "cuda":
+        return "auto"
+    if torch.compiler.is_compiling():
+        return _traced_order(x.device, x.dtype, key)
+    engine = forced()
+    if engine is not None:
+        return engine
+    device = autoselect._indexed(x.device)
+    return _measured_order(f"{device}|{key}", lambda: autoselect.cache_key(device, x.dtype), key, run,
+                           measure or measure_engines)
+
+
+@torch.compiler.assume_constant_result
+def _traced_order(device: torch.device, dtype: torch.dtype, key: str) -> str:
+    """The order while torch.compile traces a call: the forced engine, else the stored choice, else "auto"; never a
+    measurement. A constant of the compiled graph: the engine is fixed when it is traced."""
+    engine = forced()
+    if engine is not None:
+        return engine
+    device = autoselect._indexed(device)
+    entry = _engine_memory.get(f"{device}|{key}")
+    if entry is None:
+        entry = _read_engine_disk().get(autoselect.cache_key(device, dtype), {}).get(key)
+    return "auto" if entry is None else _order(entry.get("engine"))
+
+
+def _measured_order(memory_key: str, env_key: Callable[[], str], key: str, run: Callable[[str], object],
+                    measure: Callable[..., dict]) -> str:
+    """The order for ``key`` from this process's memory, else the disk cache under ``env_key()``, else a fresh
+    measurement (stored in both) when measuring is allowed, else "auto"."""
+    entry = _engine_memory.get(memory_key)
+    if entry is None:
+        env = env_key()
+        entry = _read_engine_disk().get(env, {}).get(key)
+        if entry is None:
+            if not _measuring_allowed():
+                return "auto"
+            entry = measure(run)
+            if entry["engine"] is not None:
+                _write_engine_disk(env, key, entry)
+        _engine_memory[memory_key] = entry
+    return _order(entry.get("engine"))
+
+
+def _record_ran(x: Tensor, key: str) -> None:
+    """Note which engine ran the op call that just returned (eager CUDA calls; nothing while tracing)."""
+    if x.device.type == "cuda" and not torch.compiler.is_compiling():
+        _engine_ran[key] = _ext.last_engine()
+
+
+def _shape_key(*parts) -> str:
+    """An op key: the op name and every argument that shapes the call, as text."""
+    out = []
+    for p in parts:
+        if isinstance(p, Tensor):
+            fmt = "cl" if reference.memory_format(p) == torch.channels_last else "c"
+            out.append("x".join(map(str, p.shape)) + f":{fmt}:{str(p.dtype).removeprefix('torch.')}")
+        elif p is None:
+            out.append("-")
+        else:
+            out.append(str(p))
+    return "|".join(out)
+
+
+def _detached(args: tuple) -> tuple:
+    """``args`` with every tensor detached (the measurement's calls build no autograd graph)."""
+    return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+
 # Fake (meta) kernels: output shape, dtype and strides exactly as the C++ kernels produce them (dense in the
 # input's suggested memory format, which torch's suggest_memory_format mirrors).
 
@@ -189,7 +432,7 @@ def _conv_out(x, weight, stride, padding, dilation) -> Tensor:
 
 def _conv_bn_act_fake(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups,
                       residual, shortcut_x, shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean,
-                      shortcut_bn_var, shortcut_bn_eps, shortcut_stride, relu):
+                      shortcut_bn_var, shortcut_bn_eps, shortcut_stride, relu, engines="auto"):
     return _conv_out(x, weight, stride, padding, dilation)
 
 
@@ -208,7 +451,7 @@ def _channel_vec(t: Tensor, size: int | None = None) -> Tensor:
     return t.new_empty((t.shape[1] if size is None else size,), dtype=acc)
 
 
-def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift):
+def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift, engines="auto"):
     c = _conv_out(x, weight, stride, padding, dilation)
     return c, _channel_vec(c), _channel_vec(c)
 
@@ -262,7 +505,7 @@ def _conv_bn_act_backward(ctx, grad):
 
 
 def _conv_stats_setup_context(ctx, inputs, output):
-    x, weight, stride, padding, dilation, groups, in_scale, in_shift = inputs
+    x, weight, stride, padding, dilation, groups, in_scale, in_shift = inputs[:8]
     c, mean, _ = output
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean)
@@ -276,7 +519,7 @@ def _conv_stats_backward(ctx, dc, dmean, dvar):
     x, weight, in_scale, in_shift, c, mean = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
-    none = (None,) * 8
+    none = (None,) * 9
     prologue = in_scale is not None
     need_a = need[0] or (prologue and (need[6] or need[7]))
     if (dc is None and dmean is None and dvar is None) or not (need_a or need[1]):
@@ -288,9 +531,10 @@ def _conv_stats_backward(ctx, dc, dmean, dvar):
                                                     groups, [need_a, need[1], False])
     del a, g
     if da is None or not prologue:
-        return da, dw, None, None, None, None, None, None
+        return da, dw, None, None, None, None, None, None, None
     dx, ds, dt = torch.ops.resnet_fused.affine_relu_backward(da, x, in_scale, in_shift)
-    return (dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None), (dt if need[7] else None)
+    return ((dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None),
+            (dt if need[7] else None), None)
 
 
 def _scale_bias_add_relu_setup_context(ctx, inputs, output):
