@@ -1,19 +1,22 @@
 """The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bn_act`` (csrc/cutlass/fprop.cu).
 
-CPU: the extension reports the CUTLASS version it was compiled against when setup.py's header lookup
-(``CUTLASS_PATH``, else the ``cutlass_library`` package) finds headers. GPU (``gpu`` mark): float16 / bfloat16
-channels_last ``conv_bn_act`` against the reference backend on the same inputs (tolerances.py), on shapes the
-CUTLASS kernels cover (3x3 / 1x1 / 7x7, strides 1 and 2, dilation, odd N/H/W and channel counts that leave
-partial tiles, each optional epilogue term, a downsample shortcut) and on shapes they do not (C=3, groups=2,
-NCHW, a misaligned input, float32), which must stay correct through the cuDNN path. Which path ran is read from
-``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched. The training-path ``cutlass_conv_stats``
-(no op calls it yet) is reached through the test hook ``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its
-output against the reference conv, its mean / biased variance against fp64 statistics of that output, bitwise
-reproducibility, and the calls it declines (C=3, float32, a scale / shift that is not fp32, contiguous, on x's
-device); with the BN+ReLU prologue (in_scale / in_shift) the same checks against the reference's conv_stats with
-that prologue, padding included, plus bf16's own out-of-bounds marker (0x7eff, CUTLASS's fp16 one, is a finite
-bf16 value that must be read as a value). CPU: the cost of rounding scale / shift to the activation dtype against
-the tolerance, and that the bf16 marker is a NaN nobody produces.
+GPU (``gpu`` mark): the extension reports the CUTLASS version it was compiled against (setup.py's header lookup:
+``CUTLASS_PATH``, else the ``cutlass_library`` package). float16 / bfloat16 channels_last ``conv_bn_act`` against
+the reference backend on the same inputs (tolerances.py), on shapes the CUTLASS kernels cover (3x3 / 1x1 / 7x7,
+strides 1 and 2, dilation, odd N/H/W and channel counts that leave partial tiles, each optional epilogue term,
+affine and ``affine=False`` BNs, a downsample shortcut) and on shapes they do not (C=3, groups=2, NCHW, a
+misaligned input, float32), which must stay correct through the cuDNN path; which tile configuration and swizzle
+width ran (128x64 for K <= 64, the 1x1 convs swizzled). Which path ran is read from ``_C.cutlass_conv_launches()``,
+the count of CUTLASS kernels launched, on every GPU test: a GPU build without the CUTLASS kernels FAILS these
+tests (it would otherwise pass them all on the cuDNN path) unless ``RESNET_FUSED_ALLOW_NO_CUTLASS=1`` says that
+build is intended (then they skip). The training-path ``cutlass_conv_stats`` is reached through the test hook
+``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its output against the reference conv, its mean / biased
+variance against fp64 statistics of that output, bitwise reproducibility, and the calls it declines (C=3, float32,
+a scale / shift that is not fp32, contiguous, on x's device); with the BN+ReLU prologue (in_scale / in_shift) the
+same checks against the reference's conv_stats with that prologue, padding included, plus bf16's own out-of-bounds
+marker (0x7eff, CUTLASS's fp16 one, is a finite bf16 value that must be read as a value). CPU: the cost of
+rounding scale / shift to the activation dtype against the tolerance, and that the bf16 marker is a NaN nobody
+produces.
 """
 
 from __future__ import annotations
@@ -26,17 +29,23 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
+try:
+    from resnet_fused import _C
+except ImportError as err:
+    if torch.cuda.is_available():  # a failed build on a GPU machine fails the test step instead of skipping it
+        raise ImportError(f"resnet_fused._C is not built on a machine with a GPU: {err}") from err
+    pytest.skip(f"resnet_fused._C is not built (pip install --no-build-isolation -e .): {err}",
+                allow_module_level=True)
 
-from tolerances import assert_close
+from tolerances import assert_close  # noqa: E402
 
-from resnet_fused import _C
-from resnet_fused.backends import cuda as cuda_backend
-from resnet_fused.backends import reference
+from resnet_fused.backends import cuda as cuda_backend  # noqa: E402
+from resnet_fused.backends import reference  # noqa: E402
 
 assert cuda_backend.is_built()
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ALLOW_NO_CUTLASS = "RESNET_FUSED_ALLOW_NO_CUTLASS"
 
 
 def _cutlass_headers() -> Path | None:
@@ -52,28 +61,53 @@ def _cutlass_headers() -> Path | None:
     return None
 
 
-def test_build_info_reports_cutlass():
+def _require_cutlass():
+    """The CUTLASS kernels must be in a CUDA build tested on a GPU: without them every test here would pass on the
+    cuDNN path. Fails, or skips when RESNET_FUSED_ALLOW_NO_CUTLASS=1 declares such a build intended; skips on a GPU
+    below compute capability 8.0 (which the kernels do not run)."""
     info = cuda_backend.build_info()
-    assert "cutlass" in info
+    if not info["with_cuda"]:
+        pytest.fail("a GPU is present but resnet_fused._C was built without CUDA")
+    if info["cutlass"] is None or not hasattr(_C, "cutlass_conv_launches"):
+        if os.environ.get(ALLOW_NO_CUTLASS) == "1":
+            pytest.skip(f"resnet_fused._C was built without the CUTLASS kernels ({ALLOW_NO_CUTLASS}=1)")
+        pytest.fail(f"resnet_fused._C was built without the CUTLASS kernels (no headers at build time): install "
+                    f"nvidia-cutlass (or set CUTLASS_PATH) and rebuild, or set {ALLOW_NO_CUTLASS}=1 if intended")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+
+
+def _launches() -> int:
+    """CUTLASS kernels launched so far (the build must have them: _require_cutlass)."""
+    _require_cutlass()
+    return _C.cutlass_conv_launches()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_build_info_reports_cutlass():
+    """The GPU build has the CUTLASS kernels, compiled against the headers setup.py finds here (their version)."""
+    _require_cutlass()
+    info = cuda_backend.build_info()
     headers = _cutlass_headers()
-    if not info["with_cuda"] or headers is None:
-        pytest.skip("no CUDA build or no CUTLASS headers here: the extension has no CUTLASS kernels")
-    assert info["cutlass"] is not None, f"CUTLASS headers at {headers}, but the extension was built without them"
-    text = Path(headers, "cutlass", "version.h").read_text()
-    version = ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1)
-                       for part in ("MAJOR", "MINOR", "PATCH"))
-    assert info["cutlass"] == version
+    if headers is not None:
+        text = Path(headers, "cutlass", "version.h").read_text()
+        version = ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1)
+                           for part in ("MAJOR", "MINOR", "PATCH"))
+        assert info["cutlass"] == version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["cutlass"])
     assert isinstance(_C.cutlass_conv_launches(), int)
 
 
+def test_build_info_has_a_cutlass_entry():
+    """Every build reports its CUTLASS version, None without the kernels (a CPU build has none)."""
+    info = cuda_backend.build_info()
+    assert "cutlass" in info
+    if not info["with_cuda"]:
+        assert info["cutlass"] is None and not hasattr(_C, "cutlass_conv_launches")
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
-
-
-def _launches() -> int | None:
-    """CUTLASS kernels launched so far; None when the build has none or this GPU cannot run them (sm < 80)."""
-    if not hasattr(_C, "cutlass_conv_launches") or torch.cuda.get_device_capability()[0] < 8:
-        return None
-    return _C.cutlass_conv_launches()
 
 
 def _rand(*shape, dtype, scale=1.0, channels_last=True):
@@ -107,21 +141,38 @@ def _check(out, args, relu, dtype):
     assert_close(out.double(), ref.double(), dtype=dtype)
 
 
-def _run(args, relu):
+def _run(args, relu, engines="cutlass,plain"):
+    """torch.ops.resnet_fused.conv_bn_act on engines ``engines`` (default: CUTLASS where it covers the call, else
+    cuDNN + the channel pass), called directly: no engine measurement launches anything behind the test's back."""
     x, w, bn, stride, padding, dilation, groups, residual, shortcut = args
-    return cuda_backend.conv_bn_act(x, w, bn, stride, padding, dilation, groups, residual, shortcut, relu)
+    pair = [stride, stride], [padding, padding], [dilation, dilation]
+    sc = shortcut or reference.Shortcut(None, None, reference.EvalBN(None, None, None, None, 0.0), 1)
+    return torch.ops.resnet_fused.conv_bn_act(x, w, *bn[:4], bn.eps, *pair, groups, residual, sc.x, sc.weight,
+                                              *sc.bn[:4], sc.bn.eps, [sc.stride, sc.stride], relu, engines)
 
 
 # name: (N, C, K, H, W, kernel, stride, padding, dilation)
 COVERED = {
-    "3x3_s1": (2, 64, 64, 14, 14, 3, 1, 1, 1),
+    "3x3_s1_k64_narrow_tile": (2, 64, 64, 14, 14, 3, 1, 1, 1),
     "3x3_s2_odd_hw": (2, 32, 64, 15, 13, 3, 2, 1, 1),
     "1x1_s1": (2, 64, 256, 7, 7, 1, 1, 0, 1),
     "1x1_s2": (2, 128, 256, 14, 14, 1, 2, 0, 1),
     "3x3_c24_k40_n3": (3, 24, 40, 11, 9, 3, 1, 1, 1),
     "3x3_dilation2": (2, 16, 24, 13, 13, 3, 1, 2, 2),
     "7x7_s2_c8": (2, 8, 64, 20, 20, 7, 2, 3, 1),
+    "1x1_k512_swizzle": (2, 64, 512, 9, 9, 1, 1, 0, 1),
+    "1x1_k1024_swizzle": (2, 128, 1024, 7, 7, 1, 1, 0, 1),
 }
+
+
+def _expected_config(K, kernel):
+    """The tile configuration and swizzle width the fprop kernels must choose (csrc/cutlass/conv_cutlass_common.h):
+    128x64 for K <= 64, else 128x128; 1x1 convs swizzled by CUTLASS's width rule over the column tiles (8 for >= 6,
+    4 for >= 3, 2 for 2), others not."""
+    tile_n = 64 if K <= 64 else 128
+    n = -(-K // tile_n)
+    width = (8 if n >= 6 else 4 if n >= 3 else 2 if n >= 2 else 1) if kernel == 1 else 1
+    return f"128x{tile_n}x64/3 swizzle {width}"
 # (affine BN, residual, relu)
 TERMS = {
     "bn": (True, False, False),
@@ -148,8 +199,9 @@ def test_covered_shapes_run_cutlass(dtype, shape, terms):
     before = _launches()
     out = _run(args, relu)
     _check(out, args, relu, dtype)
-    if before is not None:
-        assert _launches() == before + 1, "a covered conv_bn_act must be one CUTLASS launch"
+    assert _launches() == before + 1, "a covered conv_bn_act must be one CUTLASS launch"
+    assert _C.cutlass_last_config() == _expected_config(K, k), "tile configuration / swizzle width"
+    assert _C.last_engine() == "cutlass " + _expected_config(K, k)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["shortcut", "shortcut_residual"])
@@ -167,8 +219,7 @@ def test_downsample_shortcut_runs_two_cutlass_launches(dtype, with_residual):
     before = _launches()
     out = _run(args, True)
     _check(out, args, True, dtype)
-    if before is not None:
-        assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
+    assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
 
 
 def _misaligned(t):
@@ -211,8 +262,11 @@ def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
         before = _launches()
         out = _run(args, True)
         _check(out, args, True, dtype)
-        if before is not None:
-            assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
+        assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
+        assert _C.last_engine() == "plain"
+        with pytest.raises(RuntimeError, match="engine 'cutlass' cannot run this call: "):
+            _run(args, True, engines="cutlass")  # the forced engine's own reason
+        assert _launches() == before
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
@@ -229,8 +283,22 @@ def test_nchw_weights_are_taken_to_krsc_and_run_cutlass(dtype):
     before = _launches()
     out = _run(args, True)
     _check(out, args, True, dtype)
-    if before is not None:
-        assert _launches() == before + 2
+    assert _launches() == before + 2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_window_larger_than_padded_input_is_pytorchs_error():
+    """A 7x7 window over a 6x6 input with stride 2: C++'s truncating division made the output 1x1 and the kernels
+    ran on it; now every size check (the op's, the CUTLASS units' own, reached here through the test hook) raises
+    PyTorch's error, and nothing is launched."""
+    x, w = _rand(1, 8, 6, 6, dtype=torch.float16), _weight(8, 8, 7, 7, torch.float16)
+    before = _launches()
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        torch.ops.resnet_fused_debug.cutlass_conv_stats(x, w, None, None, [2, 2], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        _run((x, w, _bn(8), 2, 0, 1, 1, None, None), True)
+    assert _launches() == before
 
 
 # ------------------------------------------------------------------------- cutlass_conv_stats (training path)
@@ -246,10 +314,7 @@ STATS_SHAPES = {
 
 
 def _conv_stats(*args):
-    if not hasattr(_C, "cutlass_conv_launches"):
-        pytest.skip("resnet_fused._C was built without CUTLASS")
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+    _require_cutlass()
     return torch.ops.resnet_fused_debug.cutlass_conv_stats(*args)
 
 
