@@ -185,6 +185,13 @@ at::Tensor bn_scale_shift(const ConvBnActArgs& a, int64_t K, bool planar) {
 std::string conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf,
                                 at::Tensor& out) {
   const int64_t K = out_sizes[1];
+  // The cheap refusals first, before the weight copy below.
+  if (!cutlass_built()) {
+    return kNoCutlass;
+  }
+  if (mf != at::MemoryFormat::ChannelsLast || (a.x.scalar_type() != at::kHalf && a.x.scalar_type() != at::kBFloat16)) {
+    return "the CUTLASS kernels run float16 / bfloat16 channels_last inputs only";
+  }
   // Filters in the kernels' KRSC layout: a copy of the small weight tensor on every call when it is NCHW (no cache
   // of it: an in-place edit through .data bumps no version counter); channels_last models pay nothing.
   const at::Tensor w = a.weight.contiguous(at::MemoryFormat::ChannelsLast);

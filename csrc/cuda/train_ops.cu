@@ -489,8 +489,11 @@ std::string conv_stats_cutlass(const at::Tensor& x, const at::Tensor& weight, at
                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                                const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
                                at::IntArrayRef out_sizes, at::MemoryFormat mf, StatsResult& out) {
-  if (mf != at::MemoryFormat::ChannelsLast) {
-    return "x is not channels_last";
+  if (!cutlass_built()) {
+    return kNoCutlass;
+  }
+  if (mf != at::MemoryFormat::ChannelsLast || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)) {
+    return "the CUTLASS kernels run float16 / bfloat16 channels_last inputs only";
   }
   const at::Tensor no_vec;
   at::Tensor c = empty_in_format(out_sizes, x.options(), mf);

@@ -15,6 +15,15 @@ namespace resnet_fused {
 // Why every call is declined in a build without the CUTLASS headers.
 inline constexpr const char* kNoCutlass = "the extension was built without the CUTLASS headers";
 
+// Whether this build has the CUTLASS kernels (RESNET_FUSED_WITH_CUTLASS).
+inline constexpr bool cutlass_built() {
+#ifdef RESNET_FUSED_WITH_CUTLASS
+  return true;
+#else
+  return false;
+#endif
+}
+
 // out = act(conv2d(x, w)·s[k] + t[k] + residual) on tensor cores, in one launch on the current CUDA stream:
 // fp32 accumulation, the epilogue in fp32 (acc·s + t with one fused multiply-add, then + residual, act = ReLU when
 // `relu`, else identity; ReLU propagates NaN like torch.relu), one rounding to the output dtype at the store.
