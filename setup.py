@@ -1,6 +1,10 @@
 """Build script for the ``resnet_fused._C`` extension (project metadata lives in pyproject.toml).
 
-The extension is built from ``csrc/`` with ``torch.utils.cpp_extension.BuildExtension`` (ninja):
+The extension is built from ``csrc/`` with ``torch.utils.cpp_extension.BuildExtension`` (ninja). Sources, one folder
+per part (:data:`SOURCE_DIRS`): ``csrc/module.cpp`` (the Python module), ``csrc/common/`` (shared argument checks,
+build info), ``csrc/ops/`` (schemas and CPU kernels), ``csrc/cuda/`` (the CUDA kernels and the ops' CUDA entry
+points, which choose among the engines) and ``csrc/cutlass/`` (the CUTLASS kernels); ``csrc/cudnn/`` (the cuDNN
+graph engine) adds its own sources. The extension is:
 
 * a ``CUDAExtension`` (CPU + CUDA kernels, macro ``RESNET_FUSED_WITH_CUDA``) when a CUDA toolkit is found
   and torch is a CUDA build;
@@ -14,12 +18,18 @@ Environment switches:
                                    an entry may end in ``+PTX`` (e.g. ``"90+PTX"``) to also embed PTX for
                                    newer GPUs.
 ``MAX_JOBS``                       parallel compile jobs (honoured by BuildExtension / ninja).
+``RESNET_FUSED_PTXAS_VERBOSE=1``   pass ``-Xptxas -v`` to nvcc: ptxas's report of every kernel (registers, spills,
+                                   stack, shared memory, per arch) in the build log, the offline evidence of what the
+                                   compiler made of the kernels.
+``RESNET_FUSED_NO_CUTLASS=1``      build without the CUTLASS kernels even when their headers are installed (the
+                                   configuration of a machine without them; conv_bn_act and conv_stats then run
+                                   their cuDNN path).
 ``CUTLASS_PATH``                   a CUTLASS checkout whose ``include/`` holds the headers of the tensor-core conv
-                                   kernels (csrc/conv_cutlass.cu). Unset: the headers of the ``nvidia-cutlass``
+                                   kernels (csrc/cutlass/). Unset: the headers of the ``nvidia-cutlass``
                                    wheel (package ``cutlass_library``, ``source/include``) when it is installed
                                    (``pip install --no-deps nvidia-cutlass==4.2.0.0``, headers only). With CUDA
                                    and CUTLASS headers the extension is built with ``RESNET_FUSED_WITH_CUTLASS``;
-                                   without the headers it still builds, and conv_bias_act keeps its cuDNN path
+                                   without the headers it still builds, and conv_bn_act keeps its cuDNN path
                                    (``build_info()["cutlass"]`` is None).
 ``CUDNN_FRONTEND_PATH``            a cudnn-frontend checkout whose ``include/`` holds ``cudnn_frontend.h``
                                    (header-only). Unset: the ``include/`` of the ``nvidia-cudnn-frontend`` wheel
@@ -39,6 +49,9 @@ from pathlib import Path
 from setuptools import setup
 
 CSRC = "csrc"
+# Folders of csrc/ whose .cpp and .cu files build into the extension, and whether they need CUDA (a folder that
+# needs it is left out of a CPU-only build). Other folders (csrc/cudnn/) are added by their own code below.
+SOURCE_DIRS = {"common": False, "ops": False, "cuda": True, "cutlass": True}
 
 
 def _env_flag(name: str) -> bool:
@@ -110,9 +123,12 @@ def _wheel_cuda_include_dirs() -> list[str]:
 
 def _cutlass_include_dir() -> str | None:
     """The CUTLASS include dir: ``$CUTLASS_PATH/include``, else ``source/include`` of the ``cutlass_library``
-    package (nvidia-cutlass wheel), located with ``find_spec`` without importing it; None when neither exists."""
+    package (nvidia-cutlass wheel), located with ``find_spec`` without importing it; None when neither exists or
+    ``RESNET_FUSED_NO_CUTLASS`` is set."""
     import importlib.util
 
+    if _env_flag("RESNET_FUSED_NO_CUTLASS"):
+        return None
     root = os.environ.get("CUTLASS_PATH", "").strip()
     if root:
         inc = Path(root, "include")
@@ -185,6 +201,18 @@ def _cudnn_frontend() -> dict | None:
     }
 
 
+def _sources(with_cuda: bool) -> list[str]:
+    """csrc/module.cpp and every .cpp (and, with CUDA, .cu) file under the folders of SOURCE_DIRS, recursively; the
+    CUDA-only folders only with CUDA."""
+    sources = [str(Path(CSRC, "module.cpp"))]
+    for folder, needs_cuda in SOURCE_DIRS.items():
+        if needs_cuda and not with_cuda:
+            continue
+        for pattern in ("*.cpp", "*.cu") if with_cuda else ("*.cpp",):
+            sources += sorted(str(p) for p in Path(CSRC, folder).rglob(pattern))
+    return sources
+
+
 def _extensions():
     if _env_flag("RESNET_FUSED_SKIP_EXT"):
         print("resnet_fused: RESNET_FUSED_SKIP_EXT set, not building resnet_fused._C")
@@ -201,21 +229,21 @@ def _extensions():
         and not _env_flag("RESNET_FUSED_FORCE_CPU_EXT")
     )
 
-    # Every C++ unit in csrc/ builds into the extension; the .cu units only when CUDA is on.
-    sources = sorted(str(p) for p in Path(CSRC).glob("*.cpp"))
+    sources = _sources(with_cuda)
     # -g0: Python's default CFLAGS carry -g, and debug info for torch-header-heavy units costs ~40% build time.
     cxx_flags = ["-O3", "-g0"]
     define_macros = []
     if with_cuda:
         archs = _cuda_archs()
         os.environ["TORCH_CUDA_ARCH_LIST"] = _torch_arch_list(archs)
-        sources += sorted(str(p) for p in Path(CSRC).glob("*.cu"))
         define_macros.append(("RESNET_FUSED_WITH_CUDA", None))
         system_includes = []
         for inc in _wheel_cuda_include_dirs():
             system_includes += ["-isystem", inc]
         # --threads: nvcc compiles the per-arch device code of each .cu file in parallel.
         nvcc_flags = ["-O3", f"--threads={min(len(archs), 4)}", *_gencode_flags(archs), *system_includes]
+        if _env_flag("RESNET_FUSED_PTXAS_VERBOSE"):
+            nvcc_flags += ["-Xptxas", "-v"]
         cutlass_inc = _cutlass_include_dir()
         if cutlass_inc is not None:
             define_macros.append(("RESNET_FUSED_WITH_CUTLASS", None))
@@ -225,7 +253,7 @@ def _extensions():
             print(f"resnet_fused: CUTLASS tensor-core convolutions on (headers: {cutlass_inc})")
         else:
             print("resnet_fused: no CUTLASS headers (set CUTLASS_PATH or pip install --no-deps "
-                  "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bias_act uses cuDNN)")
+                  "nvidia-cutlass==4.2.0.0): building without the CUTLASS convolutions (conv_bn_act uses cuDNN)")
         frontend = _cudnn_frontend()
         extra_link_args = []
         if frontend is not None:

@@ -28,7 +28,7 @@ PY="$VENV/bin/python"
 # setuptools >= 77 reads pyproject's SPDX license string; timm is pinned with torch so pip keeps torch's version.
 "$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC" "$TIMM_SPEC" "setuptools>=77"
 "$PY" -m pip install -q setuptools wheel ninja pybind11
-# CUTLASS headers for the tensor-core convolutions (csrc/conv_cutlass.cu): the nvidia-cutlass wheel, pinned, without
+# CUTLASS headers for the tensor-core convolutions (csrc/cutlass/): the nvidia-cutlass wheel, pinned, without
 # its Python dependencies (only its headers are used). setup.py finds them, or the checkout named by CUTLASS_PATH.
 "$PY" -m pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
 # cudnn-frontend headers (header-only) for the cuDNN graph engine (csrc/cudnn/), pinned, without its Python deps.

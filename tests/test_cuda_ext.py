@@ -1,13 +1,20 @@
 """Tests of the C++/CUDA extension ``resnet_fused._C`` (``torch.ops.resnet_fused.*``) and its backend module.
 
-CPU kernels (always run when the extension is built): outputs against the PyTorch formula computed here in
-fp64, memory format, fake kernels and autograd registration (``opcheck``), fp64 ``gradcheck``, input checks,
-build info. GPU kernels (``gpu`` mark): the vectorized and the scalar paths of both CUDA epilogues against the
-same formulas, fp32 / fp16 / bf16.
+CPU kernels (always run when the extension is built): ``conv_bn_act`` against an fp64 formula written here (its own
+convolution by shifted windows and einsum, not ``at::convolution`` that the kernel calls) in fp64 / fp32 / fp16 /
+bf16, NCHW and channels_last, affine and ``affine=False`` BNs, BN tensors of another dtype; every gradient (input,
+weights, residual, both BNs' four tensors) against autograd through that formula; memory format, fake kernels and
+autograd registration (``opcheck``), fp64 ``gradcheck``, input checks (PyTorch's error for a window larger than the
+padded input); ``scale_bias_add_relu`` likewise; build info; the engine argument and the engine choice (forced
+engine, measurement with fake timings, memory and disk cache). GPU kernels (``gpu`` mark): ``conv_bn_act`` on shapes
+the CUTLASS kernels cover and on shapes that take cuDNN plus the channel pass, each engine forced (it runs what it
+covers, declines the rest with its reason), the measured engine choice, ``scale_bias_add_relu``'s vectorized and
+scalar paths, fp32 / fp16 / bf16, against the same formulas.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -15,9 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
+try:
+    import resnet_fused._C  # noqa: F401
+except ImportError as err:
+    if torch.cuda.is_available():  # a failed build on a GPU machine fails the test step instead of skipping it
+        raise ImportError(f"resnet_fused._C is not built on a machine with a GPU: {err}") from err
+    pytest.skip(f"resnet_fused._C is not built (pip install --no-build-isolation -e .): {err}",
+                allow_module_level=True)
 
 from resnet_fused.backends import cuda as cuda_backend  # noqa: E402
+from resnet_fused.backends import reference  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 assert cuda_backend.is_built()  # registers the fake and autograd kernels of the ops
@@ -38,13 +52,44 @@ def _chan(v):
     return v.double().view(1, -1, 1, 1)
 
 
-def conv_bias_act_formula(x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss, relu):
-    """act(conv2d(x, W) + b + conv2d_1x1(shortcut_x, W_s) + residual) in fp64."""
-    y = F.conv2d(x.double(), w.double(), None, stride, padding, dilation, groups)
-    if b is not None:
-        y = y + _chan(b)
-    if sx is not None:
-        y = y + F.conv2d(sx.double(), sw.double(), None, ss)
+def _pair(v):
+    return list(v) if isinstance(v, (list, tuple)) else [v, v]
+
+
+def conv2d_fp64(x, w, stride=1, padding=0, dilation=1, groups=1):
+    """conv2d in fp64 as a sum over the R*S filter taps of strided windows of the zero-padded input times the tap's
+    weights (einsum): an oracle that shares no code with ``at::convolution``; differentiable."""
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    x, w = x.double(), w.double()
+    n, c, h, wd = x.shape
+    k, cg, r, s = w.shape
+    p = (h + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    q = (wd + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    xp = F.pad(x, (pw, pw, ph, ph))
+    out = x.new_zeros(n, groups, k // groups, p, q)
+    for i in range(r):
+        for j in range(s):
+            win = xp[:, :, i * dh: i * dh + sh * (p - 1) + 1: sh, j * dw: j * dw + sw * (q - 1) + 1: sw]
+            out = out + torch.einsum("ngcpq,gkc->ngkpq", win.reshape(n, groups, cg, p, q),
+                                     w[:, :, i, j].reshape(groups, k // groups, cg))
+    return out.reshape(n, k, p, q)
+
+
+def bn_fp64(bn):
+    """(s, t) of an EvalBN in fp64: s = γ/√(σ²+ε), t = β − μ·s (differentiable in the BN tensors)."""
+    invstd = 1.0 / torch.sqrt(bn.var.double() + bn.eps)
+    s = invstd if bn.weight is None else bn.weight.double() * invstd
+    t = -bn.mean.double() * s
+    return s, (t if bn.bias is None else t + bn.bias.double())
+
+
+def conv_bn_act_formula(x, w, bn, stride, padding, dilation, groups, residual, shortcut, relu):
+    """act(conv(x, W)·s + t + conv1x1(x_d, W_d)·s_d + t_d + residual) in fp64 (conv2d_fp64, bn_fp64)."""
+    s, t = bn_fp64(bn)
+    y = conv2d_fp64(x, w, stride, padding, dilation, groups) * _chan(s) + _chan(t)
+    if shortcut is not None:
+        sd, td = bn_fp64(shortcut.bn)
+        y = y + conv2d_fp64(shortcut.x, shortcut.weight, shortcut.stride) * _chan(sd) + _chan(td)
     if residual is not None:
         y = y + residual.double()
     return torch.relu(y) if relu else y
@@ -71,85 +116,122 @@ CONV_CONFIGS = {
     "3x3_groups2": (4, 6, 7, 7, 3, 1, 1, 1, 2),
     "1x1_s2": (5, 3, 7, 7, 1, 2, 0, 1, 1),
 }
-FEATURES = ["bias", "bias_residual", "bias_shortcut", "all", "plain"]
+# (feature, relu) of the CPU kernel's output test: every term with and without the ReLU at least once.
+CPU_CASES = {"bn_norelu": ("bn", False), "bn_residual": ("bn_residual", True), "bn_shortcut": ("bn_shortcut", True),
+             "all": ("all", True), "all_norelu": ("all", False), "no_affine_shortcut": ("no_affine_shortcut", True)}
 
 
-def _conv_args(config, feature, dtype, mf, device="cpu", requires_grad=False, bias_dtype=None):
+def _eval_bn(k, dtype=torch.float32, device="cpu", affine=True, requires_grad=False):
+    """An EvalBN of k channels with random, non-trivial tensors: γ in [0.5, 1.5) with some negative, β and μ of
+    order 1, σ² in [0.5, 2.5); eps 1e-5."""
+    def vec(t):
+        return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    weight = torch.rand(k, dtype=torch.float64) + 0.5
+    weight[::3] *= -1
+    weight = vec(weight) if affine else None
+    bias = vec(torch.randn(k, dtype=torch.float64)) if affine else None
+    return reference.EvalBN(weight, bias, vec(torch.randn(k, dtype=torch.float64)),
+                            vec(torch.rand(k, dtype=torch.float64) * 2 + 0.5), 1e-5)
+
+
+def _conv_args(config, feature, dtype, mf, device="cpu", requires_grad=False, bn_dtype=None, n=2):
+    """(x, W, bn, stride, padding, dilation, groups, residual, shortcut) of a conv_bn_act call and its output shape;
+    BN tensors in ``bn_dtype`` (default: the accumulation dtype of ``dtype``)."""
     C, K, H, W, k, s, p, d, g = config
-    N = 2
-    x = _rand(N, C, H, W, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
+    bn_dtype = bn_dtype or reference.acc_dtype(dtype)
+    x = _rand(n, C, H, W, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
     w = _rand(K, C // g, k, k, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
-    b = None
-    if feature != "plain":
-        b = _rand(K, dtype=bias_dtype or dtype, device=device, requires_grad=requires_grad)
+    bn = _eval_bn(K, bn_dtype, device, requires_grad=requires_grad)
     P = (H + 2 * p - d * (k - 1) - 1) // s + 1
     Q = (W + 2 * p - d * (k - 1) - 1) // s + 1
-    residual = sx = sw = None
-    if feature in ("bias_residual", "all"):
-        residual = _rand(N, K, P, Q, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
-    ss = 1
-    if feature in ("bias_shortcut", "all"):
-        ss = 2
-        Cs = 3
-        sx = _rand(N, Cs, 2 * P - 1, 2 * Q, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
-        sw = _rand(K, Cs, 1, 1, dtype=dtype, device=device, requires_grad=requires_grad)
-    return (x, w, b, [s, s], [p, p], [d, d], g, residual, sx, sw, [ss, ss]), (N, K, P, Q)
+    residual = shortcut = None
+    if feature in ("bn_residual", "all"):
+        residual = _rand(n, K, P, Q, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
+    if feature in ("bn_shortcut", "all", "no_affine_shortcut"):
+        sx = _rand(n, 3, 2 * P - 1, 2 * Q, dtype=dtype, device=device, mf=mf, requires_grad=requires_grad)
+        sw = _rand(K, 3, 1, 1, dtype=dtype, device=device, requires_grad=requires_grad)
+        shortcut = reference.Shortcut(sx, sw, _eval_bn(K, bn_dtype, device, feature != "no_affine_shortcut",
+                                                       requires_grad), 2)
+    if feature == "no_affine_shortcut":
+        bn = _eval_bn(K, bn_dtype, device, affine=False, requires_grad=requires_grad)
+    return (x, w, bn, [s, s], [p, p], [d, d], g, residual, shortcut), (n, K, P, Q)
+
+
+def _op_args(args, relu):
+    """The positional arguments of torch.ops.resnet_fused.conv_bn_act for _conv_args' tuple."""
+    x, w, bn, st, pd, dl, g, residual, shortcut = args
+    sc = shortcut or reference.Shortcut(None, None, reference.EvalBN(None, None, None, None, 0.0), 1)
+    return (x, w, bn.weight, bn.bias, bn.mean, bn.var, bn.eps, st, pd, dl, g, residual, sc.x, sc.weight,
+            sc.bn.weight, sc.bn.bias, sc.bn.mean, sc.bn.var, sc.bn.eps, [sc.stride, sc.stride], relu)
+
+
+def _tensors(args):
+    """Every tensor of _conv_args' tuple, BN tensors and the shortcut's included (None left out)."""
+    x, w, bn, _, _, _, _, residual, shortcut = args
+    out = [x, w, *bn[:4], residual]
+    if shortcut is not None:
+        out += [shortcut.x, shortcut.weight, *shortcut.bn[:4]]
+    return [t for t in out if t is not None]
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
 
+CPU_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
-@pytest.mark.parametrize("relu", [True, False])
-@pytest.mark.parametrize("feature", FEATURES)
+
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
 @pytest.mark.parametrize("config", CONV_CONFIGS.values(), ids=CONV_CONFIGS.keys())
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_conv_bias_act_cpu(dtype, fmt, config, feature, relu):
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_conv_bn_act_cpu(dtype, fmt, config, case):
+    """The CPU kernel against the fp64 formula on the same (rounded) inputs; output dtype and memory format; the
+    inputs untouched."""
     torch.manual_seed(0)
+    feature, relu = case
     args, shape = _conv_args(config, feature, dtype, FORMATS[fmt])
-    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-    out = ops.conv_bias_act(*args, relu)
-    ref = conv_bias_act_formula(*args, relu)
+    before = [t.clone() for t in _tensors(args)]
+    out = ops.conv_bn_act(*_op_args(args, relu))
     assert out.dtype == dtype
     _assert_format(out, args[0], shape)
-    assert_close(out.double(), ref, dtype=dtype)
-    for a, b in zip(args, before):
-        if isinstance(a, torch.Tensor):
-            assert torch.equal(a, b), "inputs must not be modified"
+    ref = conv_bn_act_formula(*args, relu)
+    # fp16 / bf16: the kernel's convolution output is rounded to the dtype before the BN (PyTorch's CPU conv
+    # returns it in x's dtype): twice the table's tolerance covers that rounding times |s| <= 1.5.
+    assert_close(out.double(), ref, dtype=dtype, scale=1.0 if dtype in (torch.float32, torch.float64) else 2.0)
+    for a, b in zip(_tensors(args), before):
+        assert torch.equal(a, b), "inputs must not be modified"
 
 
-def test_conv_bias_act_cpu_bf16_with_fp32_bias():
-    """bf16 activations with the bias in the fp32 accumulation dtype (how BN folding delivers it)."""
+@pytest.mark.parametrize("bn_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_conv_bn_act_cpu_bn_tensors_of_another_dtype(bn_dtype):
+    """fp32 activations with the BN tensors of a half (or double) model: s and t are computed from them in fp32."""
     torch.manual_seed(1)
-    args, shape = _conv_args(CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.bfloat16, torch.channels_last,
-                             bias_dtype=torch.float32)
-    out = ops.conv_bias_act(*args, True)
-    assert out.dtype == torch.bfloat16
+    args, shape = _conv_args(CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.float32, torch.channels_last,
+                             bn_dtype=bn_dtype)
+    out = ops.conv_bn_act(*_op_args(args, True))
     _assert_format(out, args[0], shape)
-    ref = conv_bias_act_formula(*args, True)
-    # The conv itself runs in bf16: compare with the error PyTorch's own bf16 conv makes, plus rounding.
-    x, w = args[0], args[1]
-    conv_err = (F.conv2d(x, w, None, 1, 1).double() - F.conv2d(x.double(), w.double(), None, 1, 1)).abs().max()
-    torch.testing.assert_close(out.double(), ref, atol=2 * conv_err.item() + 5e-2, rtol=2e-2)
+    assert_close(out.double(), conv_bn_act_formula(*args, True), dtype=torch.float32)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
-def test_conv_bias_act_mixed_layouts(device, no_tf32):
-    """channels_last x with an NCHW weight, a strided (non-dense) residual and an NCHW shortcut input: the output
-    still follows x's layout and every operand is read through its own strides."""
+def test_conv_bn_act_mixed_layouts(device, no_tf32):
+    """channels_last x with an NCHW weight, a strided (non-dense) residual, an NCHW shortcut input and strided BN
+    vectors: the output still follows x's layout and every operand is read through its own strides."""
     if device == "cuda":
         _needs_cuda_build()
     torch.manual_seed(16)
     x = _rand(2, 8, 6, 6, device=device, mf=torch.channels_last)
-    w, b = _rand(16, 8, 3, 3, device=device), _rand(16, device=device)
+    w = _rand(16, 8, 3, 3, device=device)
+    bn = reference.EvalBN(*(_rand(32, device=device)[::2] for _ in range(3)),
+                          _rand(32, device=device)[::2].abs() + 0.5, 1e-3)
     residual = _rand(2, 16, 6, 12, device=device)[..., ::2]
-    sx, sw = _rand(2, 4, 11, 11, device=device), _rand(16, 4, 1, 1, device=device)
-    args = (x, w, b, [1, 1], [1, 1], [1, 1], 1, residual, sx, sw, [2, 2])
-    out = ops.conv_bias_act(*args, True)
+    sc = reference.Shortcut(_rand(2, 4, 11, 11, device=device), _rand(16, 4, 1, 1, device=device),
+                            _eval_bn(16, device=device), 2)
+    args = (x, w, bn, [1, 1], [1, 1], [1, 1], 1, residual, sc)
+    out = ops.conv_bn_act(*_op_args(args, True))
     _assert_format(out, x, (2, 16, 6, 6))
-    ref = conv_bias_act_formula(*args, True)
-    assert_close(out.double(), ref, dtype=torch.float32)
+    assert_close(out.double().cpu(), conv_bn_act_formula(*args, True).cpu(), dtype=torch.float32)
 
 
 SBAR_SHAPES = {"c3_h7": (2, 3, 7, 7), "c5_h7x5": (3, 5, 7, 5), "c16_h4": (2, 16, 4, 4)}
@@ -188,34 +270,49 @@ def test_scale_bias_add_relu_cpu_mixed_layouts_and_bf16():
 
 
 def test_backend_api_cpu_matches_ops():
-    """The module-level API forwards ints / tuples and the optional arguments correctly."""
+    """The module-level API forwards ints / tuples, the EvalBN / Shortcut and the optional arguments correctly."""
     torch.manual_seed(4)
-    x, w, b = _rand(2, 4, 6, 6), _rand(8, 4, 3, 3), _rand(8)
-    sx, sw = _rand(2, 3, 6, 6), _rand(8, 3, 1, 1)
-    out = cuda_backend.conv_bias_act(x, w, b, stride=2, padding=1, shortcut_x=sx, shortcut_weight=sw,
-                                     shortcut_stride=2)
-    ref = conv_bias_act_formula(x, w, b, 2, 1, 1, 1, None, sx, sw, 2, True)
-    assert_close(out.double(), ref, dtype=torch.float32)
+    x, w, bn = _rand(2, 4, 6, 6), _rand(8, 4, 3, 3), _eval_bn(8, affine=False)
+    sc = reference.Shortcut(_rand(2, 3, 6, 6), _rand(8, 3, 1, 1), _eval_bn(8), 2)
+    out = cuda_backend.conv_bn_act(x, w, bn, stride=2, padding=1, shortcut=sc)
+    assert_close(out.double(), conv_bn_act_formula(x, w, bn, 2, 1, 1, 1, None, sc, True), dtype=torch.float32)
+    out = cuda_backend.conv_bn_act(x, w, bn, 1, 1, 1, 1, residual=_rand(2, 8, 6, 6), relu=False)
+    assert out.shape == (2, 8, 6, 6)
     c, idn, s, t = _rand(2, 8, 3, 3), _rand(2, 8, 3, 3), _rand(8), _rand(8)
     assert_close(cuda_backend.scale_bias_add_relu(c, s, t, idn).double(),
                  scale_bias_add_relu_formula(c, s, t, idn, None, None), dtype=torch.float32)
+
+
+def test_conv_bn_act_sees_in_place_edits():
+    """No copy of the BN tensors or weights is kept between calls: .data edits (which bump no version counter)
+    change the next result."""
+    torch.manual_seed(5)
+    args, _ = _conv_args(CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.float32, torch.channels_last)
+    x, w, bn, st, pd, dl, g, residual, sc = args
+    for edit in (lambda: w.data.mul_(2.0), lambda: bn.var.data.mul_(3.0), lambda: bn.mean.data.add_(1.0),
+                 lambda: sc.weight.data.neg_(), lambda: sc.bn.weight.data.mul_(0.5), lambda: bn.bias.data.sub_(1.0)):
+        before = ops.conv_bn_act(*_op_args(args, True))
+        edit()
+        after = ops.conv_bn_act(*_op_args(args, True))
+        assert not torch.equal(before, after)
+        assert_close(after.double(), conv_bn_act_formula(*args, True), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------- opcheck, autograd
 
 OPCHECK_CONV = {
     "nchw_all": (CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.contiguous_format, True),
-    "nhwc_shortcut_norelu": (CONV_CONFIGS["3x3_s2_dil2_c5"], "bias_shortcut", torch.channels_last, False),
-    "nhwc_groups_plain": (CONV_CONFIGS["3x3_groups2"], "plain", torch.channels_last, True),
+    "nhwc_shortcut_norelu": (CONV_CONFIGS["3x3_s2_dil2_c5"], "bn_shortcut", torch.channels_last, False),
+    "nhwc_groups_no_affine": (CONV_CONFIGS["3x3_groups2"], "no_affine_shortcut", torch.channels_last, True),
 }
 
 
 @pytest.mark.parametrize("case", OPCHECK_CONV.values(), ids=OPCHECK_CONV.keys())
-def test_opcheck_conv_bias_act(case):
+def test_opcheck_conv_bn_act(case):
     torch.manual_seed(5)
     config, feature, mf, relu = case
     args, _ = _conv_args(config, feature, torch.float32, mf, requires_grad=True)
-    torch.library.opcheck(ops.conv_bias_act.default, (*args, relu))
+    torch.library.opcheck(ops.conv_bn_act.default, _op_args(args, relu))
 
 
 @pytest.mark.parametrize("dual", [False, True])
@@ -230,18 +327,39 @@ def test_opcheck_scale_bias_add_relu(fmt, dual):
     torch.library.opcheck(ops.scale_bias_add_relu.default, (c, params[0], params[1], idn, s_d, t_d))
 
 
-@pytest.mark.parametrize("feature, fmt", [("all", "nchw"), ("all", "nhwc"), ("bias_residual", "nhwc")])
-def test_gradcheck_conv_bias_act(feature, fmt):
+@pytest.mark.parametrize("feature, fmt", [("all", "nchw"), ("all", "nhwc"), ("no_affine_shortcut", "nhwc")])
+def test_gradcheck_conv_bn_act(feature, fmt):
     torch.manual_seed(7)
     args, _ = _conv_args((3, 4, 5, 5, 3, 1, 1, 1, 1), feature, torch.float64, FORMATS[fmt], requires_grad=True)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    op_args = _op_args(args, True)
+    positions = [i for i, a in enumerate(op_args) if isinstance(a, torch.Tensor)]
 
     def fn(*ts):
-        it = iter(ts)
-        full = [next(it) if isinstance(a, torch.Tensor) else a for a in args]
-        return ops.conv_bias_act(*full, True)
+        full = list(op_args)
+        for i, t in zip(positions, ts):
+            full[i] = t
+        return ops.conv_bn_act(*full)
 
-    assert torch.autograd.gradcheck(fn, tuple(tensors), fast_mode=True)
+    assert torch.autograd.gradcheck(fn, tuple(op_args[i] for i in positions), fast_mode=True)
+
+
+@pytest.mark.parametrize("feature", ["all", "no_affine_shortcut", "bn_residual"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv_bn_act_grads_match_formula(dtype, feature):
+    """Every gradient (x, W, residual, the shortcut's x_d and W_d, both BNs' γ, β, μ, σ²) through the op's registered
+    autograd against autograd through the fp64 formula; each in its tensor's dtype."""
+    torch.manual_seed(9)
+    args, shape = _conv_args(CONV_CONFIGS["3x3_s2_dil2_c5"], feature, dtype, torch.channels_last,
+                             requires_grad=True)
+    tensors = _tensors(args)
+    out = cuda_backend.conv_bn_act(*args[:7], residual=args[7], shortcut=args[8])
+    g = _rand(*shape, dtype=dtype)
+    got = torch.autograd.grad(out, tensors, g)
+    want = torch.autograd.grad(conv_bn_act_formula(*args, True), tensors, g.double())
+    for i, (a, b, t) in enumerate(zip(got, want, tensors)):
+        assert a.dtype == t.dtype
+        # per-channel BN gradients are sums over N·P·Q terms
+        assert_close(a.double(), b.double(), dtype=dtype, scale=1.0 if a.dim() == 4 else 10.0, msg=f"tensor {i}")
 
 
 @pytest.mark.parametrize("dual", [False, True])
@@ -274,9 +392,19 @@ def test_grads_fp32_params_match_pytorch_autograd():
 
 
 def _conv_ok():
-    x, w, b = _rand(2, 4, 6, 6), _rand(8, 4, 3, 3), _rand(8)
-    return dict(x=x, weight=w, bias=b, stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1, residual=None,
-                shortcut_x=None, shortcut_weight=None, shortcut_stride=[1, 1], relu=True)
+    bn = _eval_bn(8)
+    return dict(x=_rand(2, 4, 6, 6), weight=_rand(8, 4, 3, 3), bn_weight=bn.weight, bn_bias=bn.bias,
+                bn_mean=bn.mean, bn_var=bn.var, bn_eps=1e-5, stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1,
+                residual=None, shortcut_x=None, shortcut_weight=None, shortcut_bn_weight=None, shortcut_bn_bias=None,
+                shortcut_bn_mean=None, shortcut_bn_var=None, shortcut_bn_eps=1e-5, shortcut_stride=[1, 1],
+                relu=True)
+
+
+def _shortcut(cs=3, k=8, stride=1, hw=6, kernel=1):
+    bn = _eval_bn(k)
+    return dict(shortcut_x=_rand(2, cs, hw, hw), shortcut_weight=_rand(k, cs, kernel, kernel),
+                shortcut_bn_weight=bn.weight, shortcut_bn_bias=bn.bias, shortcut_bn_mean=bn.mean,
+                shortcut_bn_var=bn.var, shortcut_stride=[stride, stride])
 
 
 BAD_CONV = {
@@ -284,26 +412,51 @@ BAD_CONV = {
     "channel_mismatch": (dict(weight=_rand(8, 3, 3, 3)), "x has 4 channels but weight expects 3"),
     "groups_mismatch": (dict(groups=3), "weight expects"),
     "weight_dtype": (dict(weight=_rand(8, 4, 3, 3, dtype=torch.float64)), "weight must have the dtype of x"),
-    "bias_size": (dict(bias=_rand(7)), "bias must be 1-D of size K = 8"),
-    "bias_dtype": (dict(bias=_rand(8, dtype=torch.float16)), "bias must have the dtype of x"),
+    "bn_mean_size": (dict(bn_mean=_rand(7)), "bn_mean must be 1-D of size K = 8"),
+    "bn_var_rank": (dict(bn_var=_rand(1, 8)), "bn_var must be 1-D of size K = 8"),
+    "bn_var_int": (dict(bn_var=torch.ones(8, dtype=torch.int32)), "bn_var must be float32/float64"),
+    "bn_weight_alone": (dict(bn_bias=None), "bn_weight and bn_bias must be given together"),
+    "bn_eps_negative": (dict(bn_eps=-1.0), "bn_eps must be finite and >= 0"),
     "residual_shape": (dict(residual=_rand(2, 8, 5, 6)), "residual must have the output shape"),
     "residual_dtype": (dict(residual=_rand(2, 8, 6, 6, dtype=torch.float64)), "residual must have the dtype"),
     "shortcut_alone": (dict(shortcut_x=_rand(2, 3, 6, 6)), "must be given together"),
-    "shortcut_not_1x1": (dict(shortcut_x=_rand(2, 3, 6, 6), shortcut_weight=_rand(8, 3, 3, 3)),
-                         r"shortcut_weight must be \[K, Cs, 1, 1\]"),
-    "shortcut_spatial": (dict(shortcut_x=_rand(2, 3, 6, 6), shortcut_weight=_rand(8, 3, 1, 1),
-                              shortcut_stride=[2, 2]), "shortcut conv output is 3x3"),
+    "shortcut_bn_without_shortcut": (dict(shortcut_bn_mean=_rand(8), shortcut_bn_var=_rand(8)),
+                                     "given without a shortcut"),
+    "shortcut_without_bn": ({**_shortcut(), "shortcut_bn_mean": None, "shortcut_bn_var": None},
+                            "shortcut_bn_mean and shortcut_bn_var must be given together"),
+    "shortcut_bn_size": ({**_shortcut(), "shortcut_bn_mean": _rand(5)}, "shortcut_bn_mean must be 1-D of size K"),
+    "shortcut_not_1x1": (_shortcut(kernel=3), r"shortcut_weight must be \[K, Cs, 1, 1\]"),
+    "shortcut_spatial": (_shortcut(stride=2), "shortcut conv output is 3x3"),
     "stride_zero": (dict(stride=[0, 1]), "stride must be >= 1"),
-    "empty_output": (dict(padding=[0, 0], weight=_rand(8, 4, 7, 7)), "output would be empty"),
+    "kernel_larger_than_input": (dict(padding=[0, 0], weight=_rand(8, 4, 7, 7)),
+                                 "Kernel size can't be greater than actual input size"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_CONV.values(), ids=BAD_CONV.keys())
-def test_conv_bias_act_rejects_bad_input(case):
+def test_conv_bn_act_rejects_bad_input(case):
     override, message = case
     kwargs = {**_conv_ok(), **override}
     with pytest.raises(RuntimeError, match=message):
-        ops.conv_bias_act(*kwargs.values())
+        ops.conv_bn_act(*kwargs.values())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_window_larger_than_padded_input_is_pytorchs_error(device):
+    """A 7x7 window over a 6x6 input with stride 2: C++'s truncating division made the output 1x1 (garbage on the
+    CUDA kernels, a shape the fake kernel disagreed with); the op, its fake kernel and F.conv2d now all refuse."""
+    x, w = torch.randn(1, 8, 6, 6, device=device), torch.randn(8, 8, 7, 7, device=device)
+    bn = _eval_bn(8, device=device)
+    args = (x, w, bn, [2, 2], [0, 0], [1, 1], 1, None, None)
+    message = r"Calculated padded input size per channel: \(6 x 6\). Kernel size: \(7 x 7\). Kernel size can't be"
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=message):
+            F.conv2d(x, w, stride=2)
+    with pytest.raises(RuntimeError, match=message):
+        ops.conv_bn_act(*_op_args(args, True))
+    # one row more fits: a 1x1 output, as PyTorch's
+    x7 = torch.randn(1, 8, 7, 7, device=device)
+    assert ops.conv_bn_act(*_op_args((x7, *args[1:]), True)).shape == (1, 8, 1, 1)
 
 
 def _sbar_ok():
@@ -438,6 +591,134 @@ def test_blocks_through_extension_cpu_kernels(monkeypatch, case, train):
         assert calls["conv_bn_act"] == len([m for m in fused.modules() if isinstance(m, nn.Conv2d)]) - down
 
 
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def test_engine_argument_is_validated():
+    """The ops take 'auto' or a comma-separated list of distinct engines; the CPU kernels (one implementation)
+    accept any valid list and reject the rest."""
+    torch.manual_seed(30)
+    args, _ = _conv_args(CONV_CONFIGS["3x3_c3_k5_h7"], "all", torch.float32, torch.channels_last)
+    ref = ops.conv_bn_act(*_op_args(args, True))
+    for engines in ("auto", "plain", "cutlass,plain", "cudnn,cutlass,plain"):
+        assert torch.equal(ops.conv_bn_act(*_op_args(args, True), engines), ref)
+    for engines, message in (("bogus", "unknown engine 'bogus'"), ("plain,plain", "listed twice"),
+                             ("cutlass,", "unknown engine ''"), ("", "unknown engine ''")):
+        with pytest.raises(RuntimeError, match=message):
+            ops.conv_bn_act(*_op_args(args, True), engines)
+    x, w = _rand(2, 3, 5, 5), _rand(4, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="unknown engine"):
+        ops.conv_stats(x, w, [1, 1], [1, 1], [1, 1], 1, None, None, "cuDNN")
+    assert ops.conv_stats(x, w, [1, 1], [1, 1], [1, 1], 1, None, None, "cutlass,plain")[0].shape == (2, 4, 5, 5)
+
+
+def test_forced_engine_context_and_environment(monkeypatch):
+    monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
+    assert cuda_backend.forced() is None
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "plain")
+    assert cuda_backend.forced() == "plain"
+    with cuda_backend.forced_engine("cutlass"):
+        assert cuda_backend.forced() == "cutlass"
+        with cuda_backend.forced_engine("cudnn"):
+            assert cuda_backend.forced() == "cudnn"
+        assert cuda_backend.forced() == "cutlass"
+    assert cuda_backend.forced() == "plain"
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "fast")
+    with pytest.raises(ValueError, match="RESNET_FUSED_CUDA_ENGINE='fast'"):
+        cuda_backend.forced()
+    with pytest.raises(ValueError, match="unknown cuda engine"):
+        with cuda_backend.forced_engine("triton"):
+            pass
+
+
+def test_cpu_tensors_get_the_default_order(monkeypatch):
+    """CPU tensors (the extension's CPU kernels) are never measured, nor forced."""
+    monkeypatch.setenv(cuda_backend.ENV_ENGINE, "cutlass")
+
+    def no_measure(run):
+        raise AssertionError("measured a CPU call")
+
+    assert cuda_backend._engines_for(torch.zeros(1), "k", lambda e: None, no_measure) == "auto"
+
+
+def _fake_run(declines=(), fails=()):
+    """A stand-in for one op call on one engine: declines like the C++ ops, fails, or runs."""
+    calls = []
+
+    def run(engine):
+        calls.append(engine)
+        if engine in declines:
+            raise RuntimeError(f"resnet_fused::conv_bn_act: engine '{engine}' cannot run this call: no {engine}\n"
+                               "Exception raised from decline at engine.cpp:60")
+        if engine in fails:
+            raise RuntimeError(f"CUDA error: {engine} broke")
+
+    return run, calls
+
+
+def test_measure_engines_races_the_engines_that_run():
+    """Fake timings: the fastest engine that ran wins; a declining engine is recorded with its reason (the C++
+    message's tail), a failing one with its error and a warning, neither races."""
+    run, calls = _fake_run(declines=("cudnn",), fails=("plain",))
+    timings = {"cudnn": 0.1, "cutlass": 0.5, "plain": 0.2}
+
+    def timer(fn):
+        fn()
+        return timings[calls[-1]]
+
+    with pytest.warns(RuntimeWarning, match="'plain' failed while being measured"):
+        entry = cuda_backend.measure_engines(run, timer)
+    assert entry == {"engine": "cutlass", "ms": {"cutlass": 0.5}, "declined": {"cudnn": "no cudnn"},
+                     "errors": {"plain": "RuntimeError: CUDA error: plain broke"}}
+    run, calls = _fake_run()
+    entry = cuda_backend.measure_engines(run, lambda fn: (fn(), timings[calls[-1]])[1])
+    assert entry["engine"] == "cudnn" and entry["ms"] == timings
+    run, _ = _fake_run(declines=cuda_backend.ENGINES)
+    assert cuda_backend.measure_engines(run, lambda fn: fn())["engine"] is None
+
+
+def test_measured_order_is_cached_in_memory_and_on_disk(monkeypatch, tmp_path):
+    """The first call of a key measures; later calls reuse the choice from memory, a new process from the disk
+    file (under its environment key); another environment measures again; a winner goes first, then the default
+    order; nothing is measured (nor stored) while torch.compile traces."""
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "_engine_memory", {})
+    measured = []
+
+    def measure(run):
+        measured.append(run)
+        return {"engine": "cutlass", "ms": {"cutlass": 1.0, "plain": 2.0}, "declined": {"cudnn": "no frontend"},
+                "errors": {}}
+
+    def order(env="gpu A", key="conv_bn_act|k1", memory="cuda:0"):
+        return cuda_backend._measured_order(f"{memory}|{key}", lambda: env, key, "run", measure)
+
+    assert order() == "cutlass,cudnn,plain" and measured == ["run"]
+    assert order() == "cutlass,cudnn,plain" and len(measured) == 1
+    table = json.loads(cuda_backend.engine_cache_path().read_text())
+    assert table == {"gpu A": {"conv_bn_act|k1": measure(None)}}
+    measured.clear()
+    cuda_backend.clear_engine_memory()
+    assert order() == "cutlass,cudnn,plain" and measured == []  # from the disk file
+    assert order(env="gpu B", memory="cuda:1") == "cutlass,cudnn,plain" and len(measured) == 1
+    assert cuda_backend.engine_cache_path().parent == tmp_path
+    assert set(json.loads(cuda_backend.engine_cache_path().read_text())) == {"gpu A", "gpu B"}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert order(key="conv_bn_act|k2") == "auto" and len(measured) == 1
+    assert "cuda:0|conv_bn_act|k2" not in cuda_backend._engine_memory
+    choices = cuda_backend.engine_choices()
+    assert choices["conv_bn_act|k1"]["engine"] == "cutlass"
+    assert choices["conv_bn_act|k1"]["declined"] == {"cudnn": "no frontend"}
+
+
+def test_no_winner_means_the_default_order(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cuda_backend, "_engine_memory", {})
+    entry = {"engine": None, "ms": {}, "declined": {}, "errors": {"plain": "boom"}}
+    assert cuda_backend._measured_order("cuda:0|k", lambda: "env", "k", None, lambda run: entry) == "auto"
+    assert not cuda_backend.engine_cache_path().exists()  # nothing to remember
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 
 CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -508,15 +789,28 @@ def test_scale_bias_add_relu_cuda(dtype, case, dual):
     assert_close(out.cpu().float(), cpu.to(dtype).float(), dtype=dtype)
 
 
-# (conv config, N, feature, relu): the epilogue with each optional term; C multiples of 8 hit the NHWC vector path.
+# (conv config, feature, relu): the epilogue with each optional term; fp16 / bf16 channels_last cases with C and K
+# multiples of 8 are covered by the CUTLASS kernels, the others take cuDNN plus the channel pass (C multiples of 8
+# hit its NHWC vector path).
 CONV_GPU_CASES = {
     "resnet_3x3_all": ((64, 64, 14, 14, 3, 1, 1, 1, 1), "all", True),
-    "resnet_1x1_s2_shortcut": ((32, 64, 14, 14, 1, 2, 0, 1, 1), "bias_shortcut", True),
-    "odd_c5_bias_residual": ((5, 5, 7, 7, 3, 1, 1, 1, 1), "bias_residual", True),
-    "odd_no_relu": ((3, 5, 7, 7, 3, 2, 1, 1, 1), "bias", False),
-    "plain_conv": ((16, 16, 8, 8, 3, 1, 1, 1, 1), "plain", False),
+    "resnet_1x1_s2_shortcut": ((32, 64, 14, 14, 1, 2, 0, 1, 1), "bn_shortcut", True),
+    "k256_1x1_residual": ((64, 256, 7, 7, 1, 1, 0, 1, 1), "bn_residual", True),
+    "odd_c5_residual": ((5, 5, 7, 7, 3, 1, 1, 1, 1), "bn_residual", True),
+    "odd_no_relu": ((3, 5, 7, 7, 3, 2, 1, 1, 1), "bn", False),
+    "no_affine_shortcut": ((16, 16, 8, 8, 3, 1, 1, 1, 1), "no_affine_shortcut", False),
     "groups_dilation": ((16, 32, 9, 9, 3, 1, 2, 2, 4), "all", True),
 }
+
+
+def _check_conv_bn_act_gpu(out, args, relu, dtype, shape):
+    """Output dtype, layout and values against the fp64 formula on the same (rounded) inputs. fp16 / bf16: twice the
+    table's tolerance (cuDNN's conv output is rounded to the dtype before the BN, and so is the shortcut branch's
+    temporary on the CUTLASS path)."""
+    assert out.dtype == dtype and out.device.type == "cuda"
+    _assert_format(out, args[0], shape)
+    ref = conv_bn_act_formula(*args, relu)
+    assert_close(out.double(), ref, dtype=dtype, scale=1.0 if dtype == torch.float32 else 2.0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -524,38 +818,26 @@ CONV_GPU_CASES = {
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_conv_bias_act_cuda(dtype, case, fmt, no_tf32):
+def test_conv_bn_act_cuda(dtype, case, fmt, no_tf32):
     _needs_cuda_build()
     torch.manual_seed(12)
     config, feature, relu = case
     args, shape = _conv_args(config, feature, dtype, FORMATS[fmt], device="cuda")
-    out = ops.conv_bias_act(*args, relu)
-    assert out.dtype == dtype
-    _assert_format(out, args[0], shape)
-    # Same cuDNN convolutions in the op's dtype, epilogue in fp64: differences are the epilogue's rounding.
-    x, w, b, st, pd, dl, g, res, sx, sw, ss = args
-    y = F.conv2d(x, w, None, st, pd, dl, g).double()
-    if b is not None:
-        y = y + _chan(b)
-    if sx is not None:
-        y = y + F.conv2d(sx, sw, None, ss).double()
-    if res is not None:
-        y = y + res.double()
-    ref = torch.relu(y) if relu else y
-    assert_close(out.double(), ref, dtype=dtype)
+    out = ops.conv_bn_act(*_op_args(args, relu))
+    _check_conv_bn_act_gpu(out, args, relu, dtype, shape)
 
 
+@pytest.mark.parametrize("bn_dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_conv_bias_act_cuda_fp32_bias_with_bf16(no_tf32):
+def test_conv_bn_act_cuda_bn_tensors_of_another_dtype(bn_dtype, no_tf32):
+    """bf16 activations with the BN buffers of a half / bf16 / double model: read as they are, converted on load."""
     _needs_cuda_build()
     torch.manual_seed(13)
-    args, _ = _conv_args((64, 64, 8, 8, 3, 1, 1, 1, 1), "all", torch.bfloat16, torch.channels_last, device="cuda",
-                         bias_dtype=torch.float32)
-    out = ops.conv_bias_act(*args, True)
-    x, w, b, st, pd, dl, g, res, sx, sw, ss = args
-    y = F.conv2d(x, w, None, st, pd, dl, g).double() + _chan(b) + F.conv2d(sx, sw, None, ss).double() + res.double()
-    assert_close(out.double(), torch.relu(y), dtype=torch.bfloat16)
+    args, shape = _conv_args((64, 64, 8, 8, 3, 1, 1, 1, 1), "all", torch.bfloat16, torch.channels_last,
+                             device="cuda", bn_dtype=bn_dtype)
+    out = ops.conv_bn_act(*_op_args(args, True))
+    _check_conv_bn_act_gpu(out, args, True, torch.bfloat16, shape)
 
 
 @pytest.mark.gpu
@@ -563,17 +845,95 @@ def test_conv_bias_act_cuda_fp32_bias_with_bf16(no_tf32):
 def test_cuda_grads_and_opcheck(no_tf32):
     _needs_cuda_build()
     torch.manual_seed(14)
-    args, _ = _conv_args((16, 16, 8, 8, 3, 1, 1, 1, 1), "all", torch.float32, torch.channels_last, device="cuda",
-                         requires_grad=True)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    out = ops.conv_bias_act(*args, True)
-    x, w, b, st, pd, dl, g, res, sx, sw, ss = args
-    ref = torch.relu(F.conv2d(x, w, b, st, pd, dl, g) + F.conv2d(sx, sw, None, ss) + res)
+    args, shape = _conv_args((16, 16, 8, 8, 3, 1, 1, 1, 1), "all", torch.float32, torch.channels_last, device="cuda",
+                             requires_grad=True)
+    tensors = _tensors(args)
+    out = cuda_backend.conv_bn_act(*args[:7], residual=args[7], shortcut=args[8])
     go = torch.randn_like(out)
-    for a, e in zip(torch.autograd.grad(out, tensors, go), torch.autograd.grad(ref, tensors, go)):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)
-    torch.library.opcheck(ops.conv_bias_act.default, (*args, True))
+    want = torch.autograd.grad(conv_bn_act_formula(*args, True), tensors, go.double())
+    for i, (a, e) in enumerate(zip(torch.autograd.grad(out, tensors, go), want)):
+        assert_close(a.double(), e.double(), dtype=torch.float32, scale=1.0 if a.dim() == 4 else 10.0,
+                     msg=f"tensor {i}")
+    torch.library.opcheck(ops.conv_bn_act.default, _op_args(args, True))
     c = _rand(2, 16, 4, 4, device="cuda", mf=torch.channels_last, requires_grad=True)
     idn = _rand(2, 16, 4, 4, device="cuda", mf=torch.channels_last, requires_grad=True)
     params = [_rand(16, device="cuda", requires_grad=True) for _ in range(4)]
     torch.library.opcheck(ops.scale_bias_add_relu.default, (c, params[0], params[1], idn, params[2], params[3]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_window_larger_than_padded_input_cuda():
+    """The CUDA kernel refuses the 7x7-over-6x6 stride-2 conv with PyTorch's error (it computed a 1x1 output)."""
+    _needs_cuda_build()
+    x = torch.randn(1, 8, 6, 6, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 7, 7, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    args = (x, w, _eval_bn(8, device="cuda"), [2, 2], [0, 0], [1, 1], 1, None, None)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        ops.conv_bn_act(*_op_args(args, True))
+
+
+def _cutlass_covers(config, dtype, fmt, feature):
+    """Whether the CUTLASS engine covers a CONV_GPU_CASES case (csrc/cutlass/conv_cutlass.h's rules)."""
+    C, K, *_, g = config
+    return (dtype != torch.float32 and fmt == "nhwc" and g == 1 and C % 8 == 0 and K % 8 == 0
+            and cuda_backend.build_info()["cutlass"] is not None and torch.cuda.get_device_capability()[0] >= 8)
+
+
+@pytest.mark.parametrize("engine", ["cutlass", "plain", "cudnn"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", CONV_GPU_CASES.values(), ids=CONV_GPU_CASES.keys())
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_bn_act_cuda_engines(dtype, case, fmt, engine, no_tf32):
+    """Each engine forced: plain runs everything; cutlass runs exactly the calls its rules cover and declines the
+    rest with its reason; cudnn runs what cuDNN's graphs accept (built with the frontend) or declines with cuDNN's
+    reason. What runs matches the fp64 formula, and _C.last_engine() names the engine."""
+    _needs_cuda_build()
+    torch.manual_seed(12)
+    config, feature, relu = case
+    args, shape = _conv_args(config, feature, dtype, FORMATS[fmt], device="cuda")
+    x, w, bn, st, pd, dl, g, residual, shortcut = args
+    try:
+        with cuda_backend.forced_engine(engine):
+            out = cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual, shortcut, relu)
+    except RuntimeError as err:
+        assert f"engine '{engine}' cannot run this call: " in str(err)
+        assert engine == "cudnn" or (engine == "cutlass" and not _cutlass_covers(config, dtype, fmt, feature))
+        return
+    assert engine != "cutlass" or _cutlass_covers(config, dtype, fmt, feature), "ran a call it should decline"
+    assert cuda_backend._ext.last_engine().split()[0] == engine
+    _check_conv_bn_act_gpu(out, args, relu, dtype, shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_engine_choice_is_measured_once_and_reported(monkeypatch, tmp_path, no_tf32):
+    """The first eager call of a key times every engine and stores the choice (memory and disk); the next calls
+    reuse it; engine_choices() reports the timings, the declines and what ran; a forced engine overrides it."""
+    _needs_cuda_build()
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
+    cuda_backend.clear_engine_memory()
+    torch.manual_seed(31)
+    args, shape = _conv_args((64, 64, 14, 14, 3, 1, 1, 1, 1), "bn_residual", torch.bfloat16, torch.channels_last,
+                             device="cuda", n=8)
+    x, w, bn, st, pd, dl, g, residual, _ = args
+    measured = []
+    real = cuda_backend.measure_engines
+    monkeypatch.setattr(cuda_backend, "measure_engines", lambda run: measured.append(1) or real(run))
+    outs = [cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual) for _ in range(3)]
+    assert measured == [1]
+    (key, entry), = cuda_backend.engine_choices().items()
+    assert key.startswith("conv_bn_act|")
+    assert set(entry["ms"]) | set(entry["declined"]) | set(entry["errors"]) == set(cuda_backend.ENGINES)
+    assert entry["engine"] == min(entry["ms"], key=entry["ms"].get)
+    assert entry["ran"].split()[0] == entry["engine"]
+    assert json.loads(cuda_backend.engine_cache_path().read_text())
+    for out in outs:
+        _check_conv_bn_act_gpu(out, args, True, torch.bfloat16, shape)
+    with cuda_backend.forced_engine("plain"):
+        cuda_backend.conv_bn_act(x, w, bn, st, pd, dl, g, residual)
+    assert cuda_backend.engine_choices()[key]["ran"] == "plain"
+    cuda_backend.clear_engine_memory()

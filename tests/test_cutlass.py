@@ -1,19 +1,22 @@
-"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bias_act`` (csrc/conv_cutlass.cu).
+"""The CUTLASS tensor-core convolutions behind the cuda backend's ``conv_bn_act`` (csrc/cutlass/fprop.cu).
 
-CPU: the extension reports the CUTLASS version it was compiled against when setup.py's header lookup
-(``CUTLASS_PATH``, else the ``cutlass_library`` package) finds headers. GPU (``gpu`` mark): float16 / bfloat16
-channels_last ``conv_bias_act`` against the reference backend on the same inputs (tolerances.py), on shapes the
-CUTLASS kernels cover (3x3 / 1x1 / 7x7, strides 1 and 2, dilation, odd N/H/W and channel counts that leave
-partial tiles, each optional epilogue term, a downsample shortcut) and on shapes they do not (C=3, groups=2,
-NCHW, a misaligned input, float32), which must stay correct through the cuDNN path. Which path ran is read from
-``_C.cutlass_conv_launches()``, the count of CUTLASS kernels launched. The training-path ``cutlass_conv_stats``
-(no op calls it yet) is reached through the test hook ``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its
-output against the reference conv, its mean / biased variance against fp64 statistics of that output, bitwise
-reproducibility, and the calls it declines (C=3, float32, a scale / shift that is not fp32, contiguous, on x's
-device); with the BN+ReLU prologue (in_scale / in_shift) the same checks against the reference's conv_stats with
-that prologue, padding included, plus bf16's own out-of-bounds marker (0x7eff, CUTLASS's fp16 one, is a finite
-bf16 value that must be read as a value). CPU: the cost of rounding scale / shift to the activation dtype against
-the tolerance, and that the bf16 marker is a NaN nobody produces.
+GPU (``gpu`` mark): the extension reports the CUTLASS version it was compiled against (setup.py's header lookup:
+``CUTLASS_PATH``, else the ``cutlass_library`` package). float16 / bfloat16 channels_last ``conv_bn_act`` against
+the reference backend on the same inputs (tolerances.py), on shapes the CUTLASS kernels cover (3x3 / 1x1 / 7x7,
+strides 1 and 2, dilation, odd N/H/W and channel counts that leave partial tiles, each optional epilogue term,
+affine and ``affine=False`` BNs, a downsample shortcut) and on shapes they do not (C=3, groups=2, NCHW, a
+misaligned input, float32), which must stay correct through the cuDNN path; which tile configuration and swizzle
+width ran (128x64 for K <= 64, the 1x1 convs swizzled). Which path ran is read from ``_C.cutlass_conv_launches()``,
+the count of CUTLASS kernels launched, on every GPU test: a GPU build without the CUTLASS kernels FAILS these
+tests (it would otherwise pass them all on the cuDNN path) unless ``RESNET_FUSED_ALLOW_NO_CUTLASS=1`` says that
+build is intended (then they skip). The training-path ``cutlass_conv_stats`` is reached through the test hook
+``torch.ops.resnet_fused_debug.cutlass_conv_stats``: its output against the reference conv, its mean / biased
+variance against fp64 statistics of that output, bitwise reproducibility, and the calls it declines (C=3, float32,
+a scale / shift that is not fp32, contiguous, on x's device); with the BN+ReLU prologue (in_scale / in_shift) the
+same checks against the reference's conv_stats with that prologue, padding included, plus bf16's own out-of-bounds
+marker (0x7eff, CUTLASS's fp16 one, is a finite bf16 value that must be read as a value). CPU: the cost of
+rounding scale / shift to the activation dtype against the tolerance, and that the bf16 marker is a NaN nobody
+produces.
 """
 
 from __future__ import annotations
@@ -26,17 +29,23 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("resnet_fused._C", reason="resnet_fused._C is not built (pip install --no-build-isolation -e .)")
+try:
+    from resnet_fused import _C
+except ImportError as err:
+    if torch.cuda.is_available():  # a failed build on a GPU machine fails the test step instead of skipping it
+        raise ImportError(f"resnet_fused._C is not built on a machine with a GPU: {err}") from err
+    pytest.skip(f"resnet_fused._C is not built (pip install --no-build-isolation -e .): {err}",
+                allow_module_level=True)
 
-from tolerances import assert_close
+from tolerances import assert_close  # noqa: E402
 
-from resnet_fused import _C
-from resnet_fused.backends import cuda as cuda_backend
-from resnet_fused.backends import reference
+from resnet_fused.backends import cuda as cuda_backend  # noqa: E402
+from resnet_fused.backends import reference  # noqa: E402
 
 assert cuda_backend.is_built()
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ALLOW_NO_CUTLASS = "RESNET_FUSED_ALLOW_NO_CUTLASS"
 
 
 def _cutlass_headers() -> Path | None:
@@ -52,28 +61,53 @@ def _cutlass_headers() -> Path | None:
     return None
 
 
-def test_build_info_reports_cutlass():
+def _require_cutlass():
+    """The CUTLASS kernels must be in a CUDA build tested on a GPU: without them every test here would pass on the
+    cuDNN path. Fails, or skips when RESNET_FUSED_ALLOW_NO_CUTLASS=1 declares such a build intended; skips on a GPU
+    below compute capability 8.0 (which the kernels do not run)."""
     info = cuda_backend.build_info()
-    assert "cutlass" in info
+    if not info["with_cuda"]:
+        pytest.fail("a GPU is present but resnet_fused._C was built without CUDA")
+    if info["cutlass"] is None or not hasattr(_C, "cutlass_conv_launches"):
+        if os.environ.get(ALLOW_NO_CUTLASS) == "1":
+            pytest.skip(f"resnet_fused._C was built without the CUTLASS kernels ({ALLOW_NO_CUTLASS}=1)")
+        pytest.fail(f"resnet_fused._C was built without the CUTLASS kernels (no headers at build time): install "
+                    f"nvidia-cutlass (or set CUTLASS_PATH) and rebuild, or set {ALLOW_NO_CUTLASS}=1 if intended")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+
+
+def _launches() -> int:
+    """CUTLASS kernels launched so far (the build must have them: _require_cutlass)."""
+    _require_cutlass()
+    return _C.cutlass_conv_launches()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_build_info_reports_cutlass():
+    """The GPU build has the CUTLASS kernels, compiled against the headers setup.py finds here (their version)."""
+    _require_cutlass()
+    info = cuda_backend.build_info()
     headers = _cutlass_headers()
-    if not info["with_cuda"] or headers is None:
-        pytest.skip("no CUDA build or no CUTLASS headers here: the extension has no CUTLASS kernels")
-    assert info["cutlass"] is not None, f"CUTLASS headers at {headers}, but the extension was built without them"
-    text = Path(headers, "cutlass", "version.h").read_text()
-    version = ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1)
-                       for part in ("MAJOR", "MINOR", "PATCH"))
-    assert info["cutlass"] == version
+    if headers is not None:
+        text = Path(headers, "cutlass", "version.h").read_text()
+        version = ".".join(re.search(rf"#define CUTLASS_{part}\s+(\d+)", text).group(1)
+                           for part in ("MAJOR", "MINOR", "PATCH"))
+        assert info["cutlass"] == version
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["cutlass"])
     assert isinstance(_C.cutlass_conv_launches(), int)
 
 
+def test_build_info_has_a_cutlass_entry():
+    """Every build reports its CUTLASS version, None without the kernels (a CPU build has none)."""
+    info = cuda_backend.build_info()
+    assert "cutlass" in info
+    if not info["with_cuda"]:
+        assert info["cutlass"] is None and not hasattr(_C, "cutlass_conv_launches")
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
-
-
-def _launches() -> int | None:
-    """CUTLASS kernels launched so far; None when the build has none or this GPU cannot run them (sm < 80)."""
-    if not hasattr(_C, "cutlass_conv_launches") or torch.cuda.get_device_capability()[0] < 8:
-        return None
-    return _C.cutlass_conv_launches()
 
 
 def _rand(*shape, dtype, scale=1.0, channels_last=True):
@@ -91,32 +125,61 @@ def _out_hw(h, w, k, stride, padding, dilation):
             (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1)
 
 
+def _bn(k, affine=True):
+    """An EvalBN of k channels on the GPU with non-trivial fp32 tensors (γ in ±[0.5, 1.5), σ² in [0.5, 2.5))."""
+    weight = (torch.rand(k, device="cuda") + 0.5) * torch.where(torch.arange(k, device="cuda") % 3 == 0, -1.0, 1.0)
+    return reference.EvalBN(weight if affine else None, torch.randn(k, device="cuda") if affine else None,
+                            torch.randn(k, device="cuda"), torch.rand(k, device="cuda") * 2 + 0.5, 1e-5)
+
+
 def _check(out, args, relu, dtype):
     """Output dtype, layout, and values against the reference backend on the same inputs."""
-    x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss = args
-    ref = reference.conv_bias_act(x, w, b, stride, padding, dilation, groups, residual, sx, sw, ss, relu)
+    x, w, bn, stride, padding, dilation, groups, residual, shortcut = args
+    ref = reference.conv_bn_act(x, w, bn, stride, padding, dilation, groups, residual, shortcut, relu)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.stride() == torch.empty(ref.shape, memory_format=reference.memory_format(x)).stride()
     assert_close(out.double(), ref.double(), dtype=dtype)
 
 
+def _run(args, relu, engines="cutlass,plain"):
+    """torch.ops.resnet_fused.conv_bn_act on engines ``engines`` (default: CUTLASS where it covers the call, else
+    cuDNN + the channel pass), called directly: no engine measurement launches anything behind the test's back."""
+    x, w, bn, stride, padding, dilation, groups, residual, shortcut = args
+    pair = [stride, stride], [padding, padding], [dilation, dilation]
+    sc = shortcut or reference.Shortcut(None, None, reference.EvalBN(None, None, None, None, 0.0), 1)
+    return torch.ops.resnet_fused.conv_bn_act(x, w, *bn[:4], bn.eps, *pair, groups, residual, sc.x, sc.weight,
+                                              *sc.bn[:4], sc.bn.eps, [sc.stride, sc.stride], relu, engines)
+
+
 # name: (N, C, K, H, W, kernel, stride, padding, dilation)
 COVERED = {
-    "3x3_s1": (2, 64, 64, 14, 14, 3, 1, 1, 1),
+    "3x3_s1_k64_narrow_tile": (2, 64, 64, 14, 14, 3, 1, 1, 1),
     "3x3_s2_odd_hw": (2, 32, 64, 15, 13, 3, 2, 1, 1),
     "1x1_s1": (2, 64, 256, 7, 7, 1, 1, 0, 1),
     "1x1_s2": (2, 128, 256, 14, 14, 1, 2, 0, 1),
     "3x3_c24_k40_n3": (3, 24, 40, 11, 9, 3, 1, 1, 1),
     "3x3_dilation2": (2, 16, 24, 13, 13, 3, 1, 2, 2),
     "7x7_s2_c8": (2, 8, 64, 20, 20, 7, 2, 3, 1),
+    "1x1_k512_swizzle": (2, 64, 512, 9, 9, 1, 1, 0, 1),
+    "1x1_k1024_swizzle": (2, 128, 1024, 7, 7, 1, 1, 0, 1),
 }
-# (bias, residual, relu)
+
+
+def _expected_config(K, kernel):
+    """The tile configuration and swizzle width the fprop kernels must choose (csrc/cutlass/conv_cutlass_common.h):
+    128x64 for K <= 64, else 128x128; 1x1 convs swizzled by CUTLASS's width rule over the column tiles (8 for >= 6,
+    4 for >= 3, 2 for 2), others not."""
+    tile_n = 64 if K <= 64 else 128
+    n = -(-K // tile_n)
+    width = (8 if n >= 6 else 4 if n >= 3 else 2 if n >= 2 else 1) if kernel == 1 else 1
+    return f"128x{tile_n}x64/3 swizzle {width}"
+# (affine BN, residual, relu)
 TERMS = {
-    "plain": (False, False, False),
-    "bias_relu": (True, False, True),
-    "bias_residual": (True, True, False),
-    "bias_residual_relu": (True, True, True),
-    "residual_relu": (False, True, True),
+    "bn": (True, False, False),
+    "bn_relu": (True, False, True),
+    "bn_residual": (True, True, False),
+    "bn_residual_relu": (True, True, True),
+    "no_affine_residual_relu": (False, True, True),
 }
 
 
@@ -128,17 +191,17 @@ TERMS = {
 def test_covered_shapes_run_cutlass(dtype, shape, terms):
     torch.manual_seed(0)
     N, C, K, H, W, k, s, p, d = shape
-    with_bias, with_residual, relu = terms
+    affine, with_residual, relu = terms
     P, Q = _out_hw(H, W, k, s, p, d)
     x, w = _rand(N, C, H, W, dtype=dtype), _weight(K, C, k, k, dtype)
-    b = torch.randn(K, device="cuda") if with_bias else None
     residual = _rand(N, K, P, Q, dtype=dtype) if with_residual else None
-    args = (x, w, b, s, p, d, 1, residual, None, None, 1)
+    args = (x, w, _bn(K, affine), s, p, d, 1, residual, None)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=relu)
+    out = _run(args, relu)
     _check(out, args, relu, dtype)
-    if before is not None:
-        assert _launches() == before + 1, "a covered conv_bias_act must be one CUTLASS launch"
+    assert _launches() == before + 1, "a covered conv_bn_act must be one CUTLASS launch"
+    assert _C.cutlass_last_config() == _expected_config(K, k), "tile configuration / swizzle width"
+    assert _C.last_engine() == "cutlass " + _expected_config(K, k)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["shortcut", "shortcut_residual"])
@@ -146,19 +209,17 @@ def test_covered_shapes_run_cutlass(dtype, shape, terms):
 @pytest.mark.gpu
 @needs_gpu
 def test_downsample_shortcut_runs_two_cutlass_launches(dtype, with_residual):
-    """BasicBlock 64 -> 128, stride 2 tail: relu(conv3x3(h) + b + conv1x1_s2(x_in) [+ residual])."""
+    """BasicBlock 64 -> 128, stride 2 tail: relu(bn(conv3x3(h)) + bn_d(conv1x1_s2(x_in)) [+ residual])."""
     torch.manual_seed(1)
     N = 2
     h, w = _rand(N, 128, 7, 7, dtype=dtype), _weight(128, 128, 3, 3, dtype)
-    sx, sw = _rand(N, 64, 14, 14, dtype=dtype), _weight(128, 64, 1, 1, dtype)
-    b = torch.randn(128, device="cuda")
+    sc = reference.Shortcut(_rand(N, 64, 14, 14, dtype=dtype), _weight(128, 64, 1, 1, dtype), _bn(128), 2)
     residual = _rand(N, 128, 7, 7, dtype=dtype) if with_residual else None
-    args = (h, w, b, 1, 1, 1, 1, residual, sx, sw, 2)
+    args = (h, w, _bn(128), 1, 1, 1, 1, residual, sc)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=True)
+    out = _run(args, True)
     _check(out, args, True, dtype)
-    if before is not None:
-        assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
+    assert _launches() == before + 2, "shortcut conv + main conv: two CUTLASS launches"
 
 
 def _misaligned(t):
@@ -171,7 +232,7 @@ def _misaligned(t):
 
 
 def _fallback_case(name, dtype):
-    """conv_bias_act arguments (all epilogue terms) for a call the CUTLASS kernels do not cover."""
+    """conv_bn_act arguments (all epilogue terms) for a call the CUTLASS kernels do not cover."""
     cl = name != "nchw"
     C, K, groups, Cs = {"c3_stem": (3, 64, 1, 8), "groups2": (16, 32, 2, 8), "shortcut_c3": (16, 32, 1, 3)}.get(
         name, (16, 32, 1, 8))
@@ -179,10 +240,10 @@ def _fallback_case(name, dtype):
     w = _weight(K, C // groups, 3, 3, dtype, channels_last=cl and name != "weight_nchw")
     if name == "misaligned":
         x = _misaligned(x)
-    b = torch.randn(K, device="cuda")
     residual = _rand(2, K, 9, 9, dtype=dtype, channels_last=cl)
-    sx, sw = _rand(2, Cs, 17, 17, dtype=dtype, channels_last=cl), _weight(K, Cs, 1, 1, dtype, channels_last=cl)
-    return (x, w, b, 1, 1, 1, groups, residual, sx, sw, 2)
+    sc = reference.Shortcut(_rand(2, Cs, 17, 17, dtype=dtype, channels_last=cl),
+                            _weight(K, Cs, 1, 1, dtype, channels_last=cl), _bn(K), 2)
+    return (x, w, _bn(K), 1, 1, 1, groups, residual, sc)
 
 
 FALLBACK = ["c3_stem", "groups2", "nchw", "misaligned", "shortcut_c3"]
@@ -199,10 +260,13 @@ def test_uncovered_calls_use_cudnn_and_stay_correct(dtype, name):
     try:
         args = _fallback_case(name, dtype)
         before = _launches()
-        out = cuda_backend.conv_bias_act(*args, relu=True)
+        out = _run(args, True)
         _check(out, args, True, dtype)
-        if before is not None:
-            assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
+        assert _launches() == before, "an uncovered call must not launch any CUTLASS kernel"
+        assert _C.last_engine() == "plain"
+        with pytest.raises(RuntimeError, match="engine 'cutlass' cannot run this call: "):
+            _run(args, True, engines="cutlass")  # the forced engine's own reason
+        assert _launches() == before
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
@@ -217,10 +281,24 @@ def test_nchw_weights_are_taken_to_krsc_and_run_cutlass(dtype):
     args = _fallback_case("weight_nchw", dtype)
     assert not args[1].is_contiguous(memory_format=torch.channels_last)
     before = _launches()
-    out = cuda_backend.conv_bias_act(*args, relu=True)
+    out = _run(args, True)
     _check(out, args, True, dtype)
-    if before is not None:
-        assert _launches() == before + 2
+    assert _launches() == before + 2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_window_larger_than_padded_input_is_pytorchs_error():
+    """A 7x7 window over a 6x6 input with stride 2: C++'s truncating division made the output 1x1 and the kernels
+    ran on it; now every size check (the op's, the CUTLASS units' own, reached here through the test hook) raises
+    PyTorch's error, and nothing is launched."""
+    x, w = _rand(1, 8, 6, 6, dtype=torch.float16), _weight(8, 8, 7, 7, torch.float16)
+    before = _launches()
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        torch.ops.resnet_fused_debug.cutlass_conv_stats(x, w, None, None, [2, 2], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"):
+        _run((x, w, _bn(8), 2, 0, 1, 1, None, None), True)
+    assert _launches() == before
 
 
 # ------------------------------------------------------------------------- cutlass_conv_stats (training path)
@@ -236,10 +314,7 @@ STATS_SHAPES = {
 
 
 def _conv_stats(*args):
-    if not hasattr(_C, "cutlass_conv_launches"):
-        pytest.skip("resnet_fused._C was built without CUTLASS")
-    if torch.cuda.get_device_capability()[0] < 8:
-        pytest.skip("the CUTLASS kernels need compute capability >= 8.0")
+    _require_cutlass()
     return torch.ops.resnet_fused_debug.cutlass_conv_stats(*args)
 
 
@@ -394,10 +469,10 @@ def test_prologue_rounding_fits_the_tolerance():
 
 
 def test_bf16_out_of_bounds_marker_is_a_nan_nobody_makes():
-    """The bf16 prologue's out-of-bounds marker (kBf16PadBits in csrc/conv_cutlass_stats.cu) must be a bf16 NaN
+    """The bf16 prologue's out-of-bounds marker (kBf16PadBits in csrc/cutlass/fprop_stats.cu) must be a bf16 NaN
     (so no finite input is mistaken for padding) that PyTorch and the hardware do not produce; CUTLASS's fp16
     marker 0x7eff, a NaN in fp16, is finite in bf16 (why bf16 needs its own)."""
-    src = Path(__file__).resolve().parents[1] / "csrc" / "conv_cutlass_stats.cu"
+    src = Path(__file__).resolve().parents[1] / "csrc" / "cutlass" / "fprop_stats.cu"
     bits = int(re.search(r"kBf16PadBits\s*=\s*0x([0-9a-fA-F]{4});", src.read_text()).group(1), 16)
 
     def as_dtype(b, dtype):
@@ -426,9 +501,10 @@ import torch, resnet_fused._C as C
 from resnet_fused.backends import cuda as be, reference as ref
 x = torch.randn(2, 16, 9, 9, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
 w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-out = be.conv_bias_act(x, w, None, 1, 1, relu=True)
+bn = ref.EvalBN(None, None, torch.zeros(32, device="cuda"), torch.ones(32, device="cuda"), 1e-5)
+out = be.conv_bn_act(x, w, bn, 1, 1, relu=True)
 c, mean, var = be.conv_stats(x, w, 1, 1)
-torch.testing.assert_close(out.float(), ref.conv_bias_act(x, w, None, 1, 1, relu=True).float(), rtol=2e-2, atol=2e-2)
+torch.testing.assert_close(out.float(), ref.conv_bn_act(x, w, bn, 1, 1, relu=True).float(), rtol=2e-2, atol=2e-2)
 torch.cuda.synchronize()
 print(C.cutlass_conv_launches())
 """

@@ -19,8 +19,8 @@
 #include <tuple>
 #include <vector>
 
-#include "../build_info.h"
-#include "../ops.h"
+#include "../common/build_info.h"
+#include "../common/checks.h"
 #include "graph_spec.h"
 
 namespace resnet_fused {

@@ -2,13 +2,19 @@
 
 What is fused, and why:
 
-* ``conv_bias_act`` — the inference conv. float16 / bfloat16 channels_last calls that the CUTLASS kernels cover
-  (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute capability >= 8.0, extension built
-  with the CUTLASS headers: ``build_info()["cutlass"]``): an implicit-GEMM conv on tensor cores with bias +
-  residual + ReLU in its epilogue, one launch (two with a downsample shortcut: the 1x1 shortcut conv plus the
-  residual into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts,
-  groups > 1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE epilogue kernel
-  for bias + shortcut + residual + ReLU (instead of separate bias, add and ReLU passes).
+* ``conv_bn_act`` — the inference conv with its BatchNorm(s) applied from the live BN tensors on every call
+  (``s = γ/√(σ²+ε)``, ``t = β − μ·s`` in fp32; never a folded or cached copy). float16 / bfloat16 channels_last
+  calls that the CUTLASS kernels cover (groups 1, C and K multiples of 8, dense 16-byte aligned operands, compute
+  capability >= 8.0, extension built with the CUTLASS headers: ``build_info()["cutlass"]``): one tiny launch
+  computing the (s, t) pairs, then an implicit-GEMM conv on tensor cores with ``acc·s + t`` + residual + ReLU in
+  its epilogue (two conv launches with a downsample shortcut: the 1x1 shortcut conv with its BN plus the residual
+  into a temporary, then the main conv adding it). Everything else (float32, NCHW, other channel counts, groups >
+  1): cuDNN (``at::convolution``) for the main and the 1x1 shortcut convolution, then ONE channel pass that
+  computes both BNs' (s, t) from their tensors and applies them, the residual and the ReLU. Backward: the
+  reference backend's :func:`~resnet_fused.backends.reference.conv_bn_act_grads` (shared by every backend).
+  NCHW filters are copied to KRSC for the CUTLASS kernels on every call (no weight cache: an in-place edit
+  through ``.data`` bumps no version counter, so any cache could serve stale weights); a channels_last model
+  (``model.to(memory_format=torch.channels_last)``) already holds KRSC filters and pays nothing.
 * ``conv_stats`` — the training conv (NormConv, DESIGN.md). Calls the CUTLASS kernels cover (as above): an
   implicit-GEMM conv on tensor cores whose epilogue also writes per-tile Σ/Σ² of the stored output, merged per
   channel in a fixed order (deterministic). The previous BN+ReLU is applied on load for float16; for bfloat16 it
@@ -30,6 +36,15 @@ statistics), ``affine_relu`` (the activated input recomputed for the weight grad
 (dx with Σ g·x and Σ g in one pass) and ``scale_bias_add_relu_backward`` (ReLU mask recomputed from the inputs, dc,
 didn and the per-channel sums in one pass), around ``aten.convolution_backward`` for the convolutions.
 
+Engines: ``conv_bn_act`` and ``conv_stats`` on CUDA tensors each have several implementations — ``cudnn``
+(cuDNN's fusion graphs, csrc/cudnn/, when built with the cuDNN frontend; ``conv_stats`` not yet), ``cutlass`` (the
+CUTLASS kernels above) and ``plain`` (cuDNN's convolution plus the fused passes above; runs everything). The op
+tries them in the order its ``engines`` argument gives, an engine that cannot run a call declining with its reason.
+The order is chosen per (op, shape, dtype): ``forced_engine(name)`` or ``RESNET_FUSED_CUDA_ENGINE=name`` forces one
+(a call it cannot run raises ``RuntimeError`` with its reason); otherwise each engine is timed on the key's first
+eager call on the GPU and the fastest goes first, remembered in memory and on disk (``cuda_engines.json`` beside
+``auto``'s backend choice); :func:`engine_choices` reports what was chosen and what ran.
+
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
 module loads it lazily and adds the Python halves of each op: a fake kernel (so ``torch.compile`` traces it) and
 autograd (``torch.library.register_autograd``; an ``autograd.Function`` for ``bn_finalize``, which mutates the
@@ -38,14 +53,21 @@ running statistics).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import statistics
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import reference
+from . import autoselect, reference
 
 NAME = "cuda"
 
@@ -53,7 +75,6 @@ _NOT_BUILT = "resnet_fused._C is not built: reinstall with CUDA_HOME set (pip in
 _NO_CUDA = ("resnet_fused._C was built without CUDA (no CUDA toolkit or RESNET_FUSED_FORCE_CPU_EXT at build "
             "time): reinstall with CUDA_HOME set (pip install --no-build-isolation -e .)")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CHANNEL_DIMS = (0, 2, 3)
 
 _ext: ModuleType | None = None
 _ext_info: dict | None = None
@@ -108,46 +129,24 @@ def _pair(v) -> list[int]:
     return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
-def conv_bias_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride=1, padding=0, dilation=1, groups=1,
-                  residual: Tensor | None = None, shortcut_x: Tensor | None = None,
-                  shortcut_weight: Tensor | None = None, shortcut_stride=1, relu: bool = True) -> Tensor:
-    """``act(conv2d(x, W) + bias + conv1x1(shortcut_x, W_s) + residual)``: ``torch.ops.resnet_fused.conv_bias_act``."""
-    _require()
-    return torch.ops.resnet_fused.conv_bias_act(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation),
-                                                int(groups), residual, shortcut_x, shortcut_weight,
-                                                _pair(shortcut_stride), bool(relu))
-
-
 def conv_bn_act(x: Tensor, weight: Tensor, bn: reference.EvalBN, stride=1, padding=0, dilation=1, groups=1,
                 residual: Tensor | None = None, shortcut: reference.Shortcut | None = None,
                 relu: bool = True) -> Tensor:
     """The eval conv with its BatchNorm applied from the live BN tensors (see
-    :func:`resnet_fused.backends.reference.conv_bn_act`).
-
-    Composed from this extension's ops: the convolution(s) by ``conv_bias_act`` without epilogue, then one fused
-    per-channel pass (``scale_bias_add_relu`` or ``affine_relu``) applying each BN's scale and shift in fp32, the
-    residual or the shortcut branch and the ReLU; the per-channel ``s``/``t`` come from the BN tensors on every
-    call. Differentiable in every tensor argument through those ops' autograd.
-    """
+    :func:`resnet_fused.backends.reference.conv_bn_act`): ``torch.ops.resnet_fused.conv_bn_act``, differentiable
+    in every tensor argument (backward: :func:`reference.conv_bn_act_grads`)."""
     _require()
-    reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
-                               "cuda conv_bn_act")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale, shift = reference.eval_scale_shift(bn, acc)
-    c = conv_bias_act(x, weight, None, stride, padding, dilation, groups, relu=False)
-    if shortcut is not None:
-        c_d = conv_bias_act(shortcut.x, shortcut.weight, None, shortcut.stride, 0, relu=False)
-        s_d, t_d = reference.eval_scale_shift(shortcut.bn, acc)
-        if relu:
-            return scale_bias_add_relu(c, scale, shift, c_d, s_d, t_d)
-        residual = reference.affine(c_d, s_d, t_d) if residual is None else residual + reference.affine(c_d, s_d,
-                                                                                                          t_d)
-    if relu and residual is not None:
-        return scale_bias_add_relu(c, scale, shift, residual)
-    if relu:
-        return bn_relu(c, scale, shift)
-    y = reference.affine(c, scale, shift)
-    return y if residual is None else (y + residual).to(x.dtype)
+    (x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var,
+     conf) = reference.conv_bn_act_args(x, weight, bn, stride, padding, dilation, groups, residual, shortcut, relu,
+                                        "cuda conv_bn_act")
+    _, _, _, _, eps, s_eps, s_stride, relu = conf
+    args = (x, weight, bn_w, bn_b, bn_mean, bn_var, eps, _pair(stride), _pair(padding), _pair(dilation), int(groups),
+            residual, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, s_eps, _pair(s_stride), relu)
+    key = _shape_key("conv_bn_act", x, weight, *args[7:11], residual is not None, sx, s_stride, relu)
+    engines = _engines_for(x, key, lambda engine: torch.ops.resnet_fused.conv_bn_act(*_detached(args), engine))
+    y = torch.ops.resnet_fused.conv_bn_act(*args, engines)
+    _record_ran(x, key)
+    return y
 
 
 def scale_bias_add_relu(c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Tensor | None = None,
@@ -169,8 +168,12 @@ def conv_stats(x: Tensor, weight: Tensor, stride=1, padding=0, dilation=1, group
     """``(c, mean, var)``: ``c = conv2d(relu(x*in_scale + in_shift) or x, W)`` and its per-channel batch mean and
     biased variance: ``torch.ops.resnet_fused.conv_stats``."""
     _require()
-    return torch.ops.resnet_fused.conv_stats(x, weight, _pair(stride), _pair(padding), _pair(dilation), int(groups),
-                                             in_scale, in_shift)
+    args = (x, weight, _pair(stride), _pair(padding), _pair(dilation), int(groups), in_scale, in_shift)
+    key = _shape_key("conv_stats", x, weight, *args[2:6], in_scale is not None)
+    engines = _engines_for(x, key, lambda engine: torch.ops.resnet_fused.conv_stats(*_detached(args), engine))
+    out = torch.ops.resnet_fused.conv_stats(*args, engines)
+    _record_ran(x, key)
+    return out
 
 
 def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -192,16 +195,245 @@ def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | No
     return scale, shift
 
 
+# Engines. conv_bn_act and conv_stats each have several CUDA implementations ("engines"): the cuDNN fusion graphs
+# (csrc/cudnn/, when built with the frontend), the CUTLASS kernels, and "plain" (cuDNN's convolution plus this
+# extension's fused passes, which runs everything). The C++ ops take the engines to try, in order, as a string
+# ("auto": cudnn, cutlass, plain); an engine that cannot run a call declines with its reason and the next one
+# runs it; when none of them can (a single forced engine), the op raises a RuntimeError with the reasons.
+# Which order a call gets is decided here, per (op, shape, dtype) key:
+#   * forced: ``forced_engine(name)`` (innermost first), else ``RESNET_FUSED_CUDA_ENGINE``: that engine only;
+#   * measured: on the key's first eager call on a GPU (never while torch.compile traces or a CUDA graph is
+#     captured) each engine runs the call alone and is timed; the fastest goes first, then the default order.
+#     The result is kept for the process and on disk, in ``cuda_engines.json`` beside ``auto``'s backend choice
+#     (``RESNET_FUSED_CACHE_DIR``), under the environment key of :func:`autoselect.cache_key` (GPU, dtype,
+#     versions) so a new GPU, driver stack or build measures again;
+#   * otherwise (CPU tensors, tracing or capturing with nothing stored): "auto".
+
+ENGINES = ("cudnn", "cutlass", "plain")
+ENV_ENGINE = "RESNET_FUSED_CUDA_ENGINE"
+ENGINE_CACHE_FILE = "cuda_engines.json"
+_DECLINED = "cannot run this call"  # in the C++ ops' error when the one engine they were given declines
+_MEASURE_REPS = 5
+
+_forced_stack: list[str] = []
+# device-qualified op key -> {"engine", "ms", "declined", "errors"}; op key -> what ran its last eager call
+_engine_memory: dict[str, dict] = {}
+_engine_ran: dict[str, str] = {}
+
+
+@contextlib.contextmanager
+def forced_engine(name: str):
+    """Inside the block, every ``conv_bn_act`` / ``conv_stats`` call of this backend on a CUDA tensor runs on
+    engine ``name`` (``"cudnn"``, ``"cutlass"`` or ``"plain"``) only, like ``RESNET_FUSED_CUDA_ENGINE=name``: a
+    call that engine cannot run raises ``RuntimeError`` with the engine's reason. Nests (the innermost wins) and
+    takes precedence over the environment variable. Under ``torch.compile`` the engine is fixed at trace time."""
+    if name not in ENGINES:
+        raise ValueError(f"unknown cuda engine {name!r}: choose one of {', '.join(ENGINES)}")
+    _forced_stack.append(name)
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def forced() -> str | None:
+    """The engine forced by :func:`forced_engine` or ``RESNET_FUSED_CUDA_ENGINE`` (empty: none), else None."""
+    if _forced_stack:
+        return _forced_stack[-1]
+    env = os.environ.get(ENV_ENGINE, "").strip()
+    if not env:
+        return None
+    if env not in ENGINES:
+        raise ValueError(f"{ENV_ENGINE}={env!r}: choose one of {', '.join(ENGINES)}")
+    return env
+
+
+def engine_choices() -> dict:
+    """What this process decided and ran, per op key (the benchmark's provenance):
+    ``{key: {"engine": the measured fastest or None, "ms": {engine: median ms}, "declined": {engine: reason},
+    "errors": {engine: error}, "ran": what ran the key's last eager call, e.g. "cutlass 128x64x64/3 swizzle 1"}}``.
+    A key run only under a forced engine, or without a measurement, has only ``"ran"``."""
+    out: dict[str, dict] = {}
+    for key, entry in _engine_memory.items():
+        out[key.split("|", 1)[1]] = dict(entry)
+    for key, ran in _engine_ran.items():
+        out.setdefault(key, {})["ran"] = ran
+    return out
+
+
+def clear_engine_memory() -> None:
+    """Forget this process's measured engine choices and what ran (the disk cache stays)."""
+    _engine_memory.clear()
+    _engine_ran.clear()
+
+
+def engine_cache_path() -> Path:
+    """The JSON file of measured engine choices: ``cuda_engines.json`` beside ``auto``'s ``auto_backend.json``."""
+    return autoselect.cache_path().parent / ENGINE_CACHE_FILE
+
+
+def _read_engine_disk() -> dict:
+    try:
+        return json.loads(engine_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_engine_disk(env: str, key: str, entry: dict) -> None:
+    path = engine_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = _read_engine_disk()
+        table.setdefault(env, {})[key] = entry
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError as err:  # a read-only cache dir must not break inference: the choice stays in memory
+        warnings.warn(f"resnet_fused: could not store the cuda engine choice in {path} ({err})", RuntimeWarning,
+                      stacklevel=4)
+
+
+def _cuda_time(fn: Callable[[], object], reps: int = _MEASURE_REPS) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` CUDA-event-timed calls, after one untimed call (which raises
+    if the engine declines)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def measure_engines(run: Callable[[str], object], timer: Callable[[Callable[[], object]], float] = _cuda_time,
+                    engines: tuple[str, ...] = ENGINES) -> dict:
+    """Time ``run(engine)`` (one op call on that engine alone) for every engine; returns ``{"engine": fastest or
+    None, "ms": {engine: ms}, "declined": {engine: reason}, "errors": {engine: error}}``. An engine that declines
+    the call (the op's "cannot run this call" error) or fails is left out of the race, with its reason."""
+    ms, declined, errors = {}, {}, {}
+    with torch.no_grad():
+        for engine in engines:
+            try:
+                ms[engine] = round(timer(lambda engine=engine: run(engine)), 5)
+            except RuntimeError as err:
+                message = str(err).split("\n")[0]
+                if _DECLINED in message:
+                    declined[engine] = message.split(f"{_DECLINED}: ", 1)[-1]
+                else:  # a failing engine must not take the call down: the others still run it
+                    errors[engine] = f"{type(err).__name__}: {message}"
+                    warnings.warn(f"resnet_fused: cuda engine {engine!r} failed while being measured ({message})",
+                                  RuntimeWarning, stacklevel=3)
+    best = min(ms, key=ms.get) if ms else None
+    return {"engine": best, "ms": ms, "declined": declined, "errors": errors}
+
+
+def _measuring_allowed() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _order(best: str | None) -> str:
+    """The engine argument of the ops for a measured fastest engine: it first, then the default order."""
+    return "auto" if best is None else ",".join((best,) + tuple(e for e in ENGINES if e != best))
+
+
+def _engines_for(x: Tensor, key: str, run: Callable[[str], object],
+                 measure: Callable[..., dict] | None = None) -> str:
+    """The engine argument for one call of the op of ``key`` on input ``x`` (see the comment above ENGINES); CPU
+    tensors (the extension's CPU kernels, one implementation) always get "auto"."""
+    if x.device.type != "cuda":
+        return "auto"
+    if torch.compiler.is_compiling():
+        return _traced_order(x.device, x.dtype, key)
+    engine = forced()
+    if engine is not None:
+        return engine
+    device = autoselect._indexed(x.device)
+    return _measured_order(f"{device}|{key}", lambda: autoselect.cache_key(device, x.dtype), key, run,
+                           measure or measure_engines)
+
+
+@torch.compiler.assume_constant_result
+def _traced_order(device: torch.device, dtype: torch.dtype, key: str) -> str:
+    """The order while torch.compile traces a call: the forced engine, else the stored choice, else "auto"; never a
+    measurement. A constant of the compiled graph: the engine is fixed when it is traced."""
+    engine = forced()
+    if engine is not None:
+        return engine
+    device = autoselect._indexed(device)
+    entry = _engine_memory.get(f"{device}|{key}")
+    if entry is None:
+        entry = _read_engine_disk().get(autoselect.cache_key(device, dtype), {}).get(key)
+    return "auto" if entry is None else _order(entry.get("engine"))
+
+
+def _measured_order(memory_key: str, env_key: Callable[[], str], key: str, run: Callable[[str], object],
+                    measure: Callable[..., dict]) -> str:
+    """The order for ``key`` from this process's memory, else the disk cache under ``env_key()``, else a fresh
+    measurement (stored in both) when measuring is allowed, else "auto"."""
+    entry = _engine_memory.get(memory_key)
+    if entry is None:
+        env = env_key()
+        entry = _read_engine_disk().get(env, {}).get(key)
+        if entry is None:
+            if not _measuring_allowed():
+                return "auto"
+            entry = measure(run)
+            if entry["engine"] is not None:
+                _write_engine_disk(env, key, entry)
+        _engine_memory[memory_key] = entry
+    return _order(entry.get("engine"))
+
+
+def _record_ran(x: Tensor, key: str) -> None:
+    """Note which engine ran the op call that just returned (eager CUDA calls; nothing while tracing)."""
+    if x.device.type == "cuda" and not torch.compiler.is_compiling():
+        _engine_ran[key] = _ext.last_engine()
+
+
+def _shape_key(*parts) -> str:
+    """An op key: the op name and every argument that shapes the call, as text."""
+    out = []
+    for p in parts:
+        if isinstance(p, Tensor):
+            fmt = "cl" if reference.memory_format(p) == torch.channels_last else "c"
+            out.append("x".join(map(str, p.shape)) + f":{fmt}:{str(p.dtype).removeprefix('torch.')}")
+        elif p is None:
+            out.append("-")
+        else:
+            out.append(str(p))
+    return "|".join(out)
+
+
+def _detached(args: tuple) -> tuple:
+    """``args`` with every tensor detached (the measurement's calls build no autograd graph)."""
+    return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+
 # Fake (meta) kernels: output shape, dtype and strides exactly as the C++ kernels produce them (dense in the
 # input's suggested memory format, which torch's suggest_memory_format mirrors).
 
-def _conv_bias_act_fake(x, weight, bias, stride, padding, dilation, groups, residual, shortcut_x, shortcut_weight,
-                        shortcut_stride, relu):
-    n, _, h, w = x.shape
-    k, _, r, s = weight.shape
-    p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1
-    q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1
-    return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+def _conv_out(x, weight, stride, padding, dilation) -> Tensor:
+    """An empty conv output of x and weight: PyTorch's output size and PyTorch's error for a window larger than the
+    padded input (as the C++ checks), dense in x's suggested memory format (as the C++ kernels allocate it)."""
+    padded = [x.shape[2 + d] + 2 * padding[d] for d in (0, 1)]
+    window = [dilation[d] * (weight.shape[2 + d] - 1) + 1 for d in (0, 1)]
+    if padded[0] < window[0] or padded[1] < window[1]:
+        raise RuntimeError(f"Calculated padded input size per channel: ({padded[0]} x {padded[1]}). Kernel size: "
+                           f"({window[0]} x {window[1]}). Kernel size can't be greater than actual input size")
+    p, q = ((padded[d] - window[d]) // stride[d] + 1 for d in (0, 1))
+    return torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                       memory_format=suggest_memory_format(x))
+
+
+def _conv_bn_act_fake(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups,
+                      residual, shortcut_x, shortcut_weight, shortcut_bn_weight, shortcut_bn_bias, shortcut_bn_mean,
+                      shortcut_bn_var, shortcut_bn_eps, shortcut_stride, relu, engines="auto"):
+    return _conv_out(x, weight, stride, padding, dilation)
 
 
 def _scale_bias_add_relu_fake(c, scale, shift, idn, idn_scale, idn_shift):
@@ -219,8 +451,8 @@ def _channel_vec(t: Tensor, size: int | None = None) -> Tensor:
     return t.new_empty((t.shape[1] if size is None else size,), dtype=acc)
 
 
-def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift):
-    c = _conv_bias_act_fake(x, weight, None, stride, padding, dilation, groups, None, None, None, None, False)
+def _conv_stats_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift, engines="auto"):
+    c = _conv_out(x, weight, stride, padding, dilation)
     return c, _channel_vec(c), _channel_vec(c)
 
 
@@ -247,38 +479,33 @@ def _bn_finalize_fake(mean, var, weight, bias, running_mean, running_var, count,
 
 # Autograd. For y = act(z): dz = threshold_backward(dy, y, 0) = dy * [y > 0] (as torch.relu's backward).
 
-def _conv_bias_act_setup_context(ctx, inputs, output):
-    (x, weight, bias, stride, padding, dilation, groups, _residual, shortcut_x, shortcut_weight, shortcut_stride,
-     relu) = inputs
-    ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.shortcut_stride = list(shortcut_stride)
-    ctx.relu = relu
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, weight, shortcut_x, shortcut_weight, output if relu else None)
+# conv_bn_act's argument positions of the 13 tensor inputs of reference.conv_bn_act_grads, in its order
+# (x, W, γ, β, μ, σ², residual, x_d, W_d, γ_d, β_d, μ_d, σ²_d).
+_CONV_BN_ACT_TENSORS = (0, 1, 2, 3, 4, 5, 11, 12, 13, 14, 15, 16, 17)
+_CONV_BN_ACT_ARGS = 21
 
 
-def _conv_bias_act_backward(ctx, grad):
-    """dz = dy*[y>0]; db = Σ_{n,h,w} dz; d(residual) = dz; (dx, dW), (dx_s, dW_s) = convolution_backward(dz, ...)."""
-    x, weight, shortcut_x, shortcut_weight, out = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.conv
-    need = ctx.needs_input_grad
-    g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.relu else grad
-    gx = gw = gb = gres = gsx = gsw = None
-    if need[0] or need[1]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation, False, [0, 0],
-                                                        groups, [need[0], need[1], False])
-    if need[2]:
-        gb = g.sum(_CHANNEL_DIMS, dtype=torch.promote_types(g.dtype, torch.float32)).to(ctx.bias_dtype)
-    if need[7]:
-        gres = g
-    if shortcut_x is not None and (need[8] or need[9]):
-        gsx, gsw, _ = torch.ops.aten.convolution_backward(g, shortcut_x, shortcut_weight, None, ctx.shortcut_stride,
-                                                          [0, 0], [1, 1], False, [0, 0], 1, [need[8], need[9], False])
-    return gx, gw, gb, None, None, None, None, gres, gsx, gsw, None, None
+def _conv_bn_act_setup_context(ctx, inputs, output):
+    """Saves what :func:`reference.conv_bn_act_save` saves: the tensors of both branches and the output y."""
+    (x, weight, bn_w, bn_b, bn_mean, bn_var, eps, stride, padding, dilation, groups, _residual, sx, sw, sbn_w, sbn_b,
+     sbn_mean, sbn_var, s_eps, s_stride, relu) = inputs[:_CONV_BN_ACT_ARGS]
+    ctx.conf = (list(stride), list(padding), list(dilation), groups, eps, s_eps, list(s_stride), relu)
+    ctx.save_for_backward(x, weight, bn_w, bn_b, bn_mean, bn_var, sx, sw, sbn_w, sbn_b, sbn_mean, sbn_var, output)
+
+
+def _conv_bn_act_backward(ctx, grad):
+    """The 13 tensor inputs' gradients by :func:`reference.conv_bn_act_grads` (the backward every backend shares),
+    placed at their argument positions; None for the rest."""
+    need = tuple(ctx.needs_input_grad[i] for i in _CONV_BN_ACT_TENSORS)
+    grads = reference.conv_bn_act_grads(grad, ctx.saved_tensors, ctx.conf, need)
+    out = [None] * len(ctx.needs_input_grad)
+    for pos, g in zip(_CONV_BN_ACT_TENSORS, grads):
+        out[pos] = g
+    return tuple(out)
 
 
 def _conv_stats_setup_context(ctx, inputs, output):
-    x, weight, stride, padding, dilation, groups, in_scale, in_shift = inputs
+    x, weight, stride, padding, dilation, groups, in_scale, in_shift = inputs[:8]
     c, mean, _ = output
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean)
@@ -292,7 +519,7 @@ def _conv_stats_backward(ctx, dc, dmean, dvar):
     x, weight, in_scale, in_shift, c, mean = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
-    none = (None,) * 8
+    none = (None,) * 9
     prologue = in_scale is not None
     need_a = need[0] or (prologue and (need[6] or need[7]))
     if (dc is None and dmean is None and dvar is None) or not (need_a or need[1]):
@@ -304,9 +531,10 @@ def _conv_stats_backward(ctx, dc, dmean, dvar):
                                                     groups, [need_a, need[1], False])
     del a, g
     if da is None or not prologue:
-        return da, dw, None, None, None, None, None, None
+        return da, dw, None, None, None, None, None, None, None
     dx, ds, dt = torch.ops.resnet_fused.affine_relu_backward(da, x, in_scale, in_shift)
-    return (dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None), (dt if need[7] else None)
+    return ((dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None),
+            (dt if need[7] else None), None)
 
 
 def _scale_bias_add_relu_setup_context(ctx, inputs, output):
@@ -375,7 +603,7 @@ class _BnFinalize(torch.autograd.Function):
 
 def _register() -> None:
     """Attach the fake and autograd kernels to the ops that loading ``resnet_fused._C`` defined."""
-    for name, fake in (("conv_bias_act", _conv_bias_act_fake), ("scale_bias_add_relu", _scale_bias_add_relu_fake),
+    for name, fake in (("conv_bn_act", _conv_bn_act_fake), ("scale_bias_add_relu", _scale_bias_add_relu_fake),
                        ("conv_stats", _conv_stats_fake), ("affine_relu", _affine_relu_fake),
                        ("conv_stats_backward_input", _conv_stats_backward_input_fake),
                        ("affine_relu_backward", _affine_relu_backward_fake),
@@ -383,7 +611,7 @@ def _register() -> None:
                        ("bn_finalize", _bn_finalize_fake)):
         torch.library.register_fake(f"resnet_fused::{name}")(fake)
     for name, backward, setup_context in (
-            ("conv_bias_act", _conv_bias_act_backward, _conv_bias_act_setup_context),
+            ("conv_bn_act", _conv_bn_act_backward, _conv_bn_act_setup_context),
             ("scale_bias_add_relu", _scale_bias_add_relu_backward, _scale_bias_add_relu_setup_context),
             ("conv_stats", _conv_stats_backward, _conv_stats_setup_context),
             ("affine_relu", _affine_relu_backward, _affine_relu_setup_context)):

@@ -16,20 +16,23 @@ struct BuildInfo {
   std::string cudnn_frontend;    // cuDNN graph engine: "frontend 1.32.0, cuDNN 9.24.0", empty without it
 };
 
-// Defined in ops.cpp.
+// Defined in build_info.cpp.
 BuildInfo build_info();
 
 #ifdef RESNET_FUSED_WITH_CUDA
-// Defined in ops_cuda.cu (what nvcc actually compiled).
+// Defined in cuda/eval_ops.cu (what nvcc actually compiled).
 int cuda_runtime_version();
 std::vector<int> cuda_archs();
 #endif
 
 #ifdef RESNET_FUSED_WITH_CUTLASS
-// Defined in conv_cutlass.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), and how many
-// CUTLASS convolution kernels this process has launched (a test hook: it shows which path an op took).
+// Defined in cutlass/fprop.cu: the CUTLASS version its kernels were compiled against ("4.2.0"), how many
+// CUTLASS convolution kernels this process has launched, and which fprop configuration ran last (test hooks: they
+// show which path an op took).
 std::string cutlass_version();
 int64_t cutlass_conv_launches();
+// The tile configuration and swizzle width of this thread's last CUTLASS fprop kernel (conv_cutlass.h).
+std::string cutlass_last_config();
 #endif
 
 #ifdef RESNET_FUSED_WITH_CUDNN_FRONTEND

@@ -1,5 +1,5 @@
-// Training-path ops of resnet_fused (the NormConv scheme of DESIGN.md): schemas, argument checks shared with the
-// CUDA kernels (train_cuda.cu), and the CPU implementations.
+// Training-path ops of resnet_fused (the NormConv scheme of DESIGN.md): schemas (a fragment of the library) and the
+// CPU implementations; their argument checks are shared with the CUDA kernels (common/checks.h, cuda/train_ops.cu).
 //
 //   conv_stats:                    c = conv2d(relu(x*in_scale[k] + in_shift[k]) or x, W); per-channel batch mean and
 //                                  biased variance of c
@@ -21,116 +21,13 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <string_view>
 #include <tuple>
 
-#include "ops.h"
-#include "train_ops.h"
+#include "../common/checks.h"
+#include "../common/engine.h"
 
 namespace resnet_fused {
-
-namespace {
-
-void check_activation(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D [N, C, H, W], got shape ", t.sizes());
-  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
-              t.scalar_type());
-}
-
-// `t` has the shape, dtype and device of activation `like` (called `like_name` in the message).
-void check_same_activation(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like,
-                           const char* like_name) {
-  TORCH_CHECK(t.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name, " ", like.sizes(),
-              ", got ", t.sizes());
-  check_like(op, name, t, like, like_name);
-}
-
-// A per-channel statistic or parameter of bn_finalize: the shape, dtype and device of mean.
-void check_like_mean(const char* op, const char* name, const at::Tensor& t, const at::Tensor& mean) {
-  TORCH_CHECK(t.sizes() == mean.sizes(), op, ": ", name, " must have the shape of mean ", mean.sizes(), ", got ",
-              t.sizes());
-  check_like(op, name, t, mean, "mean");
-}
-
-}  // namespace
-
-std::vector<int64_t> check_conv_stats(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
-  constexpr const char* op = "resnet_fused::conv_stats";
-  std::vector<int64_t> out_sizes = check_conv(op, x, weight, stride, padding, dilation, groups);
-  TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op, ": in_scale and in_shift must be given together");
-  if (in_scale.has_value()) {
-    check_channel_param(op, "in_scale", *in_scale, x, "x");
-    check_channel_param(op, "in_shift", *in_shift, x, "x");
-  }
-  return out_sizes;
-}
-
-void check_affine_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
-  constexpr const char* op = "resnet_fused::affine_relu";
-  check_activation(op, "x", x);
-  check_channel_param(op, "scale", scale, x, "x");
-  check_channel_param(op, "shift", shift, x, "x");
-}
-
-void check_affine_relu_backward(const at::Tensor& da, const at::Tensor& x, const at::Tensor& scale,
-                                const at::Tensor& shift) {
-  constexpr const char* op = "resnet_fused::affine_relu_backward";
-  check_activation(op, "x", x);
-  check_same_activation(op, "da", da, x, "x");
-  check_channel_param(op, "scale", scale, x, "x");
-  check_channel_param(op, "shift", shift, x, "x");
-}
-
-void check_conv_stats_backward_input(const at::Tensor& c, const at::Tensor& mean, const std::optional<at::Tensor>& dc,
-                                     const std::optional<at::Tensor>& dmean, const std::optional<at::Tensor>& dvar) {
-  constexpr const char* op = "resnet_fused::conv_stats_backward_input";
-  check_activation(op, "c", c);
-  check_channel_param(op, "mean", mean, c, "c");
-  if (dc.has_value()) {
-    check_same_activation(op, "dc", *dc, c, "c");
-  }
-  if (dmean.has_value()) {
-    check_channel_param(op, "dmean", *dmean, c, "c");
-  }
-  if (dvar.has_value()) {
-    check_channel_param(op, "dvar", *dvar, c, "c");
-  }
-}
-
-void check_scale_bias_add_relu_backward(
-    const at::Tensor& dout, const at::Tensor& c, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& idn, const std::optional<at::Tensor>& idn_scale, const std::optional<at::Tensor>& idn_shift) {
-  constexpr const char* op = "resnet_fused::scale_bias_add_relu_backward";
-  check_scale_bias_add_relu(op, c, scale, shift, idn, idn_scale, idn_shift);
-  check_same_activation(op, "dout", dout, c, "c");
-}
-
-void check_bn_finalize(const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-                       const std::optional<at::Tensor>& running_var, double count) {
-  constexpr const char* op = "resnet_fused::bn_finalize";
-  TORCH_CHECK(mean.dim() == 1, op, ": mean must be 1-D [C], got shape ", mean.sizes());
-  TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
-              ": mean must be float32 or float64, got ", mean.scalar_type());
-  check_like_mean(op, "var", var, mean);
-  if (weight.has_value()) {
-    check_like_mean(op, "weight", *weight, mean);
-  }
-  if (bias.has_value()) {
-    check_like_mean(op, "bias", *bias, mean);
-  }
-  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), op,
-              ": running_mean and running_var must be given together");
-  if (running_mean.has_value()) {
-    check_like_mean(op, "running_mean", *running_mean, mean);
-    check_like_mean(op, "running_var", *running_var, mean);
-    TORCH_CHECK(running_mean->is_contiguous() && running_var->is_contiguous(), op,
-                ": running_mean and running_var must be contiguous (they are updated in place)");
-    TORCH_CHECK(count > 1, op, ": count must be > 1 to update the running variance (unbiased), got ", count);
-  }
-}
 
 namespace {
 
@@ -158,8 +55,10 @@ at::Tensor affine_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
+    const std::optional<at::Tensor>& in_shift, c10::string_view engines) {
   check_conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  // One implementation on the CPU: the engine argument (common/engine.h) is only validated.
+  engine::parse("resnet_fused::conv_stats", std::string_view(engines.data(), engines.size()));
   const at::MemoryFormat mf = x.suggest_memory_format();
   const at::Tensor a = in_scale.has_value() ? affine_relu_cpu(x, *in_scale, *in_shift) : x;
   at::Tensor c = at::convolution(a, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
@@ -246,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "conv_stats(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "Tensor? in_scale, Tensor? in_shift) -> (Tensor c, Tensor mean, Tensor var)",
+      "Tensor? in_scale, Tensor? in_shift, str engines=\"auto\") -> (Tensor c, Tensor mean, Tensor var)",
       {at::Tag::pt2_compliant_tag});
   m.def("affine_relu(Tensor x, Tensor scale, Tensor shift) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def("conv_stats_backward_input(Tensor c, Tensor mean, Tensor? dc, Tensor? dmean, Tensor? dvar) -> Tensor",

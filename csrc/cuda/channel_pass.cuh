@@ -1,6 +1,6 @@
 // Per-channel passes over a dense [N, C, H, W] tensor (NHWC or NCHW): elementwise work with per-channel
 // coefficients, optionally fused with per-channel reductions, for the memory-bound kernels of the training path
-// (train_cuda.cu).
+// (train_ops.cu) and the eval epilogue (eval_ops.cu).
 //
 // A pass is a functor `Op` with
 //   State                          per-lane accumulator: NoState (pure elementwise pass), Sums<K> (K running sums)

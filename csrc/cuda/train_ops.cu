@@ -1,13 +1,14 @@
 // CUDA implementations of the training-path ops (fp32 / fp16 / bf16 activations; fp32 math and per-channel
-// vectors). The formulas are in train_ops.cpp; what each launch fuses:
+// vectors). The formulas are in ops/train_ops.cpp; what each launch fuses:
 //
-//   conv_stats                    float16 / bfloat16 channels_last calls the CUTLASS kernels cover: one
+//   conv_stats                    engines in the order of its `engines` argument (common/engine.h):
+//                                 cutlass: float16 / bfloat16 channels_last calls the CUTLASS kernels cover: one
 //                                 tensor-core implicit-GEMM launch whose epilogue writes per-tile statistics of c,
-//                                 plus their merge (conv_cutlass.h), the prologue applied on load or, where the
-//                                 kernel cannot, as one vectorized pass first. Otherwise: that pass (none without
+//                                 plus their merge (cutlass/conv_cutlass.h), the prologue applied on load or, where the
+//                                 kernel cannot, as one vectorized pass first; plain: that pass (none without
 //                                 in_scale), at::convolution (cuDNN), then ONE read of c for its per-channel mean
 //                                 and biased variance (Welford per thread, Chan merge of per-block partials:
-//                                 deterministic and robust to a large mean).
+//                                 deterministic and robust to a large mean); cudnn: not wired yet (declines).
 //   affine_relu                   one pass.
 //   scale_bias_add_relu           one pass: relu(c*s + t + idn*s_d + t_d) (or + idn), the block tail.
 //   conv_stats_backward_input     one pass: dc + dmean/n + dvar*2(c - mean)/n, reading dc and c once.
@@ -29,12 +30,15 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <tuple>
+#include <utility>
+#include <vector>
 
+#include "../common/checks.h"
+#include "../common/engine.h"
+#include "../cutlass/conv_cutlass.h"
 #include "channel_pass.cuh"
-#include "conv_cutlass.h"
-#include "ops.h"
-#include "train_ops.h"
 
 namespace resnet_fused {
 
@@ -471,48 +475,90 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_then_stats(const at::Tensor&
   return {c, mean, var};
 }
 
+using StatsResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Engine "cutlass" of conv_stats: cutlass_conv_stats (cutlass/conv_cutlass.h) is one implicit-GEMM launch whose
+// epilogue also writes per-tile statistics of c, plus their deterministic merge. The BN+ReLU prologue on load rounds
+// scale and shift to the activation dtype (CUTLASS's fusion mainloop keeps them in it), an error relative to
+// |x*s| + |t| rather than to the result. In float16 (2^-11) that is about the rounding c itself gets when stored;
+// in bfloat16 (2^-8) it is several times that, so by default bfloat16 inputs get the activated input made exactly
+// first (fp32 math, one rounding, as the reference) by one vectorized pass, and the same kernel runs on it;
+// fused_bf16_prologue() opts in to the fused bfloat16 path. Returns "" having run (result in `out`), or why not,
+// having launched nothing.
+std::string conv_stats_cutlass(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                               const std::optional<at::Tensor>& in_scale, const std::optional<at::Tensor>& in_shift,
+                               at::IntArrayRef out_sizes, at::MemoryFormat mf, StatsResult& out) {
+  if (!cutlass_built()) {
+    return kNoCutlass;
+  }
+  if (mf != at::MemoryFormat::ChannelsLast || (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)) {
+    return "the CUTLASS kernels run float16 / bfloat16 channels_last inputs only";
+  }
+  const at::Tensor no_vec;
+  at::Tensor c = empty_in_format(out_sizes, x.options(), mf);
+  at::Tensor mean = at::empty({out_sizes[1]}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty_like(mean);
+  const at::Tensor w = weight.contiguous(mf);  // KRSC filters for the kernel (copied only when NCHW)
+  std::string why;
+  const bool fuse_prologue = !in_scale.has_value() || x.scalar_type() != at::kBFloat16 || fused_bf16_prologue();
+  if (fuse_prologue) {
+    if (!cutlass_conv_stats(x, w, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
+                            padding, dilation, groups, &why)) {
+      return why;
+    }
+  } else {
+    // Whether the kernel covers the activated input (a fresh tensor of x's shape, dtype and layout) before
+    // making it.
+    why = cutlass_conv_stats_uncovered(empty_in_format(x.sizes(), x.options(), mf), w, no_vec, no_vec, c, mean, var,
+                                       stride, padding, dilation, groups);
+    if (!why.empty()) {
+      return why;
+    }
+    const at::Tensor a = affine_relu_cuda(x, *in_scale, *in_shift);
+    TORCH_CHECK(cutlass_conv_stats(a, w, no_vec, no_vec, c, mean, var, stride, padding, dilation, groups, &why),
+                "resnet_fused::conv_stats: the CUTLASS kernel checked as covered declined: ", why);
+  }
+  out = {c, mean, var};
+  return "";
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
     const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
+    const std::optional<at::Tensor>& in_shift, c10::string_view engines) {
   constexpr const char* op = "resnet_fused::conv_stats";
   const std::vector<int64_t> out_sizes =
       check_conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  const engine::Order order = engine::parse(op, std::string_view(engines.data(), engines.size()));
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
-
-  // Tensor cores first: cutlass_conv_stats (conv_cutlass.h) is one implicit-GEMM launch whose epilogue also
-  // writes per-tile statistics of c, plus their deterministic merge. It returns false, launching nothing, for a
-  // call it does not cover (float32, NCHW, groups > 1, channel counts not multiples of 8, ...).
-  // The BN+ReLU prologue on load rounds scale and shift to the activation dtype (CUTLASS's fusion mainloop keeps
-  // them in it), an error relative to |x*s| + |t| rather than to the result. In float16 (2^-11) that is about
-  // the rounding c itself gets when stored; in bfloat16 (2^-8) it is several times that, so by default bfloat16
-  // inputs get the activated input made exactly first (fp32 math, one rounding, as the reference) by one
-  // vectorized pass, and the same kernel runs on it; fused_bf16_prologue() opts in to the fused bfloat16 path.
-  const at::Tensor no_vec;
-  if (mf == at::MemoryFormat::ChannelsLast) {
-    at::Tensor c = empty_in_format(out_sizes, x.options(), mf);
-    at::Tensor mean = at::empty({out_sizes[1]}, x.options().dtype(at::kFloat));
-    at::Tensor var = at::empty_like(mean);
-    const bool fuse_prologue = x.scalar_type() != at::kBFloat16 || fused_bf16_prologue();
-    const at::Tensor w = weight.contiguous(mf);  // KRSC filters for the kernel (copied only when NCHW)
-    if ((!in_scale.has_value() || fuse_prologue) &&
-        cutlass_conv_stats(x, w, in_scale.value_or(no_vec), in_shift.value_or(no_vec), c, mean, var, stride,
-                           padding, dilation, groups)) {
-      return {c, mean, var};
+  std::vector<std::string> reasons;
+  for (int i = 0; i < order.count; ++i) {
+    const engine::Engine e = order.engines[i];
+    if (e == engine::Engine::kCudnn) {
+      // The cuDNN genstats graph (csrc/cudnn/) is not wired into conv_stats yet.
+      reasons.emplace_back("conv_stats does not run on cuDNN graphs yet");
+      continue;
     }
-    if (in_scale.has_value()) {
-      const at::Tensor a = affine_relu_cuda(x, *in_scale, *in_shift);
-      if (cutlass_conv_stats(a, w, no_vec, no_vec, c, mean, var, stride, padding, dilation, groups)) {
-        return {c, mean, var};
+    if (e == engine::Engine::kCutlass) {
+      StatsResult out;
+      std::string why = conv_stats_cutlass(x, weight, stride, padding, dilation, groups, in_scale, in_shift,
+                                           out_sizes, mf, out);
+      if (why.empty()) {
+        engine::record(e);
+        return out;
       }
-      return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
+      reasons.push_back(std::move(why));
+      continue;
     }
+    // Engine "plain": the prologue as one pass (none without in_scale), cuDNN, then one read of c for its statistics.
+    const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
+    engine::record(e);
+    return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
   }
-  // cuDNN, then one read of c for its statistics.
-  const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
-  return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
+  engine::decline(op, order, reasons);
 }
 
 at::Tensor conv_stats_backward_input_cuda(const at::Tensor& c, const at::Tensor& mean,

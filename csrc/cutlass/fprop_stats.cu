@@ -2,7 +2,8 @@
 // training path (interface and coverage rules in conv_cutlass.h).
 //
 // cutlass_conv_stats:  c = conv2d(x, W);  mean[k], var[k] (biased) of the stored c over its N*P*Q pixels.
-//   Mainloop and tiles as cutlass_conv_fprop (conv_cutlass_common.h), fp16 or bf16, fp32 accumulation.
+//   Mainloop as cutlass_conv_fprop's, one tile configuration (Tile128x128 of conv_cutlass_common.h), fp16 or bf16,
+//   fp32 accumulation; the same threadblock swizzle rule (1x1 convs) and direct launch (cutlass_conv::launch).
 //   Epilogue: EpilogueWithStats below, written for this kernel on CUTLASS's epilogue building blocks after the
 //   pattern of cutlass::epilogue::threadblock::EpilogueWithReduction. Each output tile goes through shared
 //   memory as usual, is rounded to the output dtype and stored. Every thread keeps, per column it owns, shifted
@@ -157,8 +158,18 @@ namespace resnet_fused {
 #ifndef RESNET_FUSED_WITH_CUTLASS
 
 bool cutlass_conv_stats(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                        at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+                        at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                        std::string* why) {
+  if (why != nullptr) {
+    *why = kNoCutlass;
+  }
   return false;
+}
+
+std::string cutlass_conv_stats_uncovered(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                         at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return kNoCutlass;
 }
 
 #else
@@ -444,7 +455,7 @@ struct ConvStats {
   static constexpr int kAccess = 128 / cutlass::sizeof_bits<Element>::value;  // 8 elements = 16 bytes
   using OutputOp = cutlass::epilogue::thread::LinearCombination<Element, kAccess, float, float,
                                                                 cutlass::epilogue::thread::ScaleType::Nothing>;
-  using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>;
+  using Swizzle = cutlass_conv::Swizzle;  // width chosen per call (cutlass_conv::swizzle_log_tile)
   using Base = typename cutlass::conv::kernel::DefaultConv2dFprop<
       Element, cutlass::layout::TensorNHWC, Element, cutlass::layout::TensorNHWC, Element,
       cutlass::layout::TensorNHWC, float, cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
@@ -460,6 +471,7 @@ struct ConvStats {
                                      OutputOp, typename Defaults::Padding>;
   using Kernel = cutlass::conv::kernel::ImplicitGemmConvolutionWithFusedEpilogue<typename Base::Mma, Epilogue, Swizzle,
                                                                                  cutlass::conv::Operator::kFprop>;
+  // Only for its static can_implement(): the kernel is launched directly (cutlass_conv::launch).
   using Conv = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
@@ -776,8 +788,8 @@ struct TileStatsPlan {
   size_t chunk_bytes = 0, tile_bytes = 0, bytes = 0;
 
   explicit TileStatsPlan(const cutlass::conv::Conv2dProblemSize& p) {
-    using Swizzle = cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<>;  // both kernels'
-    const cutlass::gemm::GemmCoord tiled = Swizzle().get_tiled_shape(
+    // Tile rows do not depend on the swizzle width.
+    const cutlass::gemm::GemmCoord tiled = cutlass_conv::Swizzle().get_tiled_shape(
         cutlass::conv::Operator::kFprop, p,
         {cutlass_conv::ThreadblockShape::kM, cutlass_conv::ThreadblockShape::kN, cutlass_conv::ThreadblockShape::kK},
         1);
@@ -809,29 +821,23 @@ void merge_tile_stats(const TileStatsPlan& plan, char* base, const cutlass::conv
 template <typename Element>
 void run_stats(const cutlass::conv::Conv2dProblemSize& p, void* x, void* w, void* c, float* mean, float* var,
                c10::DeviceIndex device) {
-  using Conv = typename ConvStats<Element>::Conv;
+  using Kernel = typename ConvStats<Element>::Kernel;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const TileStatsPlan plan(p);
 
-  // Workspace: the statistics part, then CUTLASS's own (none for one k slice). The epilogue's gather shares the
-  // kernel's shared memory with the mainloop (a union) and must not enlarge it.
+  // Workspace: the statistics part (CUTLASS needs none for one k slice). The epilogue's gather shares the kernel's
+  // shared memory with the mainloop (a union) and must not enlarge it.
   static_assert(sizeof(typename ConvStats<Element>::Epilogue::SharedStorage) <=
                     sizeof(typename ConvStats<Element>::Base::Mma::SharedStorage),
                 "the statistics gather must fit in the mainloop's shared memory");
-  const auto args = stats_arguments<Element>(p, x, w, c, nullptr);
-  const size_t cutlass_bytes = Conv::get_workspace_size(args);
-  const c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(plan.bytes + cutlass_bytes);
+  const c10::DataPtr workspace = c10::cuda::CUDACachingAllocator::get()->allocate(plan.bytes);
   auto* base = static_cast<char*>(workspace.get());
-  void* cutlass_workspace = cutlass_bytes > 0 ? base + plan.bytes : nullptr;
 
-  Conv conv;
-  cutlass::Status status =
-      conv.initialize(stats_arguments<Element>(p, x, w, c, plan.tile_stats(base)), cutlass_workspace, stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats initialize failed: ",
-              cutlass::cutlassGetStatusString(status));
-  status = conv.run(stream);
-  TORCH_CHECK(status == cutlass::Status::kSuccess, "resnet_fused: CUTLASS conv+stats launch failed: ",
-              cutlass::cutlassGetStatusString(status));
+  typename Kernel::Params params(stats_arguments<Element>(p, x, w, c, plan.tile_stats(base)), /*semaphore=*/nullptr);
+  params.swizzle_log_tile = cutlass_conv::swizzle_log_tile(p, params.grid_tiled_shape);
+  cutlass_conv::launch<Kernel>("CUTLASS conv+stats", params,
+                               cutlass_conv::swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream,
+                               device);
   cutlass_conv::count_launch();
   merge_tile_stats(plan, base, p, mean, var, stream);
 }
@@ -868,26 +874,21 @@ void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x
                                               stream>>>(in_scale, in_shift, p.C, scale_shift);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  const typename Kernel::Params params(p, static_cast<const Element*>(x), static_cast<const Element*>(w), scale_shift,
-                                       scale_shift + p.C, static_cast<Element*>(c), plan.tile_stats(base));
-  constexpr int smem_bytes = static_cast<int>(sizeof(typename Kernel::SharedStorage));
-  if (smem_bytes >= (48 << 10)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        smem_bytes));
-  }
-  const dim3 grid = typename Kernel::Swizzle().get_grid_shape(params.grid_tiled_shape);
-  cutlass::Kernel<Kernel><<<grid, dim3(Kernel::kThreadCount), smem_bytes, stream>>>(params);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  typename Kernel::Params params(p, static_cast<const Element*>(x), static_cast<const Element*>(w), scale_shift,
+                                 scale_shift + p.C, static_cast<Element*>(c), plan.tile_stats(base));
+  params.swizzle_log_tile = cutlass_conv::swizzle_log_tile(p, params.grid_tiled_shape);
+  cutlass_conv::launch<Kernel>("CUTLASS conv+stats with the BN+ReLU prologue", params,
+                               cutlass_conv::swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream,
+                               device);
   cutlass_conv::count_launch();
   merge_tile_stats(plan, base, p, mean, var, stream);
 }
 
-}  // namespace
-
-bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
-                        const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  constexpr const char* fn = "resnet_fused::cutlass_conv_stats";
+// The reason cutlass_conv_stats declines a call (for its *why), or nullptr when it runs it.
+const char* stats_uncovered(const char* fn, const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                            const at::Tensor& in_shift, const at::Tensor& c, const at::Tensor& mean,
+                            const at::Tensor& var, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups, cutlass::conv::Conv2dProblemSize& problem) {
   const bool prologue = in_scale.defined() || in_shift.defined();
   if (prologue) {
     TORCH_CHECK(in_scale.defined() && in_shift.defined(), fn, ": in_scale and in_shift must be given together");
@@ -897,22 +898,21 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
                 ": in_scale and in_shift must have shape [C = ", C, "], got ", in_scale.sizes(), " and ",
                 in_shift.sizes());
   }
-  cutlass::conv::Conv2dProblemSize problem;
-  if (!cutlass_conv::conv_problem(fn, x, w, c, stride, padding, dilation, groups, problem)) {
-    return false;
+  if (const char* why = cutlass_conv::conv_problem(fn, x, w, c, stride, padding, dilation, groups, problem)) {
+    return why;
   }
   const int64_t K = w.size(0);
   for (const at::Tensor* t : {&mean, &var}) {
     TORCH_CHECK(t->defined() && t->dim() == 1 && t->size(0) == K && t->scalar_type() == at::kFloat, fn,
                 ": mean and var must be float32 of shape [K = ", K, "]");
     if (t->device() != x.device() || !t->is_contiguous()) {
-      return false;
+      return "mean and var are not contiguous on x's device";
     }
   }
   if (prologue) {
     for (const at::Tensor* t : {&in_scale, &in_shift}) {
       if (t->scalar_type() != at::kFloat || t->device() != x.device() || !t->is_contiguous()) {
-        return false;
+        return "in_scale and in_shift are not contiguous float32 on x's device";
       }
     }
   }
@@ -921,9 +921,36 @@ bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tens
                                         : prologue_can_implement<cutlass::bfloat16_t>(problem))
                                 : (half ? stats_can_implement<cutlass::half_t>(problem)
                                         : stats_can_implement<cutlass::bfloat16_t>(problem));
-  if (!covered) {
+  return covered ? nullptr : "CUTLASS's can_implement refused the problem";
+}
+
+}  // namespace
+
+std::string cutlass_conv_stats_uncovered(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                                         const at::Tensor& in_shift, const at::Tensor& c, const at::Tensor& mean,
+                                         const at::Tensor& var, at::IntArrayRef stride, at::IntArrayRef padding,
+                                         at::IntArrayRef dilation, int64_t groups) {
+  cutlass::conv::Conv2dProblemSize problem;
+  const char* why = stats_uncovered("resnet_fused::cutlass_conv_stats", x, w, in_scale, in_shift, c, mean, var,
+                                    stride, padding, dilation, groups, problem);
+  return why != nullptr ? why : "";
+}
+
+bool cutlass_conv_stats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale,
+                        const at::Tensor& in_shift, at::Tensor& c, at::Tensor& mean, at::Tensor& var,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                        std::string* why) {
+  constexpr const char* fn = "resnet_fused::cutlass_conv_stats";
+  cutlass::conv::Conv2dProblemSize problem;
+  if (const char* reason = stats_uncovered(fn, x, w, in_scale, in_shift, c, mean, var, stride, padding, dilation,
+                                           groups, problem)) {
+    if (why != nullptr) {
+      *why = reason;
+    }
     return false;
   }
+  const bool prologue = in_scale.defined();
+  const bool half = x.scalar_type() == at::kHalf;
   const c10::cuda::CUDAGuard guard(x.device());
   void* x_ptr = const_cast<void*>(x.const_data_ptr());
   void* w_ptr = const_cast<void*>(w.const_data_ptr());
