@@ -20,13 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-try:
-    import resnet_fused._C  # noqa: F401
-except ImportError as err:
-    if torch.cuda.is_available():  # a failed build on a GPU machine fails the test step instead of skipping it
-        raise ImportError(f"resnet_fused._C is not built on a machine with a GPU: {err}") from err
-    pytest.skip(f"resnet_fused._C is not built (pip install --no-build-isolation -e .): {err}",
-                allow_module_level=True)
+from extension import import_extension
+
+import_extension()
 
 from test_cuda_ext import conv2d_fp64
 from tolerances import TOL, assert_close
@@ -343,6 +339,39 @@ def test_gradcheck_conv_stats(prologue):
     assert torch.autograd.gradcheck(fn, tensors, fast_mode=True)
 
 
+MASKS = {"both": (True, True), "input": (True, False), "weight": (False, True)}
+
+
+@pytest.mark.parametrize("mask", MASKS.values(), ids=MASKS.keys())
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("config", CONV_CONFIGS.values(), ids=CONV_CONFIGS.keys())
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_conv_stats_backward_conv_cpu(dtype, fmt, config, prologue, mask):
+    """The conv's backward given g = dL/dc: dx, dW, d in_scale, d in_shift against autograd through the fp64
+    formula; outputs output_mask did not ask for (and the prologue's without one) are 0-element tensors."""
+    torch.manual_seed(10)
+    x, w, st, pd, dl, g, s, t = _conv_stats_args(config, dtype, FORMATS[fmt], prologue, requires_grad=True)
+    c = conv_stats_formula(x, w, st, pd, dl, g, s, t)[0]
+    grad = _rand(*c.shape, dtype=dtype, mf=FORMATS[fmt])
+    got = ops.conv_stats_backward_conv(grad, x.detach(), w.detach(), st, pd, dl, g, _detach(s), _detach(t),
+                                       list(mask))
+    want = _grads([c], [x, w, s, t], [grad])
+    asked = (mask[0], mask[1], mask[0] and prologue, mask[0] and prologue)
+    for name, a, b, on in zip(("dx", "dweight", "dscale", "dshift"), got, want, asked):
+        if not on:
+            assert a.numel() == 0, name
+            continue
+        assert a.shape == b.shape and a.dtype == (b.dtype if name in ("dscale", "dshift") else dtype), name
+        assert_close(a.double(), b.double(), dtype=dtype, scale=SUM_SCALE, msg=name)
+    if mask[0]:
+        _assert_dense_like(got[0], x)
+
+
+def _detach(t):
+    return None if t is None else t.detach()
+
+
 @pytest.mark.parametrize("dual", [False, True], ids=["identity", "downsample"])
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_scale_bias_add_relu_grads_match_reference(fmt, dual):
@@ -540,8 +569,8 @@ def test_block_training_through_extension_cpu_kernels(monkeypatch, case, fmt):
             y_fused.backward(grad)
         y_tv.backward(grad)
         assert log.counts == {"conv_stats": len(bns), "bn_finalize": len(bns), "scale_bias_add_relu": 1,
-                              "conv_stats_backward_input": len(bns), "affine_relu": len(bns) - 1 - down,
-                              "affine_relu_backward": len(bns) - 1 - down, "scale_bias_add_relu_backward": 1}
+                              "conv_stats_backward_input": len(bns), "conv_stats_backward_conv": len(bns),
+                              "scale_bias_add_relu_backward": 1}
         _assert_block_matches(fused, tv, y_fused, y_tv, x_fused, x_tv, torch.float64, when=f", step {step}")
         for opt in (opt_tv, opt_fused):
             opt.step()
@@ -602,6 +631,11 @@ def _opcheck_cases():
         x, s, t, da = _rand(2, 5, 4, 3, mf=mf), _rand(5), _rand(5), _rand(2, 5, 4, 3, mf=mf)
         yield f"affine_relu_{fmt}", ops.affine_relu.default, (x, s, t)
         yield f"affine_relu_backward_{fmt}", ops.affine_relu_backward.default, (da, x, s, t)
+        for prologue in (False, True):
+            xc, wc, st, pd, dl, g, sc, sh = _conv_stats_args(CONV_CONFIGS["1x1_s2"], torch.float32, mf, prologue)
+            grad = _rand(2, 4, 4, 4, mf=mf)
+            yield (f"conv_stats_backward_conv_{fmt}_{'prologue' if prologue else 'plain'}",
+                   ops.conv_stats_backward_conv.default, (grad, xc, wc, st, pd, dl, g, sc, sh, [True, True]))
         for present_name, (has_dc, has_dmean, has_dvar) in PRESENT.items():
             args = (x, s, da if has_dc else None, t if has_dmean else None, _rand(5) if has_dvar else None)
             yield f"conv_stats_backward_input_{fmt}_{present_name}", ops.conv_stats_backward_input.default, args
@@ -646,6 +680,19 @@ BAD_INPUTS = {
                                                 _x(4, dtype=torch.float16)), "in_shift must be float32"),
     "conv_stats_stride": (ops.conv_stats, (_x(2, 4, 6, 6), _x(8, 4, 3, 3), [0, 1], [1, 1], [1, 1], 1, None, None),
                           "stride must be >= 1"),
+    "conv_backward_g_shape": (ops.conv_stats_backward_conv, (_x(2, 8, 6, 5), _x(2, 4, 6, 6), _x(8, 4, 3, 3), [1, 1],
+                                                             [1, 1], [1, 1], 1, None, None, [True, True]),
+                              "resnet_fused::conv_stats_backward_conv: g must have the conv's output shape"),
+    "conv_backward_g_dtype": (ops.conv_stats_backward_conv, (_x(2, 8, 6, 6, dtype=torch.float64), _x(2, 4, 6, 6),
+                                                             _x(8, 4, 3, 3), [1, 1], [1, 1], [1, 1], 1, None, None,
+                                                             [True, True]), "g must have the dtype of x"),
+    "conv_backward_shift_alone": (ops.conv_stats_backward_conv, (_x(2, 8, 6, 6), _x(2, 4, 6, 6), _x(8, 4, 3, 3),
+                                                                 [1, 1], [1, 1], [1, 1], 1, None, _x(4),
+                                                                 [True, True]),
+                                  "in_scale and in_shift must be given together"),
+    "conv_backward_engine": (ops.conv_stats_backward_conv, (_x(2, 8, 6, 6), _x(2, 4, 6, 6), _x(8, 4, 3, 3), [1, 1],
+                                                            [1, 1], [1, 1], 1, None, None, [True, True], "fast"),
+                             "unknown engine 'fast'"),
     "affine_relu_int": (ops.affine_relu, (torch.ones(2, 4, 3, 3, dtype=torch.int32), _x(4), _x(4)),
                         "resnet_fused::affine_relu: x must be float32/float64/float16/bfloat16"),
     "affine_relu_scale_size": (ops.affine_relu, (_x(2, 4, 3, 3), _x(3), _x(4)), "scale must be 1-D of size C = 4"),
@@ -952,3 +999,116 @@ def test_conv_stats_cuda_takes_the_tensor_core_kernel(dtype, prologue, cuda_buil
     assert direct[3]
     for name, a, b in zip(("c", "mean", "var"), got, direct[:3]):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------------------------- GPU: the engines
+
+
+def _engine_declined(err, engine):
+    """Whether ``err`` is the op's refusal of a forced engine (not a failure)."""
+    return f"engine '{engine}' cannot run this call: " in str(err)
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "cutlass", "plain"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_stats_cuda_engines(dtype, prologue, engine, cuda_build):
+    """conv_stats on each engine alone: c against the fp64 formula, mean / biased variance against fp64 statistics
+    of the op's own c — with half of the channels' means 64 times their spread, where fp32 Σc / Σc² (cuDNN's
+    genstats) cannot resolve the variance and the cudnn engine must recompute them exactly. plain always runs;
+    cutlass runs these covered calls; cudnn runs them when built with the frontend, else declines."""
+    torch.manual_seed(26)
+    x, w, st, pd, dl, g, s, t = _conv_stats_cuda_args(dtype, torch.channels_last, prologue)
+    if not prologue:
+        offset = torch.zeros(64, device="cuda")
+        offset[::2] = 64.0
+        x = (x.float() + offset.view(1, -1, 1, 1)).to(dtype).contiguous(memory_format=torch.channels_last)
+        eye = torch.eye(64, device="cuda").view(64, 64, 1, 1) * 0.5
+        w = (w.float() * 0.1 + torch.nn.functional.pad(eye, (1, 1, 1, 1))).to(dtype)
+        w = w.contiguous(memory_format=torch.channels_last)
+    try:
+        c, mean, var = ops.conv_stats(x, w, st, pd, dl, g, s, t, engine)
+    except RuntimeError as err:
+        assert _engine_declined(err, engine), err
+        assert engine == "cudnn" and cuda_backend.build_info()["cudnn_frontend"] is None, err
+        return
+    assert cuda_backend._ext.last_engine().split()[0] == engine
+    c_ref, _, _ = conv_stats_formula(x, w, st, pd, dl, g, s, t)
+    assert_close(c.double(), c_ref, dtype=dtype)
+    var_ref, mean_ref = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    if not prologue:
+        assert (mean_ref[::2].abs() > 16 * var_ref[::2].sqrt()).all()  # the ill-conditioned channels are there
+    # cudnn: the documented bound of a channel kept from the fp32 sums (cudnn_graph.h: 3ρ/τ with ρ = 2^-16, τ =
+    # 2^-5); the others' centred statistics: fp32 summation
+    var_rtol = 1.5e-3 if engine == "cudnn" else 1e-4
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-5, atol=1e-5 * var_ref.max().sqrt().item())
+    torch.testing.assert_close(var.double(), var_ref, rtol=var_rtol, atol=0)
+
+
+def _off_relu_kink(x, s, t):
+    """x with every element whose BN pre-activation x·s + t lies within 1e-2 of 0 moved to where it is 0.5: there
+    the ReLU mask of a fp32 computation may differ from the fp64 one."""
+    pre = x.double() * _chan64(s) + _chan64(t)
+    moved = ((0.5 - _chan64(t)) / _chan64(s)).expand_as(pre)
+    return torch.where(pre.abs() < 1e-2, moved, x.double()).to(x.dtype).contiguous(
+        memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else
+        torch.contiguous_format)
+
+
+@pytest.mark.parametrize("engine", ["cudnn", "cutlass", "plain"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_stats_backward_conv_cuda_engines(dtype, prologue, engine, cuda_build):
+    """The conv's backward on each engine alone against the op's fp64 CPU kernel on the same inputs: dx and dW at
+    the dtype's tolerance (dW, a sum over N·H·W, at SUM_SCALE times it), the prologue's per-channel sums at fp32's.
+    cutlass (forward kernels only) declines; cudnn declines only without the frontend or where cuDNN refuses the
+    graph, for fp32 without TF32 (its reason is checked); plain runs everything."""
+    torch.manual_seed(27)
+    x, w, st, pd, dl, g, s, t = _conv_stats_cuda_args(dtype, torch.channels_last, prologue)
+    if prologue:
+        x = _off_relu_kink(x, s, t)
+    grad = torch.randn(4, 64, 14, 14, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    args = (grad, x, w, st, pd, dl, g, s, t, [True, True])
+    try:
+        got = ops.conv_stats_backward_conv(*args, engine)
+    except RuntimeError as err:
+        assert _engine_declined(err, engine), err
+        assert engine == "cutlass" or (engine == "cudnn" and (
+            cuda_backend.build_info()["cudnn_frontend"] is None or dtype == torch.float32)), err
+        return
+    assert engine != "cutlass", "the cutlass engine ran a backward"
+    assert cuda_backend._ext.last_engine().split()[0] == engine
+    want = ops.conv_stats_backward_conv(*(_cpu64(a) if isinstance(a, torch.Tensor) else a for a in args))
+    for i, (name, a, e) in enumerate(zip(("dx", "dweight", "dscale", "dshift"), got, want)):
+        if not prologue and i > 1:
+            assert a.numel() == 0 and e.numel() == 0, name
+        elif i == 1:
+            assert_close(a.detach().cpu().double(), e, dtype=dtype, scale=SUM_SCALE, msg=name)
+        else:
+            _check_gpu(a, e, dtype, reduced=i > 1, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_conv_stats_cudnn_engine_declines_under_graph_capture(cuda_build):
+    """The cudnn engine's exact-variance check synchronizes with the host: while a CUDA graph is captured it
+    declines, and "auto" falls through to an engine that captures."""
+    if cuda_backend.build_info()["cudnn_frontend"] is None:
+        pytest.skip("built without the cuDNN frontend")
+    x, w, st, pd, dl, g, s, t = _conv_stats_cuda_args(torch.float16, torch.channels_last, True)
+    ops.conv_stats(x, w, st, pd, dl, g, s, t, "cutlass,plain")  # warm-up outside the capture
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        with pytest.raises(RuntimeError, match="CUDA graph capture"):
+            ops.conv_stats(x, w, st, pd, dl, g, s, t, "cudnn")
+        c, mean, var = ops.conv_stats(x, w, st, pd, dl, g, s, t)
+    graph.replay()
+    torch.cuda.synchronize()
+    c_ref, mean_ref, var_ref = ops.conv_stats(x, w, st, pd, dl, g, s, t, "plain")
+    assert_close(c.double(), c_ref.double(), dtype=torch.float16)
+    torch.testing.assert_close(var, var_ref, rtol=1e-4, atol=1e-6)

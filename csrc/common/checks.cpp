@@ -248,17 +248,42 @@ void check_like_mean(const char* op, const char* name, const at::Tensor& t, cons
 
 }  // namespace
 
-std::vector<int64_t> check_conv_stats(
-    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
-    const std::optional<at::Tensor>& in_shift) {
-  constexpr const char* op = "resnet_fused::conv_stats";
+namespace {
+
+// The conv and prologue arguments of conv_stats and of its backward.
+std::vector<int64_t> check_prologue_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                         int64_t groups, const std::optional<at::Tensor>& in_scale,
+                                         const std::optional<at::Tensor>& in_shift) {
   std::vector<int64_t> out_sizes = check_conv(op, x, weight, stride, padding, dilation, groups);
   TORCH_CHECK(in_scale.has_value() == in_shift.has_value(), op, ": in_scale and in_shift must be given together");
   if (in_scale.has_value()) {
     check_channel_param(op, "in_scale", *in_scale, x, "x");
     check_channel_param(op, "in_shift", *in_shift, x, "x");
   }
+  return out_sizes;
+}
+
+}  // namespace
+
+std::vector<int64_t> check_conv_stats(
+    const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift) {
+  return check_prologue_conv("resnet_fused::conv_stats", x, weight, stride, padding, dilation, groups, in_scale,
+                             in_shift);
+}
+
+std::vector<int64_t> check_conv_stats_backward_conv(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift) {
+  constexpr const char* op = "resnet_fused::conv_stats_backward_conv";
+  std::vector<int64_t> out_sizes =
+      check_prologue_conv(op, x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  TORCH_CHECK(g.sizes() == at::IntArrayRef(out_sizes), op, ": g must have the conv's output shape ",
+              at::IntArrayRef(out_sizes), ", got ", g.sizes());
+  check_like(op, "g", g, x, "x");
   return out_sizes;
 }
 

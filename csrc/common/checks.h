@@ -74,6 +74,13 @@ std::vector<int64_t> check_conv_stats(
     at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
     const std::optional<at::Tensor>& in_shift);
 
+// conv_stats_backward_conv: x, weight, the conv parameters and the prologue as conv_stats; g of conv_stats' output
+// shape (returned), dtype and device.
+std::vector<int64_t> check_conv_stats_backward_conv(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift);
+
 // affine_relu: x 4-D floating, scale / shift per-channel vectors of x.
 void check_affine_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift);
 

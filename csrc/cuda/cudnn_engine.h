@@ -5,7 +5,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
+#include <optional>
 #include <string>
+#include <tuple>
 
 #include "../common/conv_args.h"
 
@@ -21,6 +24,29 @@ std::string unavailable();
 //   out          the output, preallocated dense in x's memory format
 // Returns "" when it ran, else cuDNN's reason for refusing (then nothing was written to out).
 std::string conv_bn_act(const ConvBnActArgs& a, const at::Tensor& scale_shift, at::Tensor& out);
+
+// conv_stats on cuDNN graphs: c = conv(relu(x·in_scale + in_shift) or x, W) with Σc and Σc² per channel from the
+// same graph (genstats), then the batch mean and biased variance by cudnn_graph::genstats_mean_var, which recomputes
+// exactly every channel whose variance the fp32 sums cannot resolve (|mean| ≫ std): the variance is never worse
+// than the other engines'. That check costs one host synchronization, so the engine declines while the current
+// stream is capturing a CUDA graph. out = (c, mean, var): c dense in `mf`, mean / var fp32 [K].
+// Returns "" when it ran, else why not (nothing written to out).
+std::string conv_stats(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+                       const std::optional<at::Tensor>& in_shift, at::IntArrayRef out_sizes, at::MemoryFormat mf,
+                       std::tuple<at::Tensor, at::Tensor, at::Tensor>& out);
+
+// conv_stats_backward_conv (ops/train_ops.h) on cuDNN graphs: dW by the wgrad graph, which recomputes a =
+// relu(x·in_scale + in_shift) on load (a is never written to memory); with a prologue the input side by the dgrad
+// graph with the ReLU's mask [x·in_scale + in_shift > 0] applied to its output, then affine_relu_backward's pass for
+// dx = g·in_scale, dscale = Σ g·x, dshift = Σ g; without one, dx is cuDNN's plain dgrad (at::convolution_backward:
+// no ReLU to fuse). out = (dx, dweight, dscale, dshift) as the op returns them. Returns "" when it ran, else why not;
+// when the wgrad graph is the one refused, the input side's work is discarded.
+std::string conv_stats_backward_conv(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                     int64_t groups, const std::optional<at::Tensor>& in_scale,
+                                     const std::optional<at::Tensor>& in_shift, std::array<bool, 2> output_mask,
+                                     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& out);
 
 }  // namespace cudnn_engine
 }  // namespace resnet_fused

@@ -8,11 +8,18 @@
 //                                 kernel cannot, as one vectorized pass first; plain: that pass (none without
 //                                 in_scale), at::convolution (cuDNN), then ONE read of c for its per-channel mean
 //                                 and biased variance (Welford per thread, Chan merge of per-block partials:
-//                                 deterministic and robust to a large mean); cudnn: not wired yet (declines).
+//                                 deterministic and robust to a large mean); cudnn: ONE cuDNN graph for the
+//                                 prologue, the conv and per-channel Σc / Σc² (genstats), then the mean and
+//                                 variance with every ill-conditioned channel recomputed exactly
+//                                 (cudnn_engine.h; one host sync, so it declines under CUDA graph capture).
 //   affine_relu                   one pass.
 //   scale_bias_add_relu           one pass: relu(c*s + t + idn*s_d + t_d) (or + idn), the block tail.
 //   conv_stats_backward_input     one pass: dc + dmean/n + dvar*2(c - mean)/n, reading dc and c once.
 //   affine_relu_backward          one pass writing dx and the per-block sums of g*x and g, then their merge.
+//   conv_stats_backward_conv      engines: cudnn (cudnn_engine.h: the wgrad graph recomputing the prologue on
+//                                 load, the dgrad graph with the ReLU mask fused, then affine_relu_backward's pass);
+//                                 plain (ops/train_ops.h: affine_relu, aten convolution_backward,
+//                                 affine_relu_backward); cutlass declines.
 //   scale_bias_add_relu_backward  one pass that recomputes the ReLU mask from c and idn (the forward saves no
 //                                 output), writes dc and didn and the per-block sums of g*c, g (and g*idn), then
 //                                 their merge.
@@ -27,6 +34,7 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -38,7 +46,9 @@
 #include "../common/checks.h"
 #include "../common/engine.h"
 #include "../cutlass/conv_cutlass.h"
+#include "../ops/train_ops.h"
 #include "channel_pass.cuh"
+#include "cudnn_engine.h"
 
 namespace resnet_fused {
 
@@ -538,8 +548,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
   for (int i = 0; i < order.count; ++i) {
     const engine::Engine e = order.engines[i];
     if (e == engine::Engine::kCudnn) {
-      // The cuDNN genstats graph (csrc/cudnn/) is not wired into conv_stats yet.
-      reasons.emplace_back("conv_stats does not run on cuDNN graphs yet");
+      std::string why = cudnn_engine::unavailable();
+      StatsResult out;
+      if (why.empty()) {
+        why = cudnn_engine::conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift, out_sizes,
+                                       mf, out);
+      }
+      if (why.empty()) {
+        engine::record(e);
+        return out;
+      }
+      reasons.push_back(std::move(why));
       continue;
     }
     if (e == engine::Engine::kCutlass) {
@@ -557,6 +576,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
     const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
     engine::record(e);
     return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
+  }
+  engine::decline(op, order, reasons);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_conv_cuda(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, std::array<bool, 2> output_mask, c10::string_view engines) {
+  constexpr const char* op = "resnet_fused::conv_stats_backward_conv";
+  check_conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  const engine::Order order = engine::parse(op, std::string_view(engines.data(), engines.size()));
+  check_cuda_dtype(op, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<std::string> reasons;
+  for (int i = 0; i < order.count; ++i) {
+    const engine::Engine e = order.engines[i];
+    if (e == engine::Engine::kCudnn) {
+      std::string why = cudnn_engine::unavailable();
+      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+      if (why.empty()) {
+        why = cudnn_engine::conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups, in_scale,
+                                                     in_shift, output_mask, out);
+      }
+      if (why.empty()) {
+        engine::record(e);
+        return out;
+      }
+      reasons.push_back(std::move(why));
+      continue;
+    }
+    if (e == engine::Engine::kCutlass) {
+      reasons.emplace_back("the CUTLASS kernels are forward convolutions only");
+      continue;
+    }
+    engine::record(e);
+    return conv_stats_backward_conv_composite(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift,
+                                              output_mask);
   }
   engine::decline(op, order, reasons);
 }
@@ -731,6 +787,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CUDA, m) {
   m.impl("affine_relu", &affine_relu_cuda);
   m.impl("conv_stats_backward_input", &conv_stats_backward_input_cuda);
   m.impl("affine_relu_backward", &affine_relu_backward_cuda);
+  m.impl("conv_stats_backward_conv", &conv_stats_backward_conv_cuda);
   m.impl("scale_bias_add_relu", &scale_bias_add_relu_cuda);
   m.impl("scale_bias_add_relu_backward", &scale_bias_add_relu_backward_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);

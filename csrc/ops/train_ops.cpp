@@ -6,6 +6,13 @@
 //   affine_relu:                   a = relu(x*scale[k] + shift[k])  (backward recomputes a conv's activated input)
 //   conv_stats_backward_input:     dc' = dc + dmean[k]/n + dvar[k]*2(c - mean[k])/n  (n = values per channel)
 //   affine_relu_backward:          g = da*[x*scale + shift > 0]; dx = g*scale, dscale = Σ g*x, dshift = Σ g
+//   conv_stats_backward_conv:      conv_stats' convolution backward, given g = dL/dc (conv_stats_backward_input's
+//                                  result): dW = wgrad(g, a) with a = relu(x*in_scale + in_shift) (or x), and
+//                                  dx, dscale, dshift = affine_relu_backward(dgrad(g, W), x, in_scale, in_shift) (dx =
+//                                  dgrad(g, W) without a prologue, dscale / dshift then not computed). output_mask =
+//                                  [input side, weight]; an output not asked for is a 0-element tensor. CUDA
+//                                  engines: cudnn (the wgrad graph recomputing a on load, the dgrad graph with the
+//                                  ReLU mask fused) or plain (this composition)
 //   scale_bias_add_relu_backward:  g = dout*[z > 0], z = scale_bias_add_relu's pre-activation recomputed from its
 //                                  inputs; dc = g*s, dscale = Σ g*c, dshift = Σ g, didn = g (or g*s_d with
 //                                  didn_scale = Σ g*idn; the gradient of idn_shift is dshift)
@@ -19,6 +26,7 @@
 // (resnet_fused/backends/cuda.py).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <string_view>
@@ -26,6 +34,7 @@
 
 #include "../common/checks.h"
 #include "../common/engine.h"
+#include "train_ops.h"
 
 namespace resnet_fused {
 
@@ -140,7 +149,56 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_conv_cpu(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, std::array<bool, 2> output_mask, c10::string_view engines) {
+  check_conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift);
+  engine::parse("resnet_fused::conv_stats_backward_conv", std::string_view(engines.data(), engines.size()));
+  return conv_stats_backward_conv_composite(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift,
+                                            output_mask);
+}
+
 }  // namespace
+
+at::Tensor not_computed(const at::TensorOptions& like) { return at::empty({0}, like); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_conv_composite(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
+    const std::optional<at::Tensor>& in_shift, std::array<bool, 2> output_mask) {
+  static const auto affine_relu = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("resnet_fused::affine_relu", "")
+                                      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  static const auto affine_relu_backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resnet_fused::affine_relu_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&)>();
+  const bool prologue = in_scale.has_value();
+  const at::TensorOptions per_channel = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor dx = not_computed(x.options()), dw = not_computed(weight.options());
+  at::Tensor dscale = not_computed(per_channel), dshift = not_computed(per_channel);
+  if (!output_mask[0] && !output_mask[1]) {
+    return {dx, dw, dscale, dshift};
+  }
+  // The weight gradient needs the activated input; the input gradient only its shape.
+  const at::Tensor a = prologue && output_mask[1] ? affine_relu.call(x, *in_scale, *in_shift) : x;
+  auto [da, dw_, unused] = at::convolution_backward(g, a, weight, std::nullopt, stride, padding, dilation,
+                                                    /*transposed=*/false, {0, 0}, groups,
+                                                    {output_mask[0], output_mask[1], false});
+  if (output_mask[1]) {
+    dw = dw_;
+  }
+  if (output_mask[0]) {
+    if (prologue) {
+      std::tie(dx, dscale, dshift) = affine_relu_backward.call(da, x, *in_scale, *in_shift);
+    } else {
+      dx = da;
+    }
+  }
+  return {dx, dw, dscale, dshift};
+}
 
 TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
@@ -153,6 +211,11 @@ TORCH_LIBRARY_FRAGMENT(resnet_fused, m) {
   m.def(
       "affine_relu_backward(Tensor da, Tensor x, Tensor scale, Tensor shift) "
       "-> (Tensor dx, Tensor dscale, Tensor dshift)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "conv_stats_backward_conv(Tensor g, Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups, Tensor? in_scale, Tensor? in_shift, bool[2] output_mask, str engines=\"auto\") "
+      "-> (Tensor dx, Tensor dweight, Tensor dscale, Tensor dshift)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "scale_bias_add_relu_backward(Tensor dout, Tensor c, Tensor scale, Tensor shift, Tensor idn, "
@@ -170,6 +233,7 @@ TORCH_LIBRARY_IMPL(resnet_fused, CPU, m) {
   m.impl("affine_relu", &affine_relu_cpu);
   m.impl("conv_stats_backward_input", &conv_stats_backward_input_cpu);
   m.impl("affine_relu_backward", &affine_relu_backward_cpu);
+  m.impl("conv_stats_backward_conv", &conv_stats_backward_conv_cpu);
   m.impl("scale_bias_add_relu_backward", &scale_bias_add_relu_backward_cpu);
   m.impl("bn_finalize", &bn_finalize_cpu);
 }

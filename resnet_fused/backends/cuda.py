@@ -32,13 +32,17 @@ What is fused, and why:
 
 Backward keeps what NormConv keeps: ``conv_stats`` saves x, W, in_scale, in_shift, c and mean; the tail saves its
 inputs, not its output. Its passes are fused kernels too: ``conv_stats_backward_input`` (the gradient through the
-statistics), ``affine_relu`` (the activated input recomputed for the weight gradient), ``affine_relu_backward``
-(dx with Σ g·x and Σ g in one pass) and ``scale_bias_add_relu_backward`` (ReLU mask recomputed from the inputs, dc,
-didn and the per-channel sums in one pass), around ``aten.convolution_backward`` for the convolutions.
+statistics), then ``conv_stats_backward_conv`` (the convolution's backward: dW with the activated input recomputed
+— by an ``affine_relu`` pass, or on load inside cuDNN's wgrad graph — and dgrad followed by ``affine_relu_backward``,
+dx with Σ g·x and Σ g in one pass, the ReLU mask fused into cuDNN's dgrad graph on the cudnn engine), and
+``scale_bias_add_relu_backward`` (ReLU mask recomputed from the inputs, dc, didn and the per-channel sums in one
+pass).
 
-Engines: ``conv_bn_act`` and ``conv_stats`` on CUDA tensors each have several implementations — ``cudnn``
-(cuDNN's fusion graphs, csrc/cudnn/, when built with the cuDNN frontend; ``conv_stats`` not yet), ``cutlass`` (the
-CUTLASS kernels above) and ``plain`` (cuDNN's convolution plus the fused passes above; runs everything). The op
+Engines: ``conv_bn_act``, ``conv_stats`` and ``conv_stats_backward_conv`` on CUDA tensors each have several
+implementations — ``cudnn`` (cuDNN's fusion graphs, csrc/cudnn/, when built with the cuDNN frontend; for
+``conv_stats`` the genstats graph, every channel whose variance its fp32 sums cannot resolve recomputed exactly),
+``cutlass`` (the CUTLASS kernels above; forward only) and ``plain`` (cuDNN's convolution plus the fused passes above;
+runs everything). The op
 tries them in the order its ``engines`` argument gives, an engine that cannot run a call declining with its reason.
 The order is chosen per (op, shape, dtype): ``forced_engine(name)`` or ``RESNET_FUSED_CUDA_ENGINE=name`` forces one
 (a call it cannot run raises ``RuntimeError`` with its reason); otherwise each engine is timed on the key's first
@@ -293,19 +297,10 @@ def _write_engine_disk(env: str, key: str, entry: dict) -> None:
                       stacklevel=4)
 
 
-def _cuda_time(fn: Callable[[], object], reps: int = _MEASURE_REPS) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` CUDA-event-timed calls, after one untimed call (which raises
-    if the engine declines)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _cuda_time(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` over _MEASURE_REPS CUDA-event-timed calls, after one untimed call (which raises
+    if the engine declines): ``auto``'s timer."""
+    return autoselect._cuda_timer(fn, _MEASURE_REPS)
 
 
 def measure_engines(run: Callable[[str], object], timer: Callable[[Callable[[], object]], float] = _cuda_time,
@@ -464,6 +459,15 @@ def _conv_stats_backward_input_fake(c, mean, dc, dmean, dvar):
     return _like(c)
 
 
+def _conv_stats_backward_conv_fake(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift, output_mask,
+                                   engines="auto"):
+    side, wgrad = output_mask
+    sums = side and in_scale is not None
+    dx = _like(x) if side else x.new_empty((0,))
+    dw = _like(weight) if wgrad else weight.new_empty((0,))
+    return dx, dw, _channel_vec(x, None if sums else 0), _channel_vec(x, None if sums else 0)
+
+
 def _affine_relu_backward_fake(da, x, scale, shift):
     return _like(x), _channel_vec(x), _channel_vec(x)
 
@@ -513,9 +517,9 @@ def _conv_stats_setup_context(ctx, inputs, output):
 
 
 def _conv_stats_backward(ctx, dc, dmean, dvar):
-    """dc' = dc + dmean/n + dvar·2(c − mean)/n (one pass); (da, dW) = convolution_backward(dc', a, W), where the
-    weight gradient recomputes a = relu(x*s + t); then through the prologue in one pass: g = da·[x*s + t > 0],
-    dx = g*s, ds = Σ g·x, dt = Σ g."""
+    """dc' = dc + dmean/n + dvar·2(c − mean)/n (one pass); then ``conv_stats_backward_conv``: dW with the activated
+    input a = relu(x*s + t) recomputed (on load by the cudnn engine), and through the prologue: g = dgrad(dc', W)·
+    [x*s + t > 0], dx = g*s, ds = Σ g·x, dt = Σ g. Its engine is chosen like the forward's (own key)."""
     x, weight, in_scale, in_shift, c, mean = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv
     need = ctx.needs_input_grad
@@ -525,16 +529,17 @@ def _conv_stats_backward(ctx, dc, dmean, dvar):
     if (dc is None and dmean is None and dvar is None) or not (need_a or need[1]):
         return none
     g = torch.ops.resnet_fused.conv_stats_backward_input(c, mean, dc, dmean, dvar)
-    # the weight gradient needs the activated input; the input gradient only its shape
-    a = torch.ops.resnet_fused.affine_relu(x, in_scale, in_shift) if prologue and need[1] else x
-    da, dw, _ = torch.ops.aten.convolution_backward(g, a, weight, None, stride, padding, dilation, False, [0, 0],
-                                                    groups, [need_a, need[1], False])
-    del a, g
-    if da is None or not prologue:
-        return da, dw, None, None, None, None, None, None, None
-    dx, ds, dt = torch.ops.resnet_fused.affine_relu_backward(da, x, in_scale, in_shift)
-    return ((dx if need[0] else None), dw, None, None, None, None, (ds if need[6] else None),
-            (dt if need[7] else None), None)
+    args = (g, x, weight, stride, padding, dilation, groups, in_scale, in_shift, [need_a, need[1]])
+    key = _shape_key("conv_stats_backward_conv", x, weight, stride, padding, dilation, groups, prologue, need_a,
+                     need[1])
+    engines = _engines_for(x, key, lambda engine: torch.ops.resnet_fused.conv_stats_backward_conv(*args, engine))
+    if engines == "cutlass":  # a forward-only engine: forcing it leaves the backward to plain
+        engines = "plain"
+    dx, dw, ds, dt = torch.ops.resnet_fused.conv_stats_backward_conv(*args, engines)
+    _record_ran(x, key)
+    del g
+    return ((dx if need[0] else None), (dw if need[1] else None), None, None, None, None,
+            (ds if prologue and need[6] else None), (dt if prologue and need[7] else None), None)
 
 
 def _scale_bias_add_relu_setup_context(ctx, inputs, output):
@@ -607,6 +612,7 @@ def _register() -> None:
                        ("conv_stats", _conv_stats_fake), ("affine_relu", _affine_relu_fake),
                        ("conv_stats_backward_input", _conv_stats_backward_input_fake),
                        ("affine_relu_backward", _affine_relu_backward_fake),
+                       ("conv_stats_backward_conv", _conv_stats_backward_conv_fake),
                        ("scale_bias_add_relu_backward", _scale_bias_add_relu_backward_fake),
                        ("bn_finalize", _bn_finalize_fake)):
         torch.library.register_fake(f"resnet_fused::{name}")(fake)
