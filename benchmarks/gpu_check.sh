@@ -6,7 +6,9 @@
 #   run(command="RESNET_FUSED_GIT_SHA=<sha of HEAD> bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=570)
 # Wheels the machine lacks go into .whl/ first, here (git-ignored; every wheel there is pip-installed, no deps):
 #   pip download --no-deps -d .whl nvidia-cutlass==4.2.0.0            # CUTLASS headers (~6 MB)
-#   pip download --no-deps -d .whl nvidia-cudnn-frontend==1.32.0      # cuDNN frontend headers (the cuDNN engine)
+#   pip download --no-deps --python-version 3.12 --only-binary=:all: -d .whl nvidia-cudnn-frontend==1.32.0
+#                                  # cuDNN frontend headers (the cuDNN engine); a CPython-specific wheel: the
+#                                  # device machine runs Python 3.12
 # (rich, matplotlib, ... likewise when missing). A build without CUTLASS or without the cuDNN frontend FAILS the
 # test step unless RESNET_FUSED_ALLOW_NO_CUTLASS=1 / RESNET_FUSED_ALLOW_NO_CUDNN_FRONTEND=1 is set; a failed or
 # CPU-only extension build fails it too (tests/conftest.py, RESNET_FUSED_REQUIRE_EXTENSION=1): a broken build
@@ -105,7 +107,7 @@ run_tests() {  # run_tests <group> <timeout> <test files...>: the files that exi
 }
 if [[ " $STEPS " == *" tests "* ]]; then
     run_tests cuda "${CUDA_TESTS_TIMEOUT:-60}" tests/test_cuda_ext.py tests/test_cuda_train.py tests/test_cutlass.py \
-        tests/test_cutlass_stats.py tests/test_cudnn_graph.py tests/test_cudnn.py
+        tests/test_cutlass_stats.py tests/test_cudnn_graph.py
     run_tests device "${DEVICE_TESTS_TIMEOUT:-100}" tests/test_device_blocks.py tests/test_eval_live_bn.py \
         tests/test_training.py tests/test_coverage_gaps.py
     run_tests triton "${TRITON_TESTS_TIMEOUT:-60}" tests/test_triton_blocks.py tests/test_triton_conv.py \
