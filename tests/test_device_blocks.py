@@ -148,6 +148,28 @@ def test_compiled_block_matches_torchvision(backend, mode, precision):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("engine", ["cudnn", "plain"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine_forced_block_matches_torchvision(engine, mode):
+    """The cuda backend with one engine forced for every conv op of a bf16 channels_last Bottleneck with a
+    downsample shortcut — for cudnn, cuDNN's graphs for every convolution forward and backward, so a graph cuDNN
+    refuses fails the test — eager and under ``torch.compile(fullgraph=True)``, against torchvision in float64."""
+    from resnet_fused.backends import cuda
+
+    _skip_unless("cuda")
+    if engine == "cudnn" and cuda.build_info()["cudnn_frontend"] is None:
+        pytest.skip("resnet_fused._C was built without the cuDNN frontend")
+    block = _block("bottleneck-down-s2").train(mode == "train")
+    x = _block_input("bottleneck-down-s2").contiguous(memory_format=torch.channels_last)
+    with cuda.forced_engine(engine):
+        _check(block, fused_copy(block, "cuda"), x, "bf16")
+        torch._dynamo.reset()
+        _check(block, torch.compile(fused_copy(block, "cuda"), fullgraph=True), x, "bf16")
+        torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------------- one autotuned Triton shape
 
 AUTOTUNE_SCRIPT = textwrap.dedent("""

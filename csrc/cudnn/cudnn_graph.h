@@ -23,9 +23,9 @@
 // and leaves the outputs unspecified: the caller falls back to another engine, or raises the reason when this engine
 // was forced.
 //
-// BN finalize is not a graph here: the project's own bn_finalize (csrc/ops/train_ops.cpp) stays. It is a [C]-sized op, launch
-// bound either way, and it has torch's exact semantics — the biased variance to normalize, the unbiased one for
-// running_var, momentum=None (cumulative average), num_batches_tracked — which cuDNN's bn_finalize (a momentum
+// BN finalize is not a graph here: the project's own bn_finalize (csrc/ops/train_ops.cpp) stays. It is a [C]-sized
+// op, launch bound either way, and it has torch's exact semantics — the biased variance to normalize, the unbiased
+// one for running_var, momentum=None (cumulative average), num_batches_tracked — which cuDNN's bn_finalize (a momentum
 // scalar, its own running-variance convention) does not cover; and it takes mean / var, i.e. genstats_mean_var's
 // corrected variance, not the raw Σ / Σ². For SyncBN, all-reduce each rank's (count, mean, count·var) and merge
 // them with Chan's formula before it, not the raw Σ / Σ² (which would bring the cancellation back).
