@@ -637,6 +637,31 @@ def test_cpu_tensors_get_the_default_order(monkeypatch):
     assert cuda_backend._engines_for(torch.zeros(1), "k", lambda e: None, no_measure) == "auto"
 
 
+def test_fake_tensors_are_never_measured(monkeypatch, tmp_path):
+    """A call on fake CUDA tensors (AOTAutograd tracing a backward) takes the traced order — the stored choice, else
+    "auto" — and neither measures nor records what ran."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from resnet_fused.backends import autoselect
+
+    monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
+    monkeypatch.setattr(cuda_backend, "_engine_memory", {})
+    monkeypatch.setattr(cuda_backend, "_engine_ran", {})
+    monkeypatch.setattr(autoselect, "cache_key", lambda device, dtype: "env")
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 4, 4, device="cuda:0")
+
+    def no_measure(run):
+        raise AssertionError("measured a traced call")
+
+    assert cuda_backend._engines_for(x, "k", lambda e: None, no_measure) == "auto"
+    cuda_backend._engine_memory["cuda:0|k"] = {"engine": "plain"}
+    assert cuda_backend._engines_for(x, "k", lambda e: None, no_measure) == "plain,cudnn,cutlass"
+    cuda_backend._record_ran(x, "k")
+    assert cuda_backend._engine_ran == {}
+
+
 def _fake_run(declines=(), fails=()):
     """A stand-in for one op call on one engine: declines like the C++ ops, fails, or runs."""
     calls = []
