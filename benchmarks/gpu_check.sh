@@ -20,16 +20,18 @@
 #   2. device — fused blocks (plain, downsample, grouped, dilated), depth-reduced models, torch.compile and
 #               fp16/bf16 autocast in eval and training on both GPU backends (test_device_blocks.py), one autotuned
 #               Triton shape, eval with live BN (test_eval_live_bn.py), training (test_training.py), SyncBN through
-#               DDP and auto's fallback (test_coverage_gaps.py);
-#   3. triton — the Triton kernels (test_triton_*.py) and auto's measured choice (test_autoselect.py).
+#               DDP and auto's fallback (test_coverage_gaps.py), frozen BN (test_fuse_frozen.py), a detection
+#               backbone (test_fuse_detection.py);
+#   3. triton — the Triton kernels (test_triton_*.py), auto's measured choice (test_autoselect.py) and the launch
+#               counts (test_launch_counts.py).
 # Tests run with one Triton tile per shape (RESNET_FUSED_AUTOTUNE=0; the autotuned shape runs its own process)
 # and a per-test limit (RESNET_FUSED_TEST_TIMEOUT, default 45 s: the test fails, the group goes on; a test hung in
 # a kernel ends its group 30 s later with every thread's stack in the log).
 #
 # Time plan (seconds, each a hard limit, overridable): INSTALL_TIMEOUT=200 (extension built for this GPU's
-# architecture only), CUDA_TESTS_TIMEOUT=60, DEVICE_TESTS_TIMEOUT=100, TRITON_TESTS_TIMEOUT=60, BENCH_TIMEOUT=110
+# architecture only), CUDA_TESTS_TIMEOUT=60, DEVICE_TESTS_TIMEOUT=130, TRITON_TESTS_TIMEOUT=60, BENCH_TIMEOUT=110
 # (the sweep starts no row after BENCH_BUDGET=90 s from its process start and writes what it measured when stopped;
-# headline groups — ResNet-50 and ResNet-18, eval and train — run first). About 7 minutes, 9.2 at worst, leaving the
+# headline groups — ResNet-50 and ResNet-18, eval and train — run first). About 7 minutes, 9.7 at worst, leaving the
 # rest of a 15-minute device window for the machine's start. GPU_CHECK_STEPS="tests bench" (default) selects the
 # steps after the install (e.g. "bench" for a rerun of the benchmark alone).
 # A failing step is recorded and the next one still runs; the exit status is the first failure's.
@@ -108,10 +110,10 @@ run_tests() {  # run_tests <group> <timeout> <test files...>: the files that exi
 if [[ " $STEPS " == *" tests "* ]]; then
     run_tests cuda "${CUDA_TESTS_TIMEOUT:-60}" tests/test_cuda_ext.py tests/test_cuda_train.py tests/test_cutlass.py \
         tests/test_cutlass_stats.py tests/test_cudnn_graph.py
-    run_tests device "${DEVICE_TESTS_TIMEOUT:-100}" tests/test_device_blocks.py tests/test_eval_live_bn.py \
-        tests/test_training.py tests/test_coverage_gaps.py
+    run_tests device "${DEVICE_TESTS_TIMEOUT:-130}" tests/test_device_blocks.py tests/test_eval_live_bn.py \
+        tests/test_training.py tests/test_coverage_gaps.py tests/test_fuse_frozen.py tests/test_fuse_detection.py
     run_tests triton "${TRITON_TESTS_TIMEOUT:-60}" tests/test_triton_blocks.py tests/test_triton_conv.py \
-        tests/test_triton_train.py tests/test_autoselect.py
+        tests/test_triton_train.py tests/test_autoselect.py tests/test_launch_counts.py
 fi
 
 bench_rc=0
