@@ -14,6 +14,7 @@
 
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace resnet_fused {
@@ -43,6 +44,25 @@ Order parse(const char* op, std::string_view spec);
 // resnet_fused.backends.cuda.engine_choices() reports).
 void record(Engine e, const std::string& detail = "");
 std::string last_engine();
+
+// One op call on the first engine of `order` that accepts it: try_engine(e, out) returns "" having run e (its result
+// in `out`), else why e declined, having launched nothing. The engine that ran is recorded (with detail(e) when a
+// `detail` function is given); when none accepted, decline() raises with every reason.
+template <typename Result, typename Try>
+Result run_first(const char* op, const Order& order, Try&& try_engine, std::string (*detail)(Engine) = nullptr) {
+  std::vector<std::string> reasons;
+  for (int i = 0; i < order.count; ++i) {
+    const Engine e = order.engines[i];
+    Result out;
+    std::string why = try_engine(e, out);
+    if (why.empty()) {
+      record(e, detail != nullptr ? detail(e) : "");
+      return out;
+    }
+    reasons.push_back(std::move(why));
+  }
+  decline(op, order, reasons);
+}
 
 }  // namespace engine
 }  // namespace resnet_fused

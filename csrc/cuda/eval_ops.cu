@@ -289,28 +289,21 @@ at::Tensor conv_bn_act_cuda(
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
-  std::vector<std::string> reasons;
-  for (int i = 0; i < order.count; ++i) {
-    at::Tensor out;
-    std::string why;
-    switch (order.engines[i]) {
-      case engine::Engine::kCudnn:
-        why = conv_bn_act_cudnn(a, out_sizes, mf, out);
-        break;
-      case engine::Engine::kCutlass:
-        why = conv_bn_act_cutlass(a, out_sizes, mf, out);
-        break;
-      case engine::Engine::kPlain:
+  return engine::run_first<at::Tensor>(
+      op, order,
+      [&](engine::Engine e, at::Tensor& out) -> std::string {
+        switch (e) {
+          case engine::Engine::kCudnn:
+            return conv_bn_act_cudnn(a, out_sizes, mf, out);
+          case engine::Engine::kCutlass:
+            return conv_bn_act_cutlass(a, out_sizes, mf, out);
+          case engine::Engine::kPlain:
+            break;
+        }
         out = conv_bn_act_plain(a, out_sizes, mf);
-        break;
-    }
-    if (why.empty()) {
-      engine::record(order.engines[i], order.engines[i] == engine::Engine::kCutlass ? cutlass_last_config() : "");
-      return out;
-    }
-    reasons.push_back(std::move(why));
-  }
-  engine::decline(op, order, reasons);
+        return "";
+      },
+      [](engine::Engine e) { return e == engine::Engine::kCutlass ? cutlass_last_config() : std::string(); });
 }
 
 // Test hook for cutlass_conv_stats (cutlass/conv_cutlass.h), which the conv_stats op tries first: runs it on fresh

@@ -544,40 +544,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::MemoryFormat mf = x.suggest_memory_format();
-  std::vector<std::string> reasons;
-  for (int i = 0; i < order.count; ++i) {
-    const engine::Engine e = order.engines[i];
-    if (e == engine::Engine::kCudnn) {
-      std::string why = cudnn_engine::unavailable();
-      StatsResult out;
-      if (why.empty()) {
-        why = cudnn_engine::conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift, out_sizes,
-                                       mf, out);
+  return engine::run_first<StatsResult>(op, order, [&](engine::Engine e, StatsResult& out) -> std::string {
+    switch (e) {
+      case engine::Engine::kCudnn: {
+        const std::string why = cudnn_engine::unavailable();
+        return why.empty() ? cudnn_engine::conv_stats(x, weight, stride, padding, dilation, groups, in_scale,
+                                                      in_shift, out_sizes, mf, out)
+                           : why;
       }
-      if (why.empty()) {
-        engine::record(e);
-        return out;
-      }
-      reasons.push_back(std::move(why));
-      continue;
+      case engine::Engine::kCutlass:
+        return conv_stats_cutlass(x, weight, stride, padding, dilation, groups, in_scale, in_shift, out_sizes, mf,
+                                  out);
+      case engine::Engine::kPlain:
+        break;
     }
-    if (e == engine::Engine::kCutlass) {
-      StatsResult out;
-      std::string why = conv_stats_cutlass(x, weight, stride, padding, dilation, groups, in_scale, in_shift,
-                                           out_sizes, mf, out);
-      if (why.empty()) {
-        engine::record(e);
-        return out;
-      }
-      reasons.push_back(std::move(why));
-      continue;
-    }
-    // Engine "plain": the prologue as one pass (none without in_scale), cuDNN, then one read of c for its statistics.
+    // The prologue as one pass (none without in_scale), cuDNN, then one read of c for its statistics.
     const at::Tensor a = in_scale.has_value() ? affine_relu_cuda(x, *in_scale, *in_shift) : x;
-    engine::record(e);
-    return conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
-  }
-  engine::decline(op, order, reasons);
+    out = conv_then_stats(a, weight, stride, padding, dilation, groups, mf);
+    return "";
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_conv_cuda(
@@ -589,32 +574,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_c
   const engine::Order order = engine::parse(op, std::string_view(engines.data(), engines.size()));
   check_cuda_dtype(op, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  std::vector<std::string> reasons;
-  for (int i = 0; i < order.count; ++i) {
-    const engine::Engine e = order.engines[i];
-    if (e == engine::Engine::kCudnn) {
-      std::string why = cudnn_engine::unavailable();
-      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
-      if (why.empty()) {
-        why = cudnn_engine::conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups, in_scale,
-                                                     in_shift, output_mask, out);
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  return engine::run_first<Grads>(op, order, [&](engine::Engine e, Grads& out) -> std::string {
+    switch (e) {
+      case engine::Engine::kCudnn: {
+        const std::string why = cudnn_engine::unavailable();
+        return why.empty() ? cudnn_engine::conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups,
+                                                                    in_scale, in_shift, output_mask, out)
+                           : why;
       }
-      if (why.empty()) {
-        engine::record(e);
-        return out;
-      }
-      reasons.push_back(std::move(why));
-      continue;
+      case engine::Engine::kCutlass:
+        return "the CUTLASS kernels are forward convolutions only";
+      case engine::Engine::kPlain:
+        break;
     }
-    if (e == engine::Engine::kCutlass) {
-      reasons.emplace_back("the CUTLASS kernels are forward convolutions only");
-      continue;
-    }
-    engine::record(e);
-    return conv_stats_backward_conv_composite(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift,
-                                              output_mask);
-  }
-  engine::decline(op, order, reasons);
+    out = conv_stats_backward_conv_composite(g, x, weight, stride, padding, dilation, groups, in_scale, in_shift,
+                                             output_mask);
+    return "";
+  });
 }
 
 at::Tensor conv_stats_backward_input_cuda(const at::Tensor& c, const at::Tensor& mean,
