@@ -352,6 +352,7 @@ def test_conv_stats_backward_conv_cpu(dtype, fmt, config, prologue, mask):
     formula; outputs output_mask did not ask for (and the prologue's without one) are 0-element tensors."""
     torch.manual_seed(10)
     x, w, st, pd, dl, g, s, t = _conv_stats_args(config, dtype, FORMATS[fmt], prologue, requires_grad=True)
+    w = w.detach().contiguous(memory_format=FORMATS[fmt]).requires_grad_()  # KRSC filters with NHWC activations
     c = conv_stats_formula(x, w, st, pd, dl, g, s, t)[0]
     grad = _rand(*c.shape, dtype=dtype, mf=FORMATS[fmt])
     got = ops.conv_stats_backward_conv(grad, x.detach(), w.detach(), st, pd, dl, g, _detach(s), _detach(t),
@@ -364,8 +365,10 @@ def test_conv_stats_backward_conv_cpu(dtype, fmt, config, prologue, mask):
             continue
         assert a.shape == b.shape and a.dtype == (b.dtype if name in ("dscale", "dshift") else dtype), name
         assert_close(a.double(), b.double(), dtype=dtype, scale=SUM_SCALE, msg=name)
-    if mask[0]:
+    if mask[0]:  # the layouts the fake kernel promises
         _assert_dense_like(got[0], x)
+    if mask[1]:
+        _assert_dense_like(got[1], w)
 
 
 def _detach(t):
@@ -1082,6 +1085,8 @@ def test_conv_stats_backward_conv_cuda_engines(dtype, prologue, engine, cuda_bui
         return
     assert engine != "cutlass", "the cutlass engine ran a backward"
     assert cuda_backend._ext.last_engine().split()[0] == engine
+    _assert_dense_like(got[0], x)
+    _assert_dense_like(got[1], w)
     want = ops.conv_stats_backward_conv(*(_cpu64(a) if isinstance(a, torch.Tensor) else a for a in args))
     for i, (name, a, e) in enumerate(zip(("dx", "dweight", "dscale", "dshift"), got, want)):
         if not prologue and i > 1:

@@ -177,6 +177,15 @@ bool has_format_strides(const at::Tensor& t, at::MemoryFormat mf) {
   return t.strides() == at::IntArrayRef(strides);
 }
 
+at::Tensor with_format_strides(const at::Tensor& t, at::MemoryFormat mf) {
+  if (has_format_strides(t, mf)) {
+    return t;
+  }
+  at::Tensor out = empty_in_format(t.sizes(), t.options(), mf);
+  out.copy_(t);
+  return out;
+}
+
 ConvParts conv_parts(const ConvBnActArgs& a, at::MemoryFormat mf) {
   ConvParts parts;
   parts.main = at::convolution(a.x, a.weight, std::nullopt, a.stride, a.padding, a.dilation, /*transposed=*/false,

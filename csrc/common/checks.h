@@ -117,6 +117,10 @@ at::Tensor empty_in_format(at::IntArrayRef sizes, const at::TensorOptions& optio
 // True when `t` has exactly the strides of empty_in_format(t.sizes(), ..., mf).
 bool has_format_strides(const at::Tensor& t, at::MemoryFormat mf);
 
+// `t` itself when it has those strides, else a copy that has them (the exact strides a fake kernel's torch.empty in
+// memory format `mf` gives, size-1 dimensions included).
+at::Tensor with_format_strides(const at::Tensor& t, at::MemoryFormat mf);
+
 // Output of the main convolution and of the optional 1x1 shortcut convolution of conv_bn_act (at::convolution:
 // cuDNN on CUDA), both made dense in memory format `mf` (undefined shortcut when there is none).
 struct ConvParts {

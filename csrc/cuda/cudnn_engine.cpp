@@ -9,6 +9,7 @@
 
 #include <array>
 
+#include "../common/checks.h"
 #include "../ops/train_ops.h"
 
 #ifdef RESNET_FUSED_WITH_CUDNN_FRONTEND
@@ -107,10 +108,12 @@ std::string conv_stats_backward_conv(const at::Tensor& g, const at::Tensor& x, c
   const bool prologue = in_scale.has_value();
   if (output_mask[0] && !prologue) {
     // No ReLU to fuse: the data gradient is cuDNN's own dgrad.
-    dx = std::get<0>(at::convolution_backward(gd, xd, weight, std::nullopt, stride, padding, dilation,
-                                              /*transposed=*/false, {0, 0}, groups, {true, false, false}));
+    dx = with_format_strides(std::get<0>(at::convolution_backward(gd, xd, weight, std::nullopt, stride, padding,
+                                                                  dilation, /*transposed=*/false, {0, 0}, groups,
+                                                                  {true, false, false})),
+                             mf);  // the layout the op promises
   } else if (output_mask[0]) {
-    at::Tensor gz = at::empty(x.sizes(), x.options().memory_format(mf));
+    at::Tensor gz = empty_in_format(x.sizes(), x.options(), mf);
     const cudnn_graph::Result r = cudnn_graph::conv_dgrad_drelu(gd, weight.contiguous(mf), xd, *in_scale, *in_shift,
                                                                 gz, stride, padding, dilation, groups);
     if (!r.ok) {
@@ -120,7 +123,7 @@ std::string conv_stats_backward_conv(const at::Tensor& g, const at::Tensor& x, c
     std::tie(dx, dscale, dshift) = affine_relu_backward.call(gz, xd, *in_scale, *in_shift);
   }
   if (output_mask[1]) {
-    dw = at::empty(weight.sizes(), weight.options().memory_format(weight.suggest_memory_format()));
+    dw = empty_in_format(weight.sizes(), weight.options(), weight.suggest_memory_format());
     const cudnn_graph::Result r =
         cudnn_graph::conv_wgrad(gd, xd, in_scale.value_or(at::Tensor()), in_shift.value_or(at::Tensor()), dw, stride,
                                 padding, dilation, groups);

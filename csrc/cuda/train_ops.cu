@@ -478,9 +478,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_then_stats(const at::Tensor&
                                                                at::IntArrayRef stride, at::IntArrayRef padding,
                                                                at::IntArrayRef dilation, int64_t groups,
                                                                at::MemoryFormat mf) {
-  at::Tensor c = at::convolution(a, weight, std::nullopt, stride, padding, dilation, /*transposed=*/false,
-                                 /*output_padding=*/{0, 0}, groups)
-                     .contiguous(mf);
+  const at::Tensor c = with_format_strides(at::convolution(a, weight, std::nullopt, stride, padding, dilation,
+                                                           /*transposed=*/false, /*output_padding=*/{0, 0}, groups),
+                                           mf);
   auto [mean, var] = channel_stats(c, mf);
   return {c, mean, var};
 }

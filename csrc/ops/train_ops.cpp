@@ -187,14 +187,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_c
   auto [da, dw_, unused] = at::convolution_backward(g, a, weight, std::nullopt, stride, padding, dilation,
                                                     /*transposed=*/false, {0, 0}, groups,
                                                     {output_mask[0], output_mask[1], false});
+  // The layouts the fake kernel promises (dense in the suggested memory format of x / weight), whatever the
+  // convolution backward chose: a compiled graph reads them by those strides.
   if (output_mask[1]) {
-    dw = dw_;
+    dw = with_format_strides(dw_, weight.suggest_memory_format());
   }
   if (output_mask[0]) {
     if (prologue) {
       std::tie(dx, dscale, dshift) = affine_relu_backward.call(da, x, *in_scale, *in_shift);
     } else {
-      dx = da;
+      dx = with_format_strides(da, x.suggest_memory_format());
     }
   }
   return {dx, dw, dscale, dshift};
