@@ -19,6 +19,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import resnet_fused
 from resnet_fused import backends, norm
 from tolerances import assert_close
+from torchvision_oracle import forbid_eager_fallback
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = [b for b in backends.BACKENDS if b in resnet_fused.available_backends()]
@@ -46,16 +47,6 @@ def _frozen_block(kind: str, seed: int = 0) -> nn.Module:
                               norm_layer=FrozenBatchNorm2d)
     _randomize(block, seed)
     return block
-
-
-def _no_eager(fused: nn.Module) -> None:
-    """Make every fused block's fallback fail, so a test sees that the fused path ran."""
-    def fail(x):
-        raise AssertionError("a fused block fell back to its eager forward")
-
-    for m in fused.modules():
-        if isinstance(m, resnet_fused.models._FusedBlock):
-            m._eager_forward = fail
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, lr: float = 0.1):
@@ -88,7 +79,7 @@ def test_frozen_block_matches_torchvision(kind, training):
     """Reference backend, float64: output, input and conv weight gradients, one SGD step; frozen buffers stay."""
     ref = _frozen_block(kind).double().train(training)
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
-    _no_eager(fused)
+    forbid_eager_fallback(fused)
     buffers = {k: v.clone() for k, v in ref.named_buffers()}
     x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
     out_ref, gx_ref = _train_step(ref, x)
@@ -111,7 +102,7 @@ def test_frozen_block_on_the_fused_backends(backend):
     forward and input/weight gradients against torchvision in float32."""
     ref = _frozen_block("basic").to(DEVICE).train()
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend=backend)
-    _no_eager(fused)
+    forbid_eager_fallback(fused)
     x = torch.randn(2, 8, 5, 5, device=DEVICE)
     scale = 1.0 if DEVICE == "cpu" else 100.0  # a GPU's convolutions round through TF32
     out_ref, gx_ref = _train_step(ref, x)
@@ -137,7 +128,7 @@ def test_batchnorm_in_eval_with_frozen_parameters_inside_a_training_model():
     for bn in [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]:
         bn.eval().requires_grad_(False)
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
-    _no_eager(fused)
+    forbid_eager_fallback(fused)
     buffers = {k: v.clone() for k, v in ref.named_buffers()}
     x = torch.randn(3, 8, 9, 9, dtype=torch.float64)
     out_ref, gx_ref = _train_step(ref, x)
@@ -160,7 +151,7 @@ def test_frozen_resnet_trains_like_torchvision():
     _randomize(ref, 4)
     ref.double()
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
-    _no_eager(fused)
+    forbid_eager_fallback(fused)
     assert fused._stem_issue() is None
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for model in (ref, fused):
@@ -181,7 +172,7 @@ def test_frozen_eval_follows_load_state_dict_and_data_edits(backend):
     tensors), .data edits bump no version counter; the next call sees both."""
     ref = _frozen_block("bottleneck").to(DEVICE).eval()
     fused = resnet_fused.fuse(copy.deepcopy(ref), backend=backend)
-    _no_eager(fused)
+    forbid_eager_fallback(fused)
     x = torch.randn(2, 8, 5, 5, device=DEVICE)
     scale = 1.0 if DEVICE == "cpu" else 100.0
     with torch.no_grad():

@@ -57,12 +57,13 @@ def randomize_bn(model: nn.Module, seed: int = 3) -> None:
 
 
 def forbid_eager_fallback(model: nn.Module) -> nn.Module:
-    """Every fused block's torchvision fallback raises, so a test of the fused path tests the fused path."""
+    """Every fused block's eager fallback (torchvision's or timm's forward) raises, so a test of the fused path
+    tests the fused path. ``model`` may itself be a fused block."""
     def no_eager(x):
-        raise AssertionError("a fused block fell back to torchvision's forward")
+        raise AssertionError("a fused block fell back to its eager forward")
 
     for m in model.modules():
-        if isinstance(m, (resnet_fused.BasicBlock, resnet_fused.Bottleneck)):
+        if isinstance(m, resnet_fused.models._FusedBlock):
             m._eager_forward = no_eager
     return model
 
