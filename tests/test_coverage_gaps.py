@@ -31,16 +31,15 @@ from torch import nn
 import resnet_fused
 from resnet_fused import backends
 from tolerances import assert_close, assert_close_to_oracle
-from torchvision_oracle import check_against_torchvision, forbid_eager_fallback, fused_copy, randomize_bn
+from torchvision_oracle import (check_against_torchvision, forbid_eager_fallback, fused_copy, randomize_bn,
+                                why_backend_cannot_run)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["triton", "cuda"] if DEVICE == "cuda" else ["reference"]
 
 
 def _skip_unless_runs(backend: str, device=DEVICE, dtype=torch.float32) -> None:
-    mod = backends.load(backend)
-    reason = mod if isinstance(mod, str) else mod.unsupported(torch.empty(1, 1, 1, 1, device=device, dtype=dtype),
-                                                              1, 1)
+    reason = why_backend_cannot_run(backend, device, dtype)
     if reason is not None:
         pytest.skip(reason)
 

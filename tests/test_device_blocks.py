@@ -23,9 +23,8 @@ import torch
 import torchvision.models.resnet as tv
 from torch import nn
 
-from resnet_fused import backends
 from tolerances import assert_oracle_errors
-from torchvision_oracle import by_stage, check_against_torchvision, fused_copy, randomize_bn
+from torchvision_oracle import by_stage, check_against_torchvision, fused_copy, randomize_bn, why_backend_cannot_run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The GPU backends on a GPU; the reference backend on a CPU (the Triton interpreter has its own tests).
@@ -33,8 +32,7 @@ BACKENDS = ["triton", "cuda"] if DEVICE == "cuda" else ["reference"]
 
 
 def _skip_unless(backend: str) -> None:
-    mod = backends.load(backend)
-    reason = mod if isinstance(mod, str) else mod.unsupported(torch.empty(1, 1, 1, 1, device=DEVICE), 1, 1)
+    reason = why_backend_cannot_run(backend, DEVICE)
     if reason is not None:
         pytest.skip(reason)
 

@@ -24,6 +24,7 @@ import resnet_fused
 from resnet_fused import backends
 from resnet_fused.backends import reference
 from tolerances import assert_close_at_scale, assert_close_to_oracle
+from torchvision_oracle import why_backend_cannot_run
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ["reference", "triton", "cuda"]
@@ -40,10 +41,7 @@ def _check(actual, expected, dtype, factor=1.0, msg=None):
 
 
 def _skip_reason(backend: str, dtype: torch.dtype = torch.float32) -> str | None:
-    mod = backends.load(backend)
-    if isinstance(mod, str):
-        return mod
-    return mod.unsupported(torch.empty(1, 1, 1, 1, device=DEVICE, dtype=dtype), 1, 1)
+    return why_backend_cannot_run(backend, DEVICE, dtype)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -430,8 +428,7 @@ def test_sync_batchnorm_two_processes(backend):
     torchvision's ``nn.SyncBatchNorm`` refuses CPU tensors, so the oracle is what it computes: eager
     torchvision with BatchNorm2d over the global batch (outputs and input grads per half, parameter grads
     summed over ranks, running statistics from the global batch)."""
-    mod = backends.load(backend)
-    reason = mod if isinstance(mod, str) else mod.unsupported(torch.empty(1, 1, 1, 1), 1, 1)
+    reason = why_backend_cannot_run(backend, "cpu")
     if reason is not None:
         pytest.skip(f"gloo runs CPU tensors: {reason}")
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import resnet_fused
+from resnet_fused import backends
 from tolerances import assert_close_to_oracle
 
 # name: (dtype of the module and its input, autocast dtype or None)
@@ -54,6 +55,13 @@ def randomize_bn(model: nn.Module, seed: int = 3) -> None:
             if m.running_mean is not None:
                 m.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
                 m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+
+
+def why_backend_cannot_run(backend: str, device, dtype: torch.dtype = torch.float32) -> str | None:
+    """Why ``backend`` cannot run a block on ``device`` in ``dtype`` (it is not installed, or its ``unsupported``
+    refuses such a tensor), or None when it can."""
+    mod = backends.load(backend)
+    return mod if isinstance(mod, str) else mod.unsupported(torch.empty(1, 1, 1, 1, device=device, dtype=dtype), 1, 1)
 
 
 def forbid_eager_fallback(model: nn.Module) -> nn.Module:
