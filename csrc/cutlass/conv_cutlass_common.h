@@ -234,5 +234,15 @@ inline const char* conv_problem(const char* fn, const at::Tensor& x, const at::T
 // Adds one to the count _C.cutlass_conv_launches() reports (defined in fprop.cu).
 void count_launch();
 
+// Launches (launch()) and counts (count_launch()) a conv kernel of problem `p` with the swizzle width
+// swizzle_log_tile() chooses, written into `params` so that the kernel's tile mapping and the grid agree.
+template <typename Kernel>
+void launch_swizzled(const char* what, typename Kernel::Params& params, const cutlass::conv::Conv2dProblemSize& p,
+                     cudaStream_t stream, c10::DeviceIndex device) {
+  params.swizzle_log_tile = swizzle_log_tile(p, params.grid_tiled_shape);
+  launch<Kernel>(what, params, swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream, device);
+  count_launch();
+}
+
 }  // namespace cutlass_conv
 }  // namespace resnet_fused

@@ -279,16 +279,13 @@ const char* prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 }
 
 // Launches the kernel of tile configuration Tile: its parameters as CUTLASS's device layer would make them, the
-// swizzle width of swizzle_log_tile() in place of the template's, one launch (cutlass_conv::launch).
+// swizzle width of swizzle_log_tile() in place of the template's, one launch (cutlass_conv::launch_swizzled).
 template <typename Element, typename Tile>
 void run(const Call& c, c10::DeviceIndex device) {
   using Kernel = typename Fprop<Element, Tile>::Kernel;
   typename Kernel::Params params(arguments<Element, Tile>(c), /*semaphore=*/nullptr);
-  params.swizzle_log_tile = cutlass_conv::swizzle_log_tile(c.problem, params.grid_tiled_shape);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  cutlass_conv::launch<Kernel>("CUTLASS conv fprop", params,
-                               cutlass_conv::swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream,
-                               device);
+  cutlass_conv::launch_swizzled<Kernel>("CUTLASS conv fprop", params, c.problem, stream, device);
   g_last_config = std::to_string(Tile::ThreadblockShape::kM) + "x" + std::to_string(Tile::ThreadblockShape::kN) +
                   "x" + std::to_string(Tile::ThreadblockShape::kK) + "/" + std::to_string(Tile::kStages) +
                   " swizzle " + std::to_string(1 << params.swizzle_log_tile);
@@ -325,7 +322,6 @@ bool cutlass_conv_fprop(const at::Tensor& x, const at::Tensor& w, const at::Tens
     narrow ? run<cutlass::bfloat16_t, cutlass_conv::Tile128x64>(call, x.get_device())
            : run<cutlass::bfloat16_t, cutlass_conv::Tile128x128>(call, x.get_device());
   }
-  cutlass_conv::count_launch();
   return true;
 }
 

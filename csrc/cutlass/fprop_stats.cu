@@ -834,11 +834,7 @@ void run_stats(const cutlass::conv::Conv2dProblemSize& p, void* x, void* w, void
   auto* base = static_cast<char*>(workspace.get());
 
   typename Kernel::Params params(stats_arguments<Element>(p, x, w, c, plan.tile_stats(base)), /*semaphore=*/nullptr);
-  params.swizzle_log_tile = cutlass_conv::swizzle_log_tile(p, params.grid_tiled_shape);
-  cutlass_conv::launch<Kernel>("CUTLASS conv+stats", params,
-                               cutlass_conv::swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream,
-                               device);
-  cutlass_conv::count_launch();
+  cutlass_conv::launch_swizzled<Kernel>("CUTLASS conv+stats", params, p, stream, device);
   merge_tile_stats(plan, base, p, mean, var, stream);
 }
 
@@ -876,11 +872,7 @@ void run_stats_prologue(const cutlass::conv::Conv2dProblemSize& p, const void* x
 
   typename Kernel::Params params(p, static_cast<const Element*>(x), static_cast<const Element*>(w), scale_shift,
                                  scale_shift + p.C, static_cast<Element*>(c), plan.tile_stats(base));
-  params.swizzle_log_tile = cutlass_conv::swizzle_log_tile(p, params.grid_tiled_shape);
-  cutlass_conv::launch<Kernel>("CUTLASS conv+stats with the BN+ReLU prologue", params,
-                               cutlass_conv::swizzled_grid(params.grid_tiled_shape, params.swizzle_log_tile), stream,
-                               device);
-  cutlass_conv::count_launch();
+  cutlass_conv::launch_swizzled<Kernel>("CUTLASS conv+stats with the BN+ReLU prologue", params, p, stream, device);
   merge_tile_stats(plan, base, p, mean, var, stream);
 }
 
