@@ -69,6 +69,9 @@ std::string conv_stats(const at::Tensor& x, const at::Tensor& weight, at::IntArr
                        at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
                        const std::optional<at::Tensor>& in_shift, at::IntArrayRef out_sizes, at::MemoryFormat mf,
                        std::tuple<at::Tensor, at::Tensor, at::Tensor>& out) {
+  if (std::string why = unavailable(); !why.empty()) {
+    return why;
+  }
   if (c10::cuda::getCurrentCUDAStream(x.device().index()).is_capturing()) {
     return "the exact variance check of cuDNN's statistics synchronizes with the host, which a CUDA graph capture "
            "does not allow";
@@ -95,6 +98,9 @@ std::string conv_stats_backward_conv(const at::Tensor& g, const at::Tensor& x, c
                                      int64_t groups, const std::optional<at::Tensor>& in_scale,
                                      const std::optional<at::Tensor>& in_shift, std::array<bool, 2> output_mask,
                                      std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>& out) {
+  if (std::string why = unavailable(); !why.empty()) {
+    return why;
+  }
   static const auto affine_relu_backward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("resnet_fused::affine_relu_backward", "")

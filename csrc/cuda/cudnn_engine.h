@@ -16,6 +16,8 @@ namespace resnet_fused {
 namespace cudnn_engine {
 
 // Why the cudnn engine can run nothing in this process ("" when it may try: a graph can still be refused).
+// conv_stats and conv_stats_backward_conv decline with it themselves; conv_bn_act's caller asks it first, before
+// computing the scale / shift the graph takes.
 std::string unavailable();
 
 // conv_bn_act on cuDNN graphs: y = act(conv(x, W)·s + t [+ residual]) as one graph; with a downsample shortcut,

@@ -546,12 +546,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_stats_cuda(
   const at::MemoryFormat mf = x.suggest_memory_format();
   return engine::run_first<StatsResult>(op, order, [&](engine::Engine e, StatsResult& out) -> std::string {
     switch (e) {
-      case engine::Engine::kCudnn: {
-        const std::string why = cudnn_engine::unavailable();
-        return why.empty() ? cudnn_engine::conv_stats(x, weight, stride, padding, dilation, groups, in_scale,
-                                                      in_shift, out_sizes, mf, out)
-                           : why;
-      }
+      case engine::Engine::kCudnn:
+        return cudnn_engine::conv_stats(x, weight, stride, padding, dilation, groups, in_scale, in_shift, out_sizes,
+                                        mf, out);
       case engine::Engine::kCutlass:
         return conv_stats_cutlass(x, weight, stride, padding, dilation, groups, in_scale, in_shift, out_sizes, mf,
                                   out);
@@ -577,12 +574,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_stats_backward_c
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   return engine::run_first<Grads>(op, order, [&](engine::Engine e, Grads& out) -> std::string {
     switch (e) {
-      case engine::Engine::kCudnn: {
-        const std::string why = cudnn_engine::unavailable();
-        return why.empty() ? cudnn_engine::conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups,
-                                                                    in_scale, in_shift, output_mask, out)
-                           : why;
-      }
+      case engine::Engine::kCudnn:
+        return cudnn_engine::conv_stats_backward_conv(g, x, weight, stride, padding, dilation, groups, in_scale,
+                                                      in_shift, output_mask, out);
       case engine::Engine::kCutlass:
         return "the CUTLASS kernels are forward convolutions only";
       case engine::Engine::kPlain:
