@@ -102,6 +102,32 @@ def register_op(name: str, impl, fake, mutates_args=()):
     return call
 
 
+_COUNTERS: dict = {}  # (device, stream) -> the int32 arrival counters kernels on that stream share
+
+
+def counters(like: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` int32 arrival counters, all zero, on ``like``'s device, for kernels whose last program merges what
+    the others wrote (:func:`.stats.arrive`). Every such kernel leaves the counters it used at zero, so one
+    buffer per device and stream, zeroed once, serves every launch on that stream: no fill launch per call.
+    While tracing (fake tensors, ``torch.compile``) or capturing a CUDA graph, a fresh zeroed buffer (then a fill
+    in the graph, replayed with it) instead of the cache."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    zeros = dict(device=like.device, dtype=torch.int32)
+    if is_fake(like) or torch.compiler.is_compiling():
+        return torch.zeros(n, **zeros)
+    stream = None
+    if like.device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, **zeros)
+        stream = torch.cuda.current_stream(like.device).cuda_stream
+    key = (like.device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), **zeros)
+    return buf[:n]
+
+
 def record(n: int = 1) -> None:
     """Count ``n`` kernel launches."""
     global _count

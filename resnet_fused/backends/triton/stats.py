@@ -29,33 +29,41 @@ FINALIZE_BLOCK_C = 256  # channels per finalize program
 
 
 @triton.jit
-def _stats_merge_kernel(
-    rows_ptr,         # [1] int32: the row-tile height (BLOCK_M) of the conv launch that wrote the partials
-    mean_ptr,         # [>= cdiv(M, block_m), K] fp32 per-tile means
-    m2_ptr,           # [>= cdiv(M, block_m), K] fp32 per-tile sums of squared deviations
-    out_mean_ptr,     # [K] fp32 out: per-channel mean
-    out_var_ptr,      # [K] fp32 out: per-channel biased variance
-    M, K,             # rows of the conv output (N·P·Q), channels
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """Merge the tiles' (n_i, μ_i, M2_i) per channel, n_i = min(block_m, M − i·block_m): for a block B of
-    BLOCK_P tiles, n_B = Σ n_i, μ_B = Σ n_i μ_i / n_B, M2_B = Σ M2_i + Σ n_i (μ_i − μ_B)²; the running (n, μ, M2)
-    absorbs B by δ = μ_B − μ, μ += δ·n_B/(n + n_B), M2 += M2_B + δ²·n·n_B/(n + n_B). Writes μ and M2/n."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < K
-    block_m = tl.load(rows_ptr)
-    rows = tl.cdiv(M, block_m)
+def arrive(counter_ptr, expected):
+    """Whether this program is the last of ``expected`` programs to arrive at the int32 counter ``counter_ptr``
+    (each arrives once); the last one resets it to zero for the next launch. Every store this program made
+    before arriving is visible to the last one, which reads them with ``cache_modifier=".cg"`` (past the
+    non-coherent L1): the barrier orders all of this program's threads' stores before the release of the
+    acq_rel atomic, and the last program's acquire orders its reads after every other program's release."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    last = ticket == expected - 1
+    if last:
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+    return last
+
+
+@triton.jit
+def chan_merge(mean_ptr, m2_ptr, row0, rows, unit, M, K, offs_c, c_ok, BLOCK_P: tl.constexpr,
+               BLOCK_C: tl.constexpr):
+    """``(n, mean, M2)`` per channel ``offs_c`` of rows ``[row0, row0 + rows)`` of the [*, K] fp32 partials
+    ``mean_ptr``/``m2_ptr``, row i holding n_i = min(unit, M − i·unit) values, merged in row order (Chan et
+    al.'s parallel formula: stable for channels whose mean is far from zero; the same order, so the same bits,
+    whichever program merges). For a block B of BLOCK_P rows: n_B = Σ n_i, μ_B = Σ n_i μ_i / n_B,
+    M2_B = Σ M2_i + Σ n_i (μ_i − μ_B)²; the running (n, μ, M2) absorbs B by δ = μ_B − μ, μ += δ·n_B/(n + n_B),
+    M2 += M2_B + δ²·n·n_B/(n + n_B)."""
     n_run = 0.0
     mean_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(0, rows, BLOCK_P):
-        row = r0 + tl.arange(0, BLOCK_P)
-        r_ok = row < rows
+        i = r0 + tl.arange(0, BLOCK_P)
+        r_ok = i < rows
+        row = row0 + i
         mask = r_ok[:, None] & c_ok[None, :]
-        cnt = tl.where(r_ok, tl.minimum(M - row * block_m, block_m), 0).to(tl.float32)
+        cnt = tl.where(r_ok, tl.minimum(M - row * unit, unit), 0).to(tl.float32)
         off = row.to(tl.int64)[:, None] * K + offs_c[None, :]
-        mu = tl.load(mean_ptr + off, mask=mask, other=0.0)
-        m2 = tl.load(m2_ptr + off, mask=mask, other=0.0)
+        mu = tl.load(mean_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
+        m2 = tl.load(m2_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
         n_blk = tl.sum(cnt, axis=0)
         mean_blk = tl.sum(cnt[:, None] * mu, axis=0) / tl.maximum(n_blk, 1.0)
         dev = mu - mean_blk[None, :]
@@ -66,8 +74,64 @@ def _stats_merge_kernel(
         mean_run = mean_run + delta * frac
         m2_run = m2_run + m2_blk + delta * delta * n_run * frac
         n_run = n_new
-    tl.store(out_mean_ptr + offs_c, mean_run, mask=c_ok)
-    tl.store(out_var_ptr + offs_c, m2_run / n_run, mask=c_ok)
+    return n_run, mean_run, m2_run
+
+
+@triton.jit
+def sum_rows(ptr, rows, C, offs_c, c_ok, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Σ over rows ``[0, rows)`` of the [rows, C] fp32 partials ``ptr`` for channels ``offs_c``, in a fixed
+    order (deterministic whichever program sums), read past L1 (see :func:`arrive`)."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, rows, BLOCK_P):
+        row = r0 + tl.arange(0, BLOCK_P)
+        mask = (row < rows)[:, None] & c_ok[None, :]
+        acc += tl.load(ptr + row.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0,
+                       cache_modifier=".cg")
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def finalize_channels(mean, var, k, ok, w_ptr, b_ptr, rmean_ptr, rvar_ptr, scale_ptr, shift_ptr, factor, unbias,
+                      eps, AFFINE: tl.constexpr, UPDATE: tl.constexpr):
+    """The BatchNorm finalize of channels ``k`` from their batch mean and biased variance (fp32): stores
+    scale = γ·(1/√(var + ε)), shift = β − mean·scale; with UPDATE, running_mean ← (1−f)·running_mean + f·mean,
+    running_var ← (1−f)·running_var + f·var·unbias, in fp32 and stored in the buffers' dtype."""
+    scale = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    if AFFINE:
+        scale = scale * tl.load(w_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    shift = -mean * scale
+    if AFFINE:
+        shift = shift + tl.load(b_ptr + k, mask=ok, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + k, scale, mask=ok)
+    tl.store(shift_ptr + k, shift, mask=ok)
+    if UPDATE:
+        rm = tl.load(rmean_ptr + k, mask=ok, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + k, mask=ok, other=0.0).to(tl.float32)
+        rm = rm * (1.0 - factor) + mean * factor
+        rv = rv * (1.0 - factor) + (var * unbias) * factor
+        tl.store(rmean_ptr + k, rm.to(rmean_ptr.dtype.element_ty), mask=ok)
+        tl.store(rvar_ptr + k, rv.to(rvar_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _stats_merge_kernel(
+    rows_ptr,         # [1] int32: the row-tile height (BLOCK_M) of the conv launch that wrote the partials
+    mean_ptr,         # [>= cdiv(M, block_m), K] fp32 per-tile means
+    m2_ptr,           # [>= cdiv(M, block_m), K] fp32 per-tile sums of squared deviations
+    out_mean_ptr,     # [K] fp32 out: per-channel mean
+    out_var_ptr,      # [K] fp32 out: per-channel biased variance
+    M, K,             # rows of the conv output (N·P·Q), channels
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge the tiles' (n_i, μ_i, M2_i) per channel (:func:`chan_merge`), n_i = min(block_m, M − i·block_m).
+    Writes μ and M2/n."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < K
+    block_m = tl.load(rows_ptr)
+    n, mean, m2 = chan_merge(mean_ptr, m2_ptr, 0, tl.cdiv(M, block_m), block_m, M, K, offs_c, c_ok, BLOCK_P,
+                             BLOCK_C)
+    tl.store(out_mean_ptr + offs_c, mean, mask=c_ok)
+    tl.store(out_var_ptr + offs_c, m2 / n, mask=c_ok)
 
 
 def merge_partial_stats(rows: Tensor, mean: Tensor, m2: Tensor, m: int) -> Tuple[Tensor, Tensor]:
@@ -99,27 +163,13 @@ def _bn_finalize_kernel(
     eps,              # the BatchNorm's ε (fp32)
     AFFINE: tl.constexpr, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """scale = γ·(1/√(var + ε)), shift = β − mean·scale; with UPDATE, running_mean ← (1−f)·running_mean + f·mean,
-    running_var ← (1−f)·running_var + f·var·count/(count−1), in fp32 and stored in the buffers' dtype."""
+    """The finalize of :func:`finalize_channels` for BLOCK_C channels."""
     k = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = k < K
     mean = tl.load(mean_ptr + k, mask=ok, other=0.0)
     var = tl.load(var_ptr + k, mask=ok, other=1.0)
-    scale = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    if AFFINE:
-        scale = scale * tl.load(w_ptr + k, mask=ok, other=0.0)
-    shift = -mean * scale
-    if AFFINE:
-        shift = shift + tl.load(b_ptr + k, mask=ok, other=0.0)
-    tl.store(scale_ptr + k, scale, mask=ok)
-    tl.store(shift_ptr + k, shift, mask=ok)
-    if UPDATE:
-        rm = tl.load(rmean_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        rv = tl.load(rvar_ptr + k, mask=ok, other=0.0).to(tl.float32)
-        rm = rm * (1.0 - factor) + mean * factor
-        rv = rv * (1.0 - factor) + (var * unbias) * factor
-        tl.store(rmean_ptr + k, rm.to(rmean_ptr.dtype.element_ty), mask=ok)
-        tl.store(rvar_ptr + k, rv.to(rvar_ptr.dtype.element_ty), mask=ok)
+    finalize_channels(mean, var, k, ok, w_ptr, b_ptr, rmean_ptr, rvar_ptr, scale_ptr, shift_ptr, factor, unbias, eps,
+                      AFFINE, UPDATE)
 
 
 @triton.jit
