@@ -181,11 +181,23 @@ class _FusedForward:
         last raw conv output with its BN scale/shift, which the caller's tail applies."""
         h, scale, shift = x, None, None
         for conv, bn in self.stages:
-            stats = be.conv_stats(h, _cast(conv.weight, dtype), conv.stride[0], conv.padding[0], conv.dilation[0],
-                                  conv.groups, in_scale=scale, in_shift=shift)
-            scale, shift = norm.scale_shift(bn, stats, _finalize(be))
-            h = stats[0]
+            h, scale, shift = conv_bn_train(be, conv, bn, h, dtype, scale, shift)
         return h, scale, shift
+
+
+def conv_bn_train(be, conv: nn.Conv2d, bn: nn.Module, x: Tensor, dtype: torch.dtype, in_scale: Tensor | None = None,
+                  in_shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A training stage ``c = conv(relu(x*in_scale + in_shift) or x)`` with ``bn``'s (scale, shift) for c: one launch
+    (``be.conv_bn_train``, the finalize inside the convolution) where the backend has it and the BN uses batch
+    statistics it can finalize alone (:func:`resnet_fused.norm.train_bn`), else ``conv_stats`` + finalize."""
+    weight = _cast(conv.weight, dtype)
+    args = (conv.stride[0], conv.padding[0], conv.dilation[0], conv.groups)
+    fused = getattr(be, "conv_bn_train", None)
+    spec = norm.train_bn(bn) if fused is not None and norm.uses_batch_stats(bn) else None
+    if spec is not None:
+        return fused(x, weight, spec, *args, in_scale=in_scale, in_shift=in_shift)
+    stats = be.conv_stats(x, weight, *args, in_scale=in_scale, in_shift=in_shift)
+    return (stats[0], *norm.scale_shift(bn, stats, _finalize(be)))
 
 
 def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
@@ -208,10 +220,8 @@ def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
         c, scale, shift = run.train(be, xc, dtype)
         if shortcut is None:
             return be.scale_bias_add_relu(c, scale, shift, identity)
-        conv_d, bn_d = shortcut
-        stats_d = be.conv_stats(xc, _cast(conv_d.weight, dtype), conv_d.stride[0], 0)
-        scale_d, shift_d = norm.scale_shift(bn_d, stats_d, _finalize(be))
-        return be.scale_bias_add_relu(c, scale, shift, stats_d[0], scale_d, shift_d)
+        c_d, scale_d, shift_d = conv_bn_train(be, *shortcut, xc, dtype)
+        return be.scale_bias_add_relu(c, scale, shift, c_d, scale_d, shift_d)
 
 
 class _Fused(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backends.reference import EvalBN, acc_dtype, eval_scale_shift
+from .backends.reference import EvalBN, TrainBN, acc_dtype, eval_scale_shift
 
 
 def is_frozen(bn: nn.Module) -> bool:
@@ -47,9 +47,12 @@ def uses_batch_stats(bn: nn.Module) -> bool:
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
-def _affine_params(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+def _affine_params(bn: nn.BatchNorm2d, acc: torch.dtype | None) -> tuple[Tensor | None, Tensor | None]:
+    """(γ, β) in dtype ``acc`` (None: the parameters themselves), (None, None) without affine."""
     if not bn.affine:
         return None, None
+    if acc is None:
+        return bn.weight, bn.bias
     return bn.weight.to(acc), bn.bias.to(acc)
 
 
@@ -150,6 +153,25 @@ def batch_scale_shift(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int,
     scale = invstd if gamma is None else gamma * invstd
     shift = -mean * scale
     return scale, (shift if beta is None else shift + beta)
+
+
+def train_bn(bn: nn.BatchNorm2d) -> TrainBN | None:
+    """``bn``, which normalizes with batch statistics, as the :class:`TrainBN` a backend finalizes inside its
+    convolution's launch (``conv_bn_train``), with exactly the updates :func:`batch_scale_shift` makes: running
+    statistics and ``num_batches_tracked`` only when ``bn.training and bn.track_running_stats``, the weight
+    ``momentum`` or (``momentum=None``) 1/num_batches_tracked after counting the batch. None where only
+    :func:`batch_scale_shift` can finalize it: a SyncBatchNorm that synchronizes (its statistics are combined
+    over the group first), or buffers that are not plain contiguous vectors."""
+    if bn.training and _sync_group(bn) is not None:
+        return None
+    update = bn.training and bn.track_running_stats
+    running = (bn.running_mean, bn.running_var) if update and bn.running_mean is not None else (None, None)
+    nbt = bn.num_batches_tracked if update else None
+    weight, bias = _affine_params(bn, None)
+    if any(t is not None and (t.dim() != 1 or not t.is_contiguous()) for t in (weight, bias, *running)):
+        return None
+    momentum = bn.momentum if bn.momentum is not None or nbt is not None else 0.0
+    return TrainBN(weight, bias, *running, nbt, momentum, float(bn.eps))
 
 
 def scale_shift(bn: nn.BatchNorm2d, stats: tuple[Tensor, Tensor, Tensor], finalize=None) -> tuple[Tensor, Tensor]:

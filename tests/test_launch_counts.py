@@ -116,10 +116,12 @@ def test_bottleneck_training_launches(downsample, momentum, monkeypatch):
     block.train()
     x.requires_grad_()
     convs = 3 + downsample
+    block(x).sum().backward()  # steady state: the arrival counters' workspace is allocated (zeroed) once
+    block.zero_grad(set_to_none=True)
+    x.grad = None
     y, fwd_triton, fwd_aten = _count(lambda: block(x), monkeypatch)
-    assert fwd_triton == 3 * convs + 1, fwd_triton
-    expected = {"add_": convs} if momentum is not None else {"add_": convs, "_local_scalar_dense": convs}
-    assert fwd_aten == expected, fwd_aten
+    assert fwd_triton == convs + 1, fwd_triton
+    assert fwd_aten == {}, fwd_aten
 
     dy = torch.randn_like(y)
     _, bwd_triton, bwd_aten = _count(lambda: y.backward(dy), monkeypatch)

@@ -136,14 +136,18 @@ def _eval_conv(conv, residual=False, shortcut: Conv | None = None):
 
 
 def _train_conv(conv, prologue):
+    """A training conv as the fused blocks run it: its BatchNorm finalized in the same launch
+    (``conv2d_bn_train``: fp32 γ/β and running statistics, ``momentum=None`` for the num_batches_tracked path)."""
     def run(dtype, layout):
+        from resnet_fused.backends.reference import TrainBN
         from resnet_fused.backends.triton import conv as tconv
 
         kw = {}
         if prologue:
             kw = dict(in_scale=_meta((conv.c,), torch.float32), in_shift=_meta((conv.c,), torch.float32))
-        tconv.conv2d_fused(_act(conv, dtype, layout), _weight(conv, dtype), None, conv.stride, conv.pad, 1,
-                           conv.groups, stats=True, **kw)
+        bn = TrainBN(*(_meta((conv.k,), torch.float32) for _ in range(4)), _meta((), torch.int64), None, 1e-5)
+        tconv.conv2d_bn_train(_act(conv, dtype, layout), _weight(conv, dtype), bn, conv.stride, conv.pad, 1,
+                              conv.groups, **kw)
     return run
 
 

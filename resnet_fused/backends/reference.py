@@ -95,6 +95,21 @@ class EvalBN(NamedTuple):
     eps: float
 
 
+class TrainBN(NamedTuple):
+    """A BatchNorm normalizing with batch statistics, as a training convolution finalizes it in its own launch:
+    γ, β (None for ``affine=False``; any float dtype), the running statistics and ``num_batches_tracked`` it
+    updates as ``torch.nn.BatchNorm2d`` does (None: not updated), ``momentum`` (None: cumulative average,
+    weight 1/num_batches_tracked after counting the batch) and ``eps``. The module's live tensors, never copies."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+    momentum: float | None
+    eps: float
+
+
 class Shortcut(NamedTuple):
     """A block's downsample branch ``bn(conv1x1(x, weight, stride))``, added to its last convolution's output
     before the final ReLU (one launch with it on the fused backends)."""

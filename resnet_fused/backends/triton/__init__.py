@@ -5,8 +5,10 @@
   strided 1x1 downsample conv with its own BN and ReLU all happen in that launch, so a block's tail
   ``relu(bn3(conv3(h)) + bn_d(conv_d(x)))`` never materialises its two branches. Backward: the reference
   backend's (:func:`~resnet_fused.backends.reference.conv_bn_act_backward`).
-* ``conv_stats``, ``scale_bias_add_relu`` (training path, NormConv scheme): see :mod:`.train`; ``finalize``, the
-  BatchNorm finalize :mod:`resnet_fused.norm` calls (one launch): see :mod:`.stats`.
+* ``conv_bn_train`` (training path, NormConv scheme): a convolution with its BatchNorm finalized from the batch
+  statistics inside the same launch (scale/shift, running statistics, ``num_batches_tracked``);
+  ``conv_stats``, ``scale_bias_add_relu``: see :mod:`.train`; ``finalize``, the BatchNorm finalize
+  :mod:`resnet_fused.norm` calls after ``conv_stats`` (SyncBN: after its all-reduce; one launch): see :mod:`.stats`.
 * ``tile_configs()``: the tile config each convolution shape ran with (benchmark provenance); convolutions run
   one fixed config per shape, bit-reproducible across runs and ranks, under ``RESNET_FUSED_DETERMINISTIC=1`` or
   ``torch.use_deterministic_algorithms(True)`` (:func:`.conv.deterministic`).
@@ -37,9 +39,9 @@ if _IMPORT_ERROR is None:
     from ._launch import launch_count, reset_launch_count
     from .conv import SUPPORTED_DTYPES, conv2d_fused, deterministic, tile_configs
     from .stats import finalize
-    from .train import bn_relu, conv_stats, scale_bias_add_relu
+    from .train import bn_relu, conv_bn_train, conv_stats, scale_bias_add_relu
 
-    __all__ += ["bn_relu", "conv_stats", "scale_bias_add_relu", "finalize", "conv2d_fused", "tile_configs",
+    __all__ += ["bn_relu", "conv_stats", "conv_bn_train", "scale_bias_add_relu", "finalize", "conv2d_fused", "tile_configs",
                 "deterministic", "launch_count", "reset_launch_count"]
 
 

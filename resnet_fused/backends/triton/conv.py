@@ -34,16 +34,16 @@ counted by :mod:`._launch`.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import EvalBN, check_eval_bn, memory_format
+from ..reference import EvalBN, TrainBN, check_eval_bn, memory_format
 from . import _launch
-from .stats import merge_partial_stats
+from .stats import arrive, chan_merge, finalize_channels, merge_partial_stats
 
 INTERPRET = _launch.INTERPRET
 
@@ -52,6 +52,9 @@ INTERPRET = _launch.INTERPRET
 MIN_BLOCK_M = 64
 # The (s, c)-packed reduction of small channel counts runs when a filter row holds at most this many values.
 PACK_S_MAX = 64
+# FINALIZE: row tiles per first-level merge group (see _merge_and_finalize): each merge reads at most this many
+# rows, and the second level cdiv(tiles, MERGE_TILES) (196 at batch 256, 56x56, BLOCK_M=128).
+MERGE_TILES = 32
 # Large filters (5x5 and up) on at most this many channels (the stem: 7x7 on 3) run on copies zero-padded to it and
 # spatially, for 16-byte loads (worth the copy only where the filter is large).
 STEM_PAD_C = 4
@@ -138,6 +141,51 @@ def _bn_scale_shift(w_ptr, b_ptr, mean_ptr, var_ptr, eps, k, k_ok, AFFINE: tl.co
 
 
 @triton.jit
+def _merge_and_finalize(part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr, cnt_ptr, out_mean_ptr, out_var_ptr,
+                        out_scale_ptr, out_shift_ptr, nbt_ptr, w_ptr, b_ptr, rmean_ptr, rvar_ptr, eps, momentum,
+                        unbias, M, K, k, k_ok, pid_m, num_pid_m, col, num_cols, AFFINE: tl.constexpr,
+                        UPDATE: tl.constexpr, COUNT_BATCHES: tl.constexpr, CUMULATIVE: tl.constexpr,
+                        MERGE_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """After a tile stored its statistics partial: the BatchNorm's whole finalize inside the conv launch, as a
+    two-level tree of last-arriving programs (:func:`.stats.arrive`), so no program waits and no merge is serial
+    over all the tiles of a column:
+
+    1. the last of each group of MERGE_TILES row tiles of a column (BLOCK_N channels) merges their partials into
+       the group's row of grp_mean/grp_m2;
+    2. the last group of a column merges the groups' rows into the batch mean and biased variance of its
+       channels and finalizes them (:func:`.stats.finalize_channels`: scale, shift, running statistics with
+       the momentum factor, ``1/(num_batches_tracked + 1)`` when CUMULATIVE);
+    3. the last column to finalize counts the batch in num_batches_tracked (COUNT_BATCHES) — after every column
+       read it for its factor.
+
+    Both merges run in row order (Chan's formula), so the bits do not depend on which program arrives last.
+    Counters: [num_cols · groups] for level 1, then [num_cols] for level 2, then one."""
+    MERGE_P: tl.constexpr = 16  # partial rows per merge step
+    n_groups = tl.cdiv(num_pid_m, MERGE_TILES)
+    grp = pid_m // MERGE_TILES
+    in_grp = tl.minimum(MERGE_TILES, num_pid_m - grp * MERGE_TILES)
+    if arrive(cnt_ptr + col * n_groups + grp, in_grp):
+        _, g_mean, g_m2 = chan_merge(part_mean_ptr, part_m2_ptr, grp * MERGE_TILES, in_grp, BLOCK_M, M, K, k, k_ok,
+                                     MERGE_P, BLOCK_N)
+        tl.store(grp_mean_ptr + grp * K + k, g_mean, mask=k_ok)
+        tl.store(grp_m2_ptr + grp * K + k, g_m2, mask=k_ok)
+        if arrive(cnt_ptr + num_cols * n_groups + col, n_groups):
+            n, mean, m2 = chan_merge(grp_mean_ptr, grp_m2_ptr, 0, n_groups, MERGE_TILES * BLOCK_M, M, K, k, k_ok,
+                                     MERGE_P, BLOCK_N)
+            var = m2 / n
+            tl.store(out_mean_ptr + k, mean, mask=k_ok)
+            tl.store(out_var_ptr + k, var, mask=k_ok)
+            factor = momentum
+            if CUMULATIVE:
+                factor = tl.div_rn(1.0, (tl.load(nbt_ptr) + 1).to(tl.float32))
+            finalize_channels(mean, var, k, k_ok, w_ptr, b_ptr, rmean_ptr, rvar_ptr, out_scale_ptr, out_shift_ptr,
+                              factor, unbias, eps, AFFINE, UPDATE)
+            if COUNT_BATCHES:
+                if arrive(cnt_ptr + num_cols * (n_groups + 1), num_cols):
+                    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
 def _mma(a, b, acc, TRANSPOSED: tl.constexpr, DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc += a·b ([BLOCK_M, BLOCK_K]·[BLOCK_K, BLOCK_N]), or acc += bᵀ·aᵀ into a transposed accumulator
     [BLOCK_N, BLOCK_M] when TRANSPOSED. The transposed form is used when ``a`` was computed in registers (the
@@ -174,6 +222,14 @@ def _conv_fwd_kernel(
     part_rows_ptr,    # [1] int32: BLOCK_M of this launch, written by its first tile (STATS)
     part_mean_ptr,    # [>= cdiv(M, BLOCK_M), K] fp32 per-row-tile channel means, row pid_m (STATS)
     part_m2_ptr,      # [>= cdiv(M, BLOCK_M), K] fp32 per-row-tile sums of squared deviations (STATS)
+    grp_mean_ptr,     # [>= cdiv(cdiv(M, BLOCK_M), MERGE_TILES), K] fp32 per-group means (FINALIZE)
+    grp_m2_ptr,       # [>= cdiv(cdiv(M, BLOCK_M), MERGE_TILES), K] fp32 per-group M2 (FINALIZE)
+    cnt_ptr,          # int32 arrival counters, zero: per (column, group), per column, one (FINALIZE)
+    out_mean_ptr,     # [K] fp32 out: batch mean (FINALIZE)
+    out_var_ptr,      # [K] fp32 out: biased batch variance (FINALIZE)
+    out_scale_ptr,    # [K] fp32 out: the BN's scale from the batch statistics (FINALIZE)
+    out_shift_ptr,    # [K] fp32 out: ... and shift (FINALIZE)
+    nbt_ptr,          # [1] int64 num_batches_tracked, += 1 (FINALIZE and COUNT_BATCHES)
     N, C, H, W, K, P, Q, CS, HS, WS,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wk, stride_wc, stride_wr, stride_ws,
@@ -182,6 +238,8 @@ def _conv_fwd_kernel(
     stride_swk, stride_swc,
     stride_yn, stride_yc, stride_yh, stride_yw,
     bn_eps, sbn_eps,  # the two BNs' ε (fp32)
+    momentum,         # FINALIZE: the weight of the batch statistics in the running ones (unless CUMULATIVE)
+    unbias,           # FINALIZE: M/(M − 1)
     M_BUCKET,         # next power of two of N*P*Q: autotune key only
     R: tl.constexpr, S: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -191,7 +249,8 @@ def _conv_fwd_kernel(
     HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr, SBN_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
     IN_AFFINE_RELU: tl.constexpr, PROLOGUE_SMEM: tl.constexpr, STATS: tl.constexpr, PACK_S: tl.constexpr,
-    PAD_C: tl.constexpr,
+    PAD_C: tl.constexpr, FINALIZE: tl.constexpr, BN_UPDATE: tl.constexpr, COUNT_BATCHES: tl.constexpr,
+    CUMULATIVE: tl.constexpr, MERGE_TILES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -360,13 +419,21 @@ def _conv_fwd_kernel(
         tl.store(part_m2_ptr + pid_m * K + k, m2, mask=k_ok)
         if pid == 0:
             tl.store(part_rows_ptr, BLOCK_M)
+        if FINALIZE:
+            _merge_and_finalize(part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr, cnt_ptr, out_mean_ptr,
+                                out_var_ptr, out_scale_ptr, out_shift_ptr, nbt_ptr, bn_w_ptr, bn_b_ptr, bn_mean_ptr,
+                                bn_var_ptr, bn_eps, momentum, unbias, M, K, k, k_ok, pid_m, num_pid_m,
+                                g * num_pid_n + pid_n, GROUPS * num_pid_n, BN_AFFINE, BN_UPDATE, COUNT_BATCHES,
+                                CUMULATIVE, MERGE_TILES, BLOCK_M, BLOCK_N)
 
 
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
 # use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
 TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "HAS_RESIDUAL", "HAS_SHORTCUT",
-            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C"]
+            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C", "FINALIZE"]
 _conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
+                                  # a finalizing launch updates the running statistics: timing runs must not
+                                  restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
                                   prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
 _FIXED: dict = {}  # deterministic mode: tune key text -> the config it runs
 
@@ -460,11 +527,38 @@ def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
     return p, q
 
 
+def output_shape(x, weight, stride, padding, dilation) -> Optional[torch.Size]:
+    """The convolution's output shape [N, K, P, Q], or None where the arguments are not a valid 2-D convolution
+    (the launcher's checks then say why)."""
+    try:
+        stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+        if x.dim() != 4 or weight.dim() != 4:
+            return None
+        p, q = _output_hw(x, weight, stride, padding, dilation)
+    except (AttributeError, ValueError, TypeError):
+        return None
+    return torch.Size((x.shape[0], weight.shape[0], p, q))
+
+
 def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
     """Uninitialised output [N, K, P, Q] in x's dtype and memory format."""
     n, k = x.shape[0], weight.shape[0]
     p, q = _output_hw(x, weight, stride, padding, dilation)
     return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
+
+
+class _Finalize(NamedTuple):
+    """The BatchNorm a training conv finalizes in its own launch (``conv2d_bn_train``): γ, β (None without
+    affine), the running statistics and ``num_batches_tracked`` it updates (None: not updated), the momentum
+    (None: cumulative average) and ε."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    momentum: Optional[float]
+    eps: float
 
 
 def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -477,21 +571,55 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
                        ) -> Tuple[Tensor, Tensor, Tensor]:
     """Allocate and launch (inputs already checked by :func:`conv2d_fused`); returns (y, mean, var) with
     empty mean/var when ``stats`` is False."""
+    return _run(x, weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, stride, padding, dilation, groups, residual,
+                shortcut_x, shortcut_weight, sbn_weight, sbn_bias, sbn_mean, sbn_var, sbn_eps, shortcut_stride, relu,
+                in_scale, in_shift, stats, None)[:3]
+
+
+def _conv2d_bn_train_impl(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int],
+                          groups: int, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                          bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], running_mean: Optional[Tensor],
+                          running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], momentum: float,
+                          cumulative: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(c, mean, var, scale, shift) of :func:`conv2d_bn_train`, one launch (inputs already checked)."""
+    fin = _Finalize(bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                    None if cumulative else momentum, eps)
+    return _run(x, weight, None, None, None, None, 0.0, stride, padding, dilation, groups, None, None, None, None,
+                None, None, None, 0.0, 1, False, in_scale, in_shift, True, fin)
+
+
+def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], bn_mean: Optional[Tensor],
+         bn_var: Optional[Tensor], bn_eps: float, stride: List[int], padding: List[int], dilation: List[int],
+         groups: int, residual: Optional[Tensor], shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor],
+         sbn_weight: Optional[Tensor], sbn_bias: Optional[Tensor], sbn_mean: Optional[Tensor],
+         sbn_var: Optional[Tensor], sbn_eps: float, shortcut_stride: int, relu: bool, in_scale: Optional[Tensor],
+         in_shift: Optional[Tensor], stats: bool, fin: Optional[_Finalize]
+         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Allocate and launch one conv; (y, mean, var, scale, shift): mean/var with ``stats`` (empty otherwise),
+    scale/shift with ``fin`` (the BN finalized in the launch; empty otherwise)."""
     y = _output(x, weight, stride, padding, dilation)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     p, q = y.shape[2], y.shape[3]
     m = n * p * q
+    f32 = dict(device=x.device, dtype=torch.float32)
     if m == 0 or k == 0:
-        nan = torch.full((k if stats else 0,), float("nan"), device=x.device, dtype=torch.float32)
-        return y, nan, nan.clone()
+        nan = [torch.full((k if stats else 0,), float("nan"), **f32) for _ in range(2)]
+        return (y, *nan, *[torch.full((k if fin else 0,), float("nan"), **f32) for _ in range(2)])
     xc = x.contiguous(memory_format=torch.channels_last)
     wc = weight.contiguous(memory_format=torch.channels_last)
-    f32 = dict(device=x.device, dtype=torch.float32)
     tiles = triton.cdiv(m, MIN_BLOCK_M) if stats else 1
     part_rows = torch.empty(1, device=x.device, dtype=torch.int32)
     part_mean = torch.empty(tiles, k if stats else 1, **f32)
     part_m2 = torch.empty_like(part_mean)
+    # The finalize's buffers (a stand-in row without it): group partials, the outputs, the arrival counters for
+    # the smallest tiles any config has (BLOCK_M >= MIN_BLOCK_M, BLOCK_N >= 32).
+    n_grp = triton.cdiv(tiles, MERGE_TILES) if fin else 1
+    grp_mean = torch.empty(n_grp, k if fin else 1, **f32)
+    grp_m2 = torch.empty_like(grp_mean)
+    fin_out = [torch.empty(k if fin else 0, **f32) for _ in range(4)]  # mean, var, scale, shift
+    cols = groups * triton.cdiv(k // groups, 32)
+    cnt = _launch.counters(x, cols * (n_grp + 1) + 1) if fin else part_rows
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
     sw = shortcut_weight.contiguous(memory_format=torch.channels_last) if has_sc else wc
@@ -501,6 +629,12 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
 
     def present(t: Optional[Tensor]) -> Tensor:
         return t if t is not None else wc
+
+    if fin is not None:  # the BN tensors take the eval BN's places (HAS_BN is False: the output is raw)
+        bn_weight, bn_bias, bn_mean, bn_var, bn_eps = fin.weight, fin.bias, fin.running_mean, fin.running_var, fin.eps
+    update = fin is not None and fin.running_mean is not None
+    count = fin is not None and fin.num_batches_tracked is not None
+    nbt = fin.num_batches_tracked if count else part_rows
 
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
     k_g = k // groups
@@ -528,19 +662,21 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
         xc, wc, present(bn_weight), present(bn_bias), present(bn_mean), present(bn_var), res, sx, sw,
         present(sbn_weight), present(sbn_bias), present(sbn_mean), present(sbn_var),
         present(in_scale), present(in_shift),
-        y, part_rows, part_mean, part_m2,
+        y, part_rows, part_mean, part_m2, grp_mean, grp_m2, cnt, *fin_out, nbt,
         n, c, h, w, k, p, q, cs, hs, ws,
         *x_strides, *w_strides, *_strides(res), *_strides(sx), *_strides(sw)[:2], *_strides(y),
         float(bn_eps), float(sbn_eps),
+        float(fin.momentum or 0.0) if fin else 0.0, m / (m - 1) if m > 1 else float("inf"),
         triton.next_power_of_2(m),
     )
     consts = dict(
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=pads[0], PAD_W=pads[1],
         DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
-        HAS_BN=bn_mean is not None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
+        HAS_BN=bn_mean is not None and fin is None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
         IN_AFFINE_RELU=in_scale is not None, PROLOGUE_SMEM=prologue_smem(), STATS=stats,
-        PACK_S=pack_s, PAD_C=pad_c,
+        PACK_S=pack_s, PAD_C=pad_c, FINALIZE=fin is not None, BN_UPDATE=update, COUNT_BATCHES=count,
+        CUMULATIVE=count and fin.momentum is None, MERGE_TILES=MERGE_TILES,
         INPUT_PRECISION=_input_precision(x.dtype), DOT_IN_FP32=INTERPRET and x.dtype == torch.bfloat16,
     )
 
@@ -556,10 +692,12 @@ def _conv2d_fused_impl(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
     else:
         _launch.wrap(_conv_fwd_tuned)[grid](*args, **consts)
     _launch.record()
+    if fin is not None:
+        return (y, *fin_out)
     if not stats:
-        return y, torch.empty(0, **f32), torch.empty(0, **f32)
+        return y, torch.empty(0, **f32), torch.empty(0, **f32), *fin_out
     mean, var = merge_partial_stats(part_rows, part_mean, part_m2, m)
-    return y, mean, var
+    return y, mean, var, *fin_out
 
 
 def _conv2d_fused_fake(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
@@ -576,7 +714,16 @@ def _conv2d_fused_fake(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], b
             x.new_empty(stat_shape, dtype=torch.float32), x.new_empty(stat_shape, dtype=torch.float32))
 
 
+def _conv2d_bn_train_fake(x, weight, stride, padding, dilation, groups, in_scale, in_shift, bn_weight, bn_bias,
+                          running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
+    """Output metadata of :func:`_conv2d_bn_train_impl` without running it."""
+    return (_output(x, weight, stride, padding, dilation),
+            *[x.new_empty((weight.shape[0],), dtype=torch.float32) for _ in range(4)])
+
+
 _conv2d_fused_op = _launch.register_op("triton_conv2d_fused", _conv2d_fused_impl, _conv2d_fused_fake)
+_conv2d_bn_train_op = _launch.register_op("triton_conv2d_bn_train", _conv2d_bn_train_impl, _conv2d_bn_train_fake,
+                                          mutates_args=("running_mean", "running_var", "num_batches_tracked"))
 
 
 def _check_device(name: str, t: Tensor, x: Tensor) -> None:
@@ -592,23 +739,12 @@ def _bn_args(bn: Optional[EvalBN]) -> tuple:
     return (*vecs, float(bn.eps))
 
 
-def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None,
-                 shortcut_weight: Optional[Tensor] = None, shortcut_bn: Optional[EvalBN] = None,
-                 shortcut_stride: int = 1, relu: bool = False, in_scale: Optional[Tensor] = None,
-                 in_shift: Optional[Tensor] = None, stats: bool = False):
-    """``y = act(bn(conv2d(a, weight, stride, padding, dilation, groups)) + residual
-    + shortcut_bn(conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride)))`` in one kernel launch.
-
-    ``bn``/``shortcut_bn`` are eval BatchNorms (:class:`~resnet_fused.backends.reference.EvalBN`, live tensors)
-    applied as ``v·s + t`` in fp32 in the epilogue, ``s`` and ``t`` computed in the kernel; ``bn=None`` means
-    none. A shortcut needs both BNs and no prologue. ``a = relu(x*in_scale[c] + in_shift[c])`` (fp32, cast to
-    x's dtype, zero padding after the activation) when ``in_scale``/``in_shift`` are given, else ``x``; act =
-    ReLU when ``relu``. ``x`` may be NCHW or channels-last; ``y`` has x's dtype and memory format.
-    ``in_scale`` and ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel
-    fp32 mean and biased variance of the stored ``y`` (one extra tiny merge launch). Not differentiable by
-    itself: the backend's autograd functions wrap it.
-    """
+def _checked(x: Tensor, weight: Tensor, bn: Optional[EvalBN], stride, padding, dilation, groups: int,
+             residual: Optional[Tensor], shortcut_x: Optional[Tensor], shortcut_weight: Optional[Tensor],
+             shortcut_bn: Optional[EvalBN], shortcut_stride: int, in_scale: Optional[Tensor],
+             in_shift: Optional[Tensor]) -> tuple:
+    """Validate the arguments of :func:`conv2d_fused` (clear errors, never a bad launch); returns them normalized:
+    ``(stride, padding, dilation, shortcut_bn, shortcut_stride, in_scale, in_shift)``."""
     op = "triton conv2d_fused"
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("x and weight must be tensors")
@@ -685,7 +821,63 @@ def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=
             if t.shape != (c,) or t.dtype != torch.float32:
                 raise ValueError(f"{name} must be float32 of shape [{c}], got {t.dtype} {tuple(t.shape)}")
         in_scale, in_shift = in_scale.contiguous(), in_shift.contiguous()
+    return stride, padding, dilation, shortcut_bn, shortcut_stride, in_scale, in_shift
+
+
+def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, residual: Optional[Tensor] = None, shortcut_x: Optional[Tensor] = None,
+                 shortcut_weight: Optional[Tensor] = None, shortcut_bn: Optional[EvalBN] = None,
+                 shortcut_stride: int = 1, relu: bool = False, in_scale: Optional[Tensor] = None,
+                 in_shift: Optional[Tensor] = None, stats: bool = False):
+    """``y = act(bn(conv2d(a, weight, stride, padding, dilation, groups)) + residual
+    + shortcut_bn(conv2d(shortcut_x, shortcut_weight, stride=shortcut_stride)))`` in one kernel launch.
+
+    ``bn``/``shortcut_bn`` are eval BatchNorms (:class:`~resnet_fused.backends.reference.EvalBN`, live tensors)
+    applied as ``v·s + t`` in fp32 in the epilogue, ``s`` and ``t`` computed in the kernel; ``bn=None`` means
+    none. A shortcut needs both BNs and no prologue. ``a = relu(x*in_scale[c] + in_shift[c])`` (fp32, cast to
+    x's dtype, zero padding after the activation) when ``in_scale``/``in_shift`` are given, else ``x``; act =
+    ReLU when ``relu``. ``x`` may be NCHW or channels-last; ``y`` has x's dtype and memory format.
+    ``in_scale`` and ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel
+    fp32 mean and biased variance of the stored ``y`` (one extra tiny merge launch). Not differentiable by
+    itself: the backend's autograd functions wrap it.
+    """
+    stride, padding, dilation, shortcut_bn, shortcut_stride, in_scale, in_shift = _checked(
+        x, weight, bn, stride, padding, dilation, groups, residual, shortcut_x, shortcut_weight, shortcut_bn,
+        shortcut_stride, in_scale, in_shift)
     y, mean, var = _conv2d_fused_op(x, weight, *_bn_args(bn), stride, padding, dilation, groups, residual,
                                     shortcut_x, shortcut_weight, *_bn_args(shortcut_bn), shortcut_stride,
                                     bool(relu), in_scale, in_shift, bool(stats))
     return (y, mean, var) if stats else y
+
+
+def conv2d_bn_train(x: Tensor, weight: Tensor, bn: TrainBN, stride=1, padding=0, dilation=1, groups: int = 1,
+                    in_scale: Optional[Tensor] = None, in_shift: Optional[Tensor] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A training convolution and its BatchNorm's whole finalize in ONE launch: ``c = conv2d(a, weight)`` with
+    ``a`` as in :func:`conv2d_fused` (the BN+ReLU prologue when ``in_scale``/``in_shift`` are given), the batch
+    mean and biased variance of ``c`` per channel, ``scale = γ/√(var + ε)``, ``shift = β − mean·scale``, and
+    ``bn``'s running statistics and ``num_batches_tracked`` updated in place as ``torch.nn.BatchNorm2d`` updates
+    them. Returns ``(c, mean, var, scale, shift)``, the vectors fp32. Not differentiable by itself."""
+    op = "triton conv2d_bn_train"
+    stride, padding, dilation, _, _, in_scale, in_shift = _checked(x, weight, None, stride, padding, dilation, groups,
+                                                                   None, None, None, None, 1, in_scale, in_shift)
+    if not isinstance(bn, TrainBN):
+        raise TypeError(f"{op}: bn must be a TrainBN, got {type(bn).__name__}")
+    if (bn.weight is None) != (bn.bias is None) or (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"{op}: bn.weight and bn.bias, bn.running_mean and bn.running_var go together")
+    k = weight.shape[0]
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, field)
+        if t is not None and (t.shape != (k,) or not t.is_floating_point() or t.device != x.device
+                              or not t.is_contiguous()):
+            raise ValueError(f"{op}: bn.{field} must be a contiguous floating-point vector of {k} channels on "
+                             f"{x.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    nbt = bn.num_batches_tracked
+    if nbt is not None and (nbt.numel() != 1 or nbt.dtype != torch.int64 or nbt.device != x.device):
+        raise ValueError(f"{op}: bn.num_batches_tracked must be one int64 on {x.device}, got {nbt.dtype} "
+                         f"{tuple(nbt.shape)} on {nbt.device}")
+    if bn.momentum is None and bn.running_mean is not None and nbt is None:
+        raise ValueError(f"{op}: a cumulative average (momentum=None) needs num_batches_tracked")
+    return _conv2d_bn_train_op(x, weight, stride, padding, dilation, groups, in_scale, in_shift, bn.weight, bn.bias,
+                               bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                               float(bn.momentum or 0.0), bn.momentum is None, float(bn.eps))

@@ -1,4 +1,4 @@
-"""Training-path ops of the Triton backend: NormConv ``conv_stats`` and the BN-add-ReLU tail.
+"""Training-path ops of the Triton backend: NormConv ``conv_stats``/``conv_bn_train`` and the BN-add-ReLU tail.
 
 ``conv_stats`` runs a convolution whose input may carry the previous BN+ReLU as a prologue and whose epilogue
 produces the output's per-channel batch mean and biased variance: one conv launch (``conv2d_fused(...,
@@ -17,8 +17,10 @@ the data and weight gradients of the convolution.
 import torch
 from torch.nn.modules.utils import _pair
 
-from .conv import conv2d_fused
+from ..reference import TrainBN
+from .conv import conv2d_bn_train, conv2d_fused, output_shape
 from .elementwise import affine_relu_bwd, affine_relu_fwd, stats_bwd, tail_bwd, tail_fwd
+from .stats import finalize_backward
 
 
 class ConvStatsFunction(torch.autograd.Function):
@@ -55,6 +57,49 @@ class ConvStatsFunction(torch.autograd.Function):
             return da, dweight, None, None, None, None, None, None
         dx, dscale, dshift = affine_relu_bwd(da, x, in_scale, in_shift)
         return dx, dweight, dscale, dshift, None, None, None, None
+
+
+class ConvBnTrainFunction(torch.autograd.Function):
+    """(c, scale, shift): c = conv2d(a, weight), a = relu(x*in_scale + in_shift) or x, and the (scale, shift) of
+    c's BatchNorm from c's batch statistics, its running statistics updated — one launch
+    (:func:`.conv.conv2d_bn_train`). Backward: the BatchNorm's backward through the statistics and the finalize,
+    fused with the recompute of ``a`` for the weight gradient (one launch, :func:`.elementwise.bn_train_bwd`), the
+    convolution's gradients, and the prologue's one-pass backward (one launch)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, in_scale, in_shift, bn_weight, bn_bias, bn, conv_args):
+        bn = bn._replace(weight=bn_weight, bias=bn_bias)
+        c, mean, var, scale, shift = conv2d_bn_train(x, weight, bn, *conv_args, in_scale=in_scale, in_shift=in_shift)
+        ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean, var, bn_weight)
+        ctx.conv_args = conv_args
+        ctx.eps = bn.eps
+        ctx.set_materialize_grads(False)
+        return c, scale, shift
+
+    @staticmethod
+    def backward(ctx, dc, dscale, dshift):
+        x, weight, in_scale, in_shift, c, mean, var, gamma = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if dc is None and dscale is None and dshift is None:
+            return (None,) * 8
+        stride, padding, dilation, groups = ctx.conv_args
+        prologue = in_scale is not None
+        need_a = need[0] or (prologue and (need[2] or need[3]))
+        dmean = dvar = dgamma = None
+        if dscale is not None or dshift is not None:
+            dmean, dvar, dgamma = finalize_backward(mean, var, gamma, dscale, dshift, ctx.eps)
+        dc = stats_bwd(c, mean, dc, dmean, dvar)
+        a = affine_relu_fwd(x, in_scale, in_shift) if prologue and need[1] else None
+        da, dweight, _ = torch.ops.aten.convolution_backward(
+            dc, a if a is not None else x, weight, None, list(_pair(stride)), list(_pair(padding)),
+            list(_pair(dilation)), False, [0, 0], groups, [need_a, need[1], False],
+        )
+        del a
+        dx = din_scale = din_shift = None
+        if da is not None:
+            dx, din_scale, din_shift = affine_relu_bwd(da, x, in_scale, in_shift) if prologue else (da, None, None)
+        return (dx if need[0] else None, dweight, din_scale if need[2] else None, din_shift if need[3] else None,
+                dgamma if need[4] else None, dshift if need[5] else None, None, None)
 
 
 class ScaleBiasAddReluFunction(torch.autograd.Function):
@@ -108,3 +153,19 @@ def scale_bias_add_relu(c, scale, shift, idn, idn_scale=None, idn_shift=None):
     """relu(c*scale + shift + (idn*idn_scale + idn_shift if idn_scale is given else idn)), fp32 math,
     result in c's dtype. Differentiable in every tensor argument."""
     return ScaleBiasAddReluFunction.apply(c, scale, shift, idn, idn_scale, idn_shift)
+
+
+def conv_bn_train(x, weight, bn: TrainBN, stride, padding, dilation=1, groups=1, in_scale=None, in_shift=None):
+    """(c, scale, shift): the training conv ``c = conv2d(relu(x*in_scale + in_shift) if in_scale is given else x,
+    weight)`` and its BatchNorm ``bn`` (:class:`~resnet_fused.backends.reference.TrainBN`) finalized from c's
+    batch statistics — scale/shift fp32, the running statistics and ``num_batches_tracked`` updated as
+    ``torch.nn.BatchNorm2d`` updates them — in ONE launch. Differentiable in x, weight, in_scale, in_shift,
+    ``bn.weight`` and ``bn.bias``. A batch of one value per channel raises PyTorch's error, before anything is
+    updated."""
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    shape = output_shape(x, weight, stride, padding, dilation)
+    if shape is not None and shape[0] * shape[2] * shape[3] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
+    return ConvBnTrainFunction.apply(x, weight, in_scale, in_shift, bn.weight, bn.bias, bn,
+                                     (stride, padding, dilation, groups))
