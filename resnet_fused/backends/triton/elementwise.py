@@ -53,9 +53,9 @@ def _tile_offsets(rows, chans, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _channel_block(C, BLOCK_C: tl.constexpr):
-    """This program's channel indices and their in-bounds mask."""
-    chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _channel_block(pid_c, C, BLOCK_C: tl.constexpr):
+    """The channel indices of channel program ``pid_c`` and their in-bounds mask."""
+    chans = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     return chans, chans < C
 
 
@@ -66,9 +66,10 @@ def _per_channel(ptr, chans, cmask):
 
 
 @triton.jit
-def _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Offsets and mask of the tile at row r0 of this program's ROWS_PER_PROG rows × chans."""
-    rows = tl.program_id(0) * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
+def _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """Offsets and mask of the tile at row r0 of row program ``pid_r``'s ROWS_PER_PROG rows × chans."""
+    rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & cmask[None, :]
     return _tile_offsets(rows, chans, C, HW, CHANNELS_LAST), mask
 
@@ -92,14 +93,15 @@ def _tail_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """out = relu(c*scale + shift + idn'), idn' = idn*idn_scale + idn_shift if HAS_IDN_AFFINE else idn (fp32)."""
-    chans, cmask = _channel_block(C, BLOCK_C)
+    pid_r = tl.program_id(0)
+    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     s = _per_channel(scale_ptr, chans, cmask)
     t = _per_channel(shift_ptr, chans, cmask)
     if HAS_IDN_AFFINE:
         sd = _per_channel(idn_scale_ptr, chans, cmask)
         td = _per_channel(idn_shift_ptr, chans, cmask)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_IDN_AFFINE:
@@ -137,7 +139,8 @@ def _tail_bwd_kernel(
     z = c*s + t + idn' is recomputed, g = dout·[z > 0]; dc = g*s; d(idn) = g, or dcd = g*sd for
     idn' = cd*sd + td; per-channel partial sums Σg (= dt = dtd), Σg·c (= ds), Σg·cd (= dsd).
     """
-    chans, cmask = _channel_block(C, BLOCK_C)
+    pid_r = tl.program_id(0)
+    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     s = _per_channel(scale_ptr, chans, cmask)
     t = _per_channel(shift_ptr, chans, cmask)
     if HAS_IDN_AFFINE:
@@ -147,7 +150,7 @@ def _tail_bwd_kernel(
     acc_gc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_gidn = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         idn = tl.load(idn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -186,11 +189,12 @@ def _affine_relu_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """a = relu(x*scale + shift), fp32 math, stored in x's dtype."""
-    chans, cmask = _channel_block(C, BLOCK_C)
+    pid_r = tl.program_id(0)
+    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     s = _per_channel(scale_ptr, chans, cmask)
     t = _per_channel(shift_ptr, chans, cmask)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         a = tl.maximum(x * s + t, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -214,13 +218,14 @@ def _affine_relu_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """g = grad_a·[x*scale + shift > 0]; dx = g*scale; partial sums Σg·x (= dscale) and Σg (= dshift)."""
-    chans, cmask = _channel_block(C, BLOCK_C)
+    pid_r = tl.program_id(0)
+    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     s = _per_channel(scale_ptr, chans, cmask)
     t = _per_channel(shift_ptr, chans, cmask)
     acc_gx = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         grad_a = tl.load(grad_a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.where(x * s + t > 0.0, grad_a, 0.0)
@@ -253,14 +258,15 @@ def _stats_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dc_total = dc + dmean/M + dvar·2(c − mean)/M, each term present only when its gradient is."""
-    chans, cmask = _channel_block(C, BLOCK_C)
+    pid_r = tl.program_id(0)
+    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     if HAS_DMEAN:
         dmean = _per_channel(dmean_ptr, chans, cmask) * inv_m
     if HAS_DVAR:
         mean = _per_channel(mean_ptr, chans, cmask)
         dvar2 = _per_channel(dvar_ptr, chans, cmask) * (2.0 * inv_m)
     for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if HAS_DC:
             acc += tl.load(dc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
