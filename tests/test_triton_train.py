@@ -527,3 +527,108 @@ def test_finalize_op_passes_opcheck():
     for running in ((None, None), (torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5)):
         torch.library.opcheck(torch.ops.resnet_fused.triton_bn_finalize.default,
                               (v[0], v[3], v[1], v[2], *running, 12, 0.1, 1e-5))
+
+
+# ------------------------------------------------------------------------- in-kernel sums, bn_train_bwd
+
+
+def _counters_are_zero():
+    """Every arrival counter of the zero-once workspace is back at zero (kernels leave them so)."""
+    return all(bool((buf == 0).all()) for buf in _launch._COUNTERS.values())
+
+
+# under the interpreter's plan: one program; several row programs; several row and channel programs
+_SUM_SHAPES = {"one_program": (2, 5, 3, 3), "rows": (4, 3, 40, 40), "rows_and_channels": (2, 130, 12, 12)}
+
+
+@pytest.mark.parametrize("name", list(_SUM_SHAPES))
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dual", [False, True], ids=["identity", "downsample"])
+def test_tail_bwd_channel_sums(name, fmt, dual):
+    """tail_bwd's per-channel sums, added up by the kernel's last program per channel block, against autograd of
+    the tail; one launch, the counters left at zero, the same bits on a second call."""
+    torch.manual_seed(20)
+    shape = _SUM_SHAPES[name]
+    k = shape[1]
+    inputs = [_act(shape, fmt), _vec(k, True), _vec(k), _act(shape, fmt)]
+    if dual:
+        inputs += [_vec(k, True), _vec(k)]
+    if _launch.INTERPRET:
+        grid = elementwise._plan(inputs[0], FORMATS[fmt]).grid
+        assert (grid[0] > 1, grid[1] > 1) == {"one_program": (False, False), "rows": (True, False),
+                                              "rows_and_channels": (True, True)}[name]
+    dout = torch.randn(shape, device=DEVICE)
+    args = [t.detach() for t in inputs]
+    _launch.reset_launch_count()
+    dc, didn, dscale, dshift, didn_scale = elementwise.tail_bwd(dout, *args)
+    assert _launch.launch_count() == 1
+    assert _counters_are_zero()
+    again = elementwise.tail_bwd(dout, *args)
+    assert _counters_are_zero()
+    for a, b in zip((dscale, dshift, didn_scale), again[2:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    expected = _grads([_tail_formula(*inputs)], inputs, [dout])
+    assert_close(dc, expected[0])
+    assert_close(dscale, expected[1], scale=SUM_SCALE)
+    assert_close(dshift, expected[2], scale=SUM_SCALE)
+    assert_close(didn, expected[3])
+    if dual:
+        assert_close(didn_scale, expected[4], scale=SUM_SCALE)
+        assert_close(dshift, expected[5], scale=SUM_SCALE)
+    else:
+        assert didn_scale is None
+
+
+@pytest.mark.parametrize("shape", list(_SUM_SHAPES), ids=list(_SUM_SHAPES))
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_affine_relu_bwd_channel_sums(shape, fmt):
+    """affine_relu_bwd's dscale/dshift, added up in the kernel, against autograd of relu(x*s + t)."""
+    torch.manual_seed(21)
+    shape = _SUM_SHAPES[shape]
+    k = shape[1]
+    x, scale, shift = _act(shape, fmt), _vec(k, True), _vec(k)
+    grad_a = torch.randn(shape, device=DEVICE)
+    _launch.reset_launch_count()
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _launch.launch_count() == 1
+    assert _counters_are_zero()
+    _, dscale2, dshift2 = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _counters_are_zero()
+    assert torch.equal(dscale, dscale2) and torch.equal(dshift, dshift2)
+    assert dscale.shape == dshift.shape == (k,) and dscale.dtype == torch.float32
+    ex, es, et = _grads([torch.relu(x * _chan(scale) + _chan(shift))], [x, scale, shift], [grad_a])
+    assert_close(dx, ex)
+    assert_close(dscale, es, scale=SUM_SCALE)
+    assert_close(dshift, et, scale=SUM_SCALE)
+
+
+def test_channel_sums_low_precision():
+    """bf16 activations: the in-kernel sums are fp32 and match autograd in fp32 of the bf16 values."""
+    torch.manual_seed(22)
+    shape = (4, 3, 40, 40)
+    x = _act(shape, "nhwc", torch.bfloat16)
+    scale, shift = _vec(3, True), _vec(3)
+    grad_a = torch.randn(shape, device=DEVICE).to(torch.bfloat16)
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _counters_are_zero()
+    assert dx.dtype == torch.bfloat16 and dscale.dtype == dshift.dtype == torch.float32
+    xf = x.detach().float().requires_grad_()
+    ex, es, et = _grads([torch.relu(xf * _chan(scale) + _chan(shift))], [xf, scale, shift], [grad_a.float()])
+    assert_close(dx.float(), ex, torch.bfloat16)
+    assert_close(dscale, es, scale=SUM_SCALE)
+    assert_close(dshift, et, scale=SUM_SCALE)
+
+
+def test_channel_sums_empty_batch():
+    """An empty batch launches nothing, gets zero sums and touches no counter."""
+    x = torch.randn(0, 4, 3, 3, device=DEVICE)
+    scale, shift = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
+    _launch.reset_launch_count()
+    dx, dscale, dshift = elementwise.affine_relu_bwd(x, x, scale, shift)
+    _, _, tscale, tshift, tidn_scale = elementwise.tail_bwd(x, x, scale, shift, x, scale, shift)
+    assert _launch.launch_count() == 0
+    assert dx.shape == x.shape
+    for v in (dscale, dshift, tscale, tshift, tidn_scale):
+        assert v.shape == (4,) and not v.any()
+    assert dscale.data_ptr() != dshift.data_ptr() and tscale.data_ptr() != tshift.data_ptr()

@@ -20,8 +20,9 @@ Tensors are [N, C, H, W] viewed as ``rows × C`` (rows = N·H·W). channels_last
 plain row-major [rows, C] matrix; NCHW tensors through ``(row // HW)·C·HW + ch·HW + row % HW``. All operands
 of one call are brought to the memory format of the first tensor argument. Math is fp32; outputs take the
 dtype of the tensor they are the value or gradient of; per-channel results are fp32. Reductions write
-per-program partials ``[programs, C]`` (written once, never zero-filled) summed afterwards in a fixed order, so
-results are deterministic.
+per-program partials ``[programs, C]`` (written once, never zero-filled); the last program of each channel block
+to finish (an arrival counter, :func:`.stats.arrive`) adds them up in row order and stores the per-channel
+result itself, so results are deterministic and need no further launch.
 
 Each pass is a registered torch op (``resnet_fused::triton_*``) so ``torch.compile`` traces the training
 path without graph breaks; the public functions check their operands and call those ops.
@@ -38,6 +39,9 @@ from torch import Tensor
 
 from ..reference import memory_format
 from . import _launch
+from .stats import arrive, sum_rows
+
+SUM_BLOCK_P = 32  # partial rows per step of the last program's fixed-order sum
 
 
 @triton.jit
@@ -72,6 +76,19 @@ def _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST: t
     rows = pid_r * ROWS_PER_PROG + r0 + tl.arange(0, BLOCK_R)
     mask = (rows < R)[:, None] & cmask[None, :]
     return _tile_offsets(rows, chans, C, HW, CHANNELS_LAST), mask
+
+
+@triton.jit
+def _store_partial(psum_ptr, pid_r, acc, C, chans, cmask):
+    """Row ``pid_r`` of the [row programs, C] fp32 partials ``psum_ptr``: the column sums of ``acc``."""
+    tl.store(psum_ptr + pid_r * C + chans, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def _store_total(psum_ptr, out_ptr, rows, C, chans, cmask, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[chans] = Σ of the ``rows`` partial rows of ``psum_ptr``, in row order (by the program that arrived
+    last at its channel block's counter, :func:`.stats.arrive`, so every partial row is written)."""
+    tl.store(out_ptr + chans, sum_rows(psum_ptr, rows, C, chans, cmask, BLOCK_P, BLOCK_C), mask=cmask)
 
 
 @triton.jit
@@ -122,9 +139,13 @@ def _tail_bwd_kernel(
     idn_shift_ptr,  # [C] fp32, read when HAS_IDN_AFFINE
     dc_ptr,  # [N, C, H, W] out: g*scale, dtype of c
     didn_ptr,  # [N, C, H, W] out: g (or g*idn_scale), dtype of idn
-    psum_g_ptr,  # [programs_r, C] fp32 out: partial Σg
-    psum_gc_ptr,  # [programs_r, C] fp32 out: partial Σg·c
-    psum_gidn_ptr,  # [programs_r, C] fp32 out: partial Σg·cd, written when HAS_IDN_AFFINE
+    psum_g_ptr,  # [programs_r, C] fp32 scratch: partial Σg
+    psum_gc_ptr,  # [programs_r, C] fp32 scratch: partial Σg·c
+    psum_gidn_ptr,  # [programs_r, C] fp32 scratch: partial Σg·cd, written when HAS_IDN_AFFINE
+    sum_g_ptr,  # [C] fp32 out: Σg
+    sum_gc_ptr,  # [C] fp32 out: Σg·c
+    sum_gidn_ptr,  # [C] fp32 out: Σg·cd, written when HAS_IDN_AFFINE
+    counter_ptr,  # [programs_c] int32 arrival counters, zero on entry and on exit
     R,  # rows = N*H*W
     C,  # channels
     HW,  # H*W (NCHW addressing)
@@ -133,11 +154,13 @@ def _tail_bwd_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Backward of out = relu(c*s + t + idn'), in one pass.
 
     z = c*s + t + idn' is recomputed, g = dout·[z > 0]; dc = g*s; d(idn) = g, or dcd = g*sd for
-    idn' = cd*sd + td; per-channel partial sums Σg (= dt = dtd), Σg·c (= ds), Σg·cd (= dsd).
+    idn' = cd*sd + td; per-channel sums Σg (= dt = dtd), Σg·c (= ds), Σg·cd (= dsd): each program stores its
+    partial row, the last of a channel block's row programs adds the rows up in row order.
     """
     pid_r = tl.program_id(0)
     chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
@@ -167,11 +190,16 @@ def _tail_bwd_kernel(
             tl.store(didn_ptr + offs, g.to(didn_ptr.dtype.element_ty), mask=mask)
         acc_g += g
         acc_gc += g * c
-    poffs = tl.program_id(0) * C + chans
-    tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
-    tl.store(psum_gc_ptr + poffs, tl.sum(acc_gc, axis=0), mask=cmask)
+    _store_partial(psum_g_ptr, pid_r, acc_g, C, chans, cmask)
+    _store_partial(psum_gc_ptr, pid_r, acc_gc, C, chans, cmask)
     if HAS_IDN_AFFINE:
-        tl.store(psum_gidn_ptr + poffs, tl.sum(acc_gidn, axis=0), mask=cmask)
+        _store_partial(psum_gidn_ptr, pid_r, acc_gidn, C, chans, cmask)
+    rows_p = tl.num_programs(0)
+    if arrive(counter_ptr + tl.program_id(1), rows_p):
+        _store_total(psum_g_ptr, sum_g_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
+        _store_total(psum_gc_ptr, sum_gc_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
+        if HAS_IDN_AFFINE:
+            _store_total(psum_gidn_ptr, sum_gidn_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
@@ -207,8 +235,11 @@ def _affine_relu_bwd_kernel(
     scale_ptr,  # [C] fp32
     shift_ptr,  # [C] fp32
     dx_ptr,  # [N, C, H, W] out, dtype of x
-    psum_gx_ptr,  # [programs_r, C] fp32 out: partial Σg·x
-    psum_g_ptr,  # [programs_r, C] fp32 out: partial Σg
+    psum_gx_ptr,  # [programs_r, C] fp32 scratch: partial Σg·x
+    psum_g_ptr,  # [programs_r, C] fp32 scratch: partial Σg
+    sum_gx_ptr,  # [C] fp32 out: Σg·x
+    sum_g_ptr,  # [C] fp32 out: Σg
+    counter_ptr,  # [programs_c] int32 arrival counters, zero on entry and on exit
     R,  # rows = N*H*W
     C,  # channels
     HW,  # H*W (NCHW addressing)
@@ -216,8 +247,10 @@ def _affine_relu_bwd_kernel(
     CHANNELS_LAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
-    """g = grad_a·[x*scale + shift > 0]; dx = g*scale; partial sums Σg·x (= dscale) and Σg (= dshift)."""
+    """g = grad_a·[x*scale + shift > 0]; dx = g*scale; sums Σg·x (= dscale) and Σg (= dshift), the last row
+    program of a channel block adding up the partial rows in row order."""
     pid_r = tl.program_id(0)
     chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
     s = _per_channel(scale_ptr, chans, cmask)
@@ -232,9 +265,12 @@ def _affine_relu_bwd_kernel(
         tl.store(dx_ptr + offs, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
         acc_gx += g * x
         acc_g += g
-    poffs = tl.program_id(0) * C + chans
-    tl.store(psum_gx_ptr + poffs, tl.sum(acc_gx, axis=0), mask=cmask)
-    tl.store(psum_g_ptr + poffs, tl.sum(acc_g, axis=0), mask=cmask)
+    _store_partial(psum_gx_ptr, pid_r, acc_gx, C, chans, cmask)
+    _store_partial(psum_g_ptr, pid_r, acc_g, C, chans, cmask)
+    rows_p = tl.num_programs(0)
+    if arrive(counter_ptr + tl.program_id(1), rows_p):
+        _store_total(psum_gx_ptr, sum_gx_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
+        _store_total(psum_g_ptr, sum_g_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
@@ -366,12 +402,19 @@ def _plan(t: Tensor, fmt: torch.memory_format) -> _Plan:
     )
 
 
-def _partials(t: Tensor, plan: _Plan, count: int) -> list[Tensor]:
-    """``count`` fp32 [programs along rows, C] buffers of per-program partial sums (separate tensors: the
-    per-channel results summed from them must not alias each other). Written once: every program stores its
-    row for every channel of its block, so no zero fill (an empty input launches nothing and gets zeros)."""
-    alloc = torch.empty if t.numel() else torch.zeros
-    return [alloc((plan.grid[0], t.shape[1]), dtype=torch.float32, device=t.device) for _ in range(count)]
+def _reduction(t: Tensor, plan: _Plan, count: int) -> Tuple[list, list, Optional[Tensor]]:
+    """What a pass with ``count`` per-channel sums over t's rows needs besides its tensors: the fp32
+    [programs along rows, C] scratch of per-program partial rows (written once: every program stores its row for
+    every channel of its block, so no zero fill), the fp32 [C] results (separate tensors: they must not alias
+    each other) and one arrival counter per channel program (from the zero-once workspace). An empty t launches
+    nothing: zeros, and no counters."""
+    channels = t.shape[1]
+    if not t.numel():
+        zeros = [torch.zeros(channels, dtype=torch.float32, device=t.device) for _ in range(count)]
+        return list(zeros), zeros, None
+    partials = t.new_empty((count, plan.grid[0], channels), dtype=torch.float32).unbind(0)
+    totals = [_channel_vec(t) for _ in range(count)]
+    return list(partials), totals, _launch.counters(t, plan.grid[1])
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -406,17 +449,19 @@ def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: T
     c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
     dc, didn = _like(c, fmt), _like(idn, fmt)
     plan = _plan(c, fmt)
-    partials = _partials(c, plan, 3 if dual else 2)
-    psum_g, psum_gc = partials[:2]
-    psum_gidn = partials[2] if dual else psum_gc  # not written without idn_scale
+    partials, totals, counters = _reduction(c, plan, 3 if dual else 2)
+    if not dual:  # not written without idn_scale
+        partials.append(partials[1])
+        totals.append(totals[1])
     if c.numel():
         _launch.record()
         _launch.wrap(_tail_bwd_kernel)[plan.grid](
             dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
-            dc, didn, psum_g, psum_gc, psum_gidn,
-            *plan.sizes, HAS_IDN_AFFINE=dual, **plan.meta,
+            dc, didn, *partials, *totals, counters,
+            *plan.sizes, HAS_IDN_AFFINE=dual, BLOCK_P=SUM_BLOCK_P, **plan.meta,
         )
-    return dc, didn, psum_gc.sum(0), psum_g.sum(0), psum_gidn.sum(0) if dual else psum_g.new_empty((0,))
+    sum_g, sum_gc, sum_gidn = totals
+    return dc, didn, sum_gc, sum_g, sum_gidn if dual else sum_g.new_empty((0,))
 
 
 def _tail_bwd_fake(dout, c, scale, shift, idn, idn_scale, idn_shift):
@@ -445,12 +490,13 @@ def _affine_relu_bwd_impl(grad_a: Tensor, x: Tensor, scale: Tensor, shift: Tenso
     x, grad_a = _dense(x, fmt), _dense(grad_a, fmt)
     dx = _like(x, fmt)
     plan = _plan(x, fmt)
-    psum_gx, psum_g = _partials(x, plan, 2)
+    partials, totals, counters = _reduction(x, plan, 2)
     if x.numel():
         _launch.record()
-        _launch.wrap(_affine_relu_bwd_kernel)[plan.grid](grad_a, x, scale, shift, dx, psum_gx, psum_g,
-                                                         *plan.sizes, **plan.meta)
-    return dx, psum_gx.sum(0), psum_g.sum(0)
+        _launch.wrap(_affine_relu_bwd_kernel)[plan.grid](grad_a, x, scale, shift, dx, *partials, *totals, counters,
+                                                         *plan.sizes, BLOCK_P=SUM_BLOCK_P, **plan.meta)
+    sum_gx, sum_g = totals
+    return dx, sum_gx, sum_g
 
 
 def _affine_relu_bwd_fake(grad_a, x, scale, shift):
