@@ -15,6 +15,9 @@ is elementwise work with per-channel parameters and per-channel reductions; each
   ``dscale = Σg·x``, ``dshift = Σg``.
 - ``stats_bwd``: the gradient flowing into a conv output through its batch statistics,
   ``dc_total = dc + dmean/M + dvar·2(c − mean)/M`` (M = elements per channel).
+- ``bn_train_bwd``: the same with the BatchNorm finalize backward folded in (dmean, dvar and dγ from the
+  gradients of scale and shift, per channel in every program), and optionally, in the same launch, the
+  ``affine_relu_fwd`` recompute of another tensor (two jobs on one 1-D grid).
 
 Tensors are [N, C, H, W] viewed as ``rows × C`` (rows = N·H·W). channels_last tensors are addressed as a
 plain row-major [rows, C] matrix; NCHW tensors through ``(row // HW)·C·HW + ch·HW + row % HW``. All operands
@@ -203,6 +206,20 @@ def _tail_bwd_kernel(
 
 
 @triton.jit
+def _affine_relu_rows(pid_r, pid_c, x_ptr, scale_ptr, shift_ptr, a_ptr, R, C, HW, ROWS_PER_PROG,
+                      CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """a = relu(x*scale + shift) over the tile of row program ``pid_r`` and channel program ``pid_c``."""
+    chans, cmask = _channel_block(pid_c, C, BLOCK_C)
+    s = _per_channel(scale_ptr, chans, cmask)
+    t = _per_channel(shift_ptr, chans, cmask)
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.maximum(x * s + t, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _affine_relu_fwd_kernel(
     x_ptr,  # [N, C, H, W] input
     scale_ptr,  # [C] fp32
@@ -217,15 +234,8 @@ def _affine_relu_fwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """a = relu(x*scale + shift), fp32 math, stored in x's dtype."""
-    pid_r = tl.program_id(0)
-    chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
-    s = _per_channel(scale_ptr, chans, cmask)
-    t = _per_channel(shift_ptr, chans, cmask)
-    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a = tl.maximum(x * s + t, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+    _affine_relu_rows(tl.program_id(0), tl.program_id(1), x_ptr, scale_ptr, shift_ptr, a_ptr, R, C, HW,
+                      ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
@@ -274,6 +284,25 @@ def _affine_relu_bwd_kernel(
 
 
 @triton.jit
+def _stats_bwd_rows(pid_r, chans, cmask, c_ptr, dc_ptr, out_ptr, mean, dmean, dvar2, R, C, HW, ROWS_PER_PROG,
+                    HAS_DC: tl.constexpr, HAS_DMEAN: tl.constexpr, HAS_DVAR: tl.constexpr,
+                    CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out = dc + dmean + dvar2·(c − mean) over row program ``pid_r``'s rows × chans (mean, dmean = dmean/M
+    and dvar2 = dvar·2/M: [1, BLOCK_C] fp32 rows), each term present only when its flag is."""
+    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
+        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+        if HAS_DC:
+            acc += tl.load(dc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DMEAN:
+            acc += dmean
+        if HAS_DVAR:
+            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += dvar2 * (c - mean)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _stats_bwd_kernel(
     c_ptr,  # [N, C, H, W] conv output whose batch statistics were taken
     mean_ptr,  # [C] fp32 batch mean of c
@@ -294,24 +323,96 @@ def _stats_bwd_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """dc_total = dc + dmean/M + dvar·2(c − mean)/M, each term present only when its gradient is."""
-    pid_r = tl.program_id(0)
     chans, cmask = _channel_block(tl.program_id(1), C, BLOCK_C)
+    mean = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    dmean = tl.zeros((1, BLOCK_C), dtype=tl.float32)
+    dvar2 = tl.zeros((1, BLOCK_C), dtype=tl.float32)
     if HAS_DMEAN:
         dmean = _per_channel(dmean_ptr, chans, cmask) * inv_m
     if HAS_DVAR:
         mean = _per_channel(mean_ptr, chans, cmask)
         dvar2 = _per_channel(dvar_ptr, chans, cmask) * (2.0 * inv_m)
-    for r0 in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = _row_tile(pid_r, r0, chans, cmask, R, C, HW, ROWS_PER_PROG, CHANNELS_LAST, BLOCK_R)
-        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        if HAS_DC:
-            acc += tl.load(dc_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DMEAN:
-            acc += dmean
-        if HAS_DVAR:
-            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += dvar2 * (c - mean)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _stats_bwd_rows(tl.program_id(0), chans, cmask, c_ptr, dc_ptr, out_ptr, mean, dmean, dvar2, R, C, HW,
+                    ROWS_PER_PROG, HAS_DC, HAS_DMEAN, HAS_DVAR, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _bn_train_bwd_kernel(
+    c_ptr,  # [N, C, H, W] conv output whose batch statistics the BatchNorm used
+    mean_ptr,  # [C] fp32 batch mean of c
+    var_ptr,  # [C] fp32 biased batch variance of c
+    w_ptr,  # [C] fp32 γ, read when AFFINE
+    dc_ptr,  # [N, C, H, W] gradient of c itself, read when HAS_DC
+    dscale_ptr,  # [C] fp32 gradient of scale, read when HAS_DSCALE
+    dshift_ptr,  # [C] fp32 gradient of shift, read when HAS_DSHIFT
+    out_ptr,  # [N, C, H, W] out: total gradient of c, dtype of c
+    dw_ptr,  # [C] fp32 out: gradient of γ, written when AFFINE
+    R,  # rows of c = N*H*W (= M, elements per channel)
+    C,  # channels of c
+    HW,  # H*W of c (NCHW addressing)
+    ROWS_PER_PROG,  # rows of c handled by one program (multiple of BLOCK_R)
+    PROGS_R,  # row programs of the BatchNorm job
+    BN_PROGRAMS,  # programs of the BatchNorm job (PROGS_R × channel programs; 0 without it): the first ones
+    inv_m,  # 1/M
+    eps,  # the BatchNorm's ε
+    x_ptr,  # [N', C', H', W'] input of the recompute, read when RECOMPUTE
+    x_scale_ptr,  # [C'] fp32
+    x_shift_ptr,  # [C'] fp32
+    a_ptr,  # [N', C', H', W'] out: relu(x*x_scale + x_shift), dtype of x
+    XR,  # rows of x
+    XC,  # channels of x
+    XHW,  # H'*W'
+    X_ROWS_PER_PROG,  # rows of x handled by one program (multiple of X_BLOCK_R)
+    X_PROGS_R,  # row programs of the recompute job
+    HAS_BN: tl.constexpr,
+    AFFINE: tl.constexpr,
+    HAS_DC: tl.constexpr,
+    HAS_DSCALE: tl.constexpr,
+    HAS_DSHIFT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    RECOMPUTE: tl.constexpr,
+    X_CHANNELS_LAST: tl.constexpr,
+    X_BLOCK_R: tl.constexpr,
+    X_BLOCK_C: tl.constexpr,
+):
+    """Two jobs on one 1-D grid. Programs [0, BN_PROGRAMS): the backward of a conv output c normalized with its
+    batch statistics, the finalize backward folded in — per channel (in every program; the first row program
+    of a channel block stores dγ) invstd = 1/√(var + ε), ds' = dscale − mean·dshift, dmean = −γ·invstd·dshift,
+    dvar = −½·ds'·γ·invstd³, dγ = ds'·invstd; per element dc_total = dc + dmean/M + dvar·2(c − mean)/M. The
+    programs after them: a = relu(x*x_scale + x_shift) over another tensor x. Each job's programs are numbered
+    row program first, as a 2-D grid (row programs, channel programs) would be."""
+    pid = tl.program_id(0)
+    if pid < BN_PROGRAMS:
+        if HAS_BN:
+            pid_r = pid % PROGS_R
+            chans, cmask = _channel_block(pid // PROGS_R, C, BLOCK_C)
+            mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
+            var = tl.load(var_ptr + chans, mask=cmask, other=1.0)
+            invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+            gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+            if AFFINE:
+                gamma = tl.load(w_ptr + chans, mask=cmask, other=0.0)
+            ds = tl.zeros((BLOCK_C,), tl.float32)
+            if HAS_DSCALE:
+                ds = tl.load(dscale_ptr + chans, mask=cmask, other=0.0)
+            dt = tl.zeros((BLOCK_C,), tl.float32)
+            if HAS_DSHIFT:
+                dt = tl.load(dshift_ptr + chans, mask=cmask, other=0.0)
+            ds = ds - mean * dt
+            dmean = -(gamma * invstd) * dt
+            dvar = ds * gamma * (-0.5) * invstd * invstd * invstd
+            if AFFINE:
+                tl.store(dw_ptr + chans, ds * invstd, mask=cmask & (pid_r == 0))
+            _stats_bwd_rows(pid_r, chans, cmask, c_ptr, dc_ptr, out_ptr, mean[None, :], (dmean * inv_m)[None, :],
+                            (dvar * (2.0 * inv_m))[None, :], R, C, HW, ROWS_PER_PROG, HAS_DC,
+                            HAS_DSCALE or HAS_DSHIFT, HAS_DSCALE or HAS_DSHIFT, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+    else:
+        if RECOMPUTE:
+            q = pid - BN_PROGRAMS
+            _affine_relu_rows(q % X_PROGS_R, q // X_PROGS_R, x_ptr, x_scale_ptr, x_shift_ptr, a_ptr, XR, XC, XHW,
+                              X_ROWS_PER_PROG, X_CHANNELS_LAST, X_BLOCK_R, X_BLOCK_C)
 
 
 def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
@@ -524,11 +625,67 @@ def _stats_bwd_fake(c, mean, dc, dmean, dvar):
     return _like(c, memory_format(c))
 
 
+def _bn_train_bwd_impl(c: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor], eps: float,
+                       dc: Optional[Tensor], dscale: Optional[Tensor], dshift: Optional[Tensor], x: Optional[Tensor],
+                       x_scale: Optional[Tensor], x_shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    bn = dc is not None or dscale is not None or dshift is not None
+    dc_total, dweight, a = (mean.new_empty((0,)) for _ in range(3))  # absent outputs
+    vec = [v.contiguous() if v is not None else None for v in (mean, var, weight, dscale, dshift, x_scale, x_shift)]
+    mean, var, weight, dscale, dshift, x_scale, x_shift = vec
+    # out, dw, R, C, HW, ROWS_PER_PROG, PROGS_R, BN_PROGRAMS, inv_m and the constexprs of each job (unused
+    # placeholders for an absent one)
+    bn_programs, bn_args, bn_meta = 0, (c, mean, 0, 0, 0, 1, 1, 0, 1.0), {"CHANNELS_LAST": False, "BLOCK_R": 1,
+                                                                          "BLOCK_C": 1}
+    if bn:
+        fmt = memory_format(c)
+        c = _dense(c, fmt)
+        dc = _dense(dc, fmt) if dc is not None else None
+        dc_total = _like(c, fmt)
+        if weight is not None:
+            dweight = _channel_vec(c)
+        plan = _plan(c, fmt)
+        rows, channels, hw, rows_per_prog = plan.sizes
+        progs_r = max(plan.grid[0], 1)  # an empty batch still gets its per-channel terms (dγ)
+        bn_programs = progs_r * plan.grid[1]
+        bn_args = (dc_total, dweight if weight is not None else mean, rows, channels, hw, rows_per_prog, progs_r,
+                   bn_programs, 1.0 / max(rows, 1))
+        bn_meta = plan.meta
+    x_programs, x_args, x_meta = 0, (c, mean, mean, c, 0, 0, 0, 1, 1), {"X_CHANNELS_LAST": False, "X_BLOCK_R": 1,
+                                                                        "X_BLOCK_C": 1}
+    if x is not None:
+        xfmt = memory_format(x)
+        x = _dense(x, xfmt)
+        a = _like(x, xfmt)
+        xplan = _plan(x, xfmt)
+        x_programs = xplan.grid[0] * xplan.grid[1]
+        x_args = (x, x_scale, x_shift, a, *xplan.sizes, xplan.grid[0])
+        x_meta = {"X_" + k: v for k, v in xplan.meta.items()}
+    if bn_programs + x_programs:
+        _launch.record()
+        _launch.wrap(_bn_train_bwd_kernel)[(bn_programs + x_programs,)](
+            c, mean, var, weight if weight is not None else mean, dc if dc is not None else c,
+            dscale if dscale is not None else mean, dshift if dshift is not None else mean, *bn_args, float(eps),
+            *x_args,
+            HAS_BN=bn, AFFINE=weight is not None, HAS_DC=dc is not None, HAS_DSCALE=dscale is not None,
+            HAS_DSHIFT=dshift is not None, RECOMPUTE=x is not None and x_programs > 0, **bn_meta, **x_meta,
+        )
+    return dc_total, dweight, a
+
+
+def _bn_train_bwd_fake(c, mean, var, weight, eps, dc, dscale, dshift, x, x_scale, x_shift):
+    bn = dc is not None or dscale is not None or dshift is not None
+    dc_total = _like(c, memory_format(c)) if bn else mean.new_empty((0,))
+    dweight = _channel_vec(c) if bn and weight is not None else mean.new_empty((0,))
+    a = _like(x, memory_format(x)) if x is not None else mean.new_empty((0,))
+    return dc_total, dweight, a
+
+
 _tail_fwd_op = _launch.register_op("triton_tail_fwd", _tail_fwd_impl, _tail_fwd_fake)
 _tail_bwd_op = _launch.register_op("triton_tail_bwd", _tail_bwd_impl, _tail_bwd_fake)
 _affine_relu_fwd_op = _launch.register_op("triton_affine_relu_fwd", _affine_relu_fwd_impl, _affine_relu_fwd_fake)
 _affine_relu_bwd_op = _launch.register_op("triton_affine_relu_bwd", _affine_relu_bwd_impl, _affine_relu_bwd_fake)
 _stats_bwd_op = _launch.register_op("triton_stats_bwd", _stats_bwd_impl, _stats_bwd_fake)
+_bn_train_bwd_op = _launch.register_op("triton_bn_train_bwd", _bn_train_bwd_impl, _bn_train_bwd_fake)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -585,3 +742,48 @@ def stats_bwd(c, mean, dc=None, dmean=None, dvar=None):
     if dvar is not None:
         _check_vec("dvar", dvar, c)
     return _stats_bwd_op(c, mean, dc, dmean, dvar)
+
+
+def bn_train_bwd(c, mean, var, weight, eps, dc=None, dscale=None, dshift=None, recompute=None):
+    """Backward of a conv output c normalized by a training BatchNorm (batch statistics), the finalize backward
+    folded in, in ONE launch (the forward: mean, var = per-channel batch mean and biased variance of c,
+    invstd = 1/√(var + ε), scale = γ·invstd (γ = 1 when ``weight`` is None), shift = β − mean·scale).
+
+    ``dc`` is the gradient of c itself ([N, C, H, W], any float dtype), ``dscale``/``dshift`` those of scale and
+    shift (fp32 [C]); each may be None (zero). ``recompute=(x, in_scale, in_shift)`` has the same launch also
+    compute ``relu(x*in_scale + in_shift)`` (as :func:`affine_relu_fwd`) for another tensor x of any shape and
+    channel count on c's device.
+
+    Returns ``(dc_total, dweight, a)``: ``dc_total = dc + dmean/M + dvar·2(c − mean)/M`` in c's dtype and memory
+    format (M = N·H·W, dmean = −scale·dshift, dvar = −½·(dscale − mean·dshift)·γ·invstd³); ``dweight`` = dγ =
+    (dscale − mean·dshift)·invstd, fp32 [C]; ``a`` in x's dtype and memory format. ``dc_total`` and ``dweight``
+    are None when dc, dscale and dshift all are, ``dweight`` also without ``weight``, ``a`` without
+    ``recompute``. dβ = dshift needs no kernel."""
+    _check_act("c", c)
+    _check_vec("mean", mean, c)
+    _check_vec("var", var, c)
+    if weight is not None:
+        _check_vec("weight", weight, c)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if dc is not None:
+        _check_act("dc", dc, c)
+    if dscale is not None:
+        _check_vec("dscale", dscale, c)
+    if dshift is not None:
+        _check_vec("dshift", dshift, c)
+    x = in_scale = in_shift = None
+    if recompute is not None:
+        if not isinstance(recompute, (tuple, list)) or len(recompute) != 3:
+            raise TypeError("recompute must be None or a tuple (x, in_scale, in_shift)")
+        x, in_scale, in_shift = recompute
+        _check_act("x", x)
+        _check_vec("in_scale", in_scale, x)
+        _check_vec("in_shift", in_shift, x)
+        if x.device != c.device:
+            raise ValueError(f"x is on {x.device}, expected {c.device}")
+    dc_total, dweight, a = _bn_train_bwd_op(c, mean, var, weight, float(eps), dc, dscale, dshift, x, in_scale,
+                                            in_shift)
+    bn = dc is not None or dscale is not None or dshift is not None
+    return (dc_total if bn else None, dweight if bn and weight is not None else None,
+            a if recompute is not None else None)
