@@ -523,3 +523,289 @@ def test_finalize_op_passes_opcheck():
     for running in ((None, None), (torch.randn(5, device=DEVICE), torch.rand(5, device=DEVICE) + 0.5)):
         torch.library.opcheck(torch.ops.resnet_fused.triton_bn_finalize.default,
                               (v[0], v[3], v[1], v[2], *running, 12, 0.1, 1e-5))
+
+
+# ------------------------------------------------------------------------- in-kernel sums, bn_train_bwd
+
+
+def _counters_are_zero():
+    """Every arrival counter of the zero-once workspace is back at zero (kernels leave them so)."""
+    return all(bool((buf == 0).all()) for buf in _launch._COUNTERS.values())
+
+
+# under the interpreter's plan: one program; several row programs; several row and channel programs
+_SUM_SHAPES = {"one_program": (2, 5, 3, 3), "rows": (4, 3, 40, 40), "rows_and_channels": (2, 130, 12, 12)}
+
+
+@pytest.mark.parametrize("name", list(_SUM_SHAPES))
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("dual", [False, True], ids=["identity", "downsample"])
+def test_tail_bwd_channel_sums(name, fmt, dual):
+    """tail_bwd's per-channel sums, added up by the kernel's last program per channel block, against autograd of
+    the tail; one launch, the counters left at zero, the same bits on a second call."""
+    torch.manual_seed(20)
+    shape = _SUM_SHAPES[name]
+    k = shape[1]
+    inputs = [_act(shape, fmt), _vec(k, True), _vec(k), _act(shape, fmt)]
+    if dual:
+        inputs += [_vec(k, True), _vec(k)]
+    if _launch.INTERPRET:
+        grid = elementwise._plan(inputs[0], FORMATS[fmt]).grid
+        assert (grid[0] > 1, grid[1] > 1) == {"one_program": (False, False), "rows": (True, False),
+                                              "rows_and_channels": (True, True)}[name]
+    dout = torch.randn(shape, device=DEVICE)
+    args = [t.detach() for t in inputs]
+    _launch.reset_launch_count()
+    dc, didn, dscale, dshift, didn_scale = elementwise.tail_bwd(dout, *args)
+    assert _launch.launch_count() == 1
+    assert _counters_are_zero()
+    again = elementwise.tail_bwd(dout, *args)
+    assert _counters_are_zero()
+    for a, b in zip((dscale, dshift, didn_scale), again[2:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    expected = _grads([_tail_formula(*inputs)], inputs, [dout])
+    assert_close(dc, expected[0])
+    assert_close(dscale, expected[1], scale=SUM_SCALE)
+    assert_close(dshift, expected[2], scale=SUM_SCALE)
+    assert_close(didn, expected[3])
+    if dual:
+        assert_close(didn_scale, expected[4], scale=SUM_SCALE)
+        assert_close(dshift, expected[5], scale=SUM_SCALE)
+    else:
+        assert didn_scale is None
+
+
+@pytest.mark.parametrize("shape", list(_SUM_SHAPES), ids=list(_SUM_SHAPES))
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+def test_affine_relu_bwd_channel_sums(shape, fmt):
+    """affine_relu_bwd's dscale/dshift, added up in the kernel, against autograd of relu(x*s + t)."""
+    torch.manual_seed(21)
+    shape = _SUM_SHAPES[shape]
+    k = shape[1]
+    x, scale, shift = _act(shape, fmt), _vec(k, True), _vec(k)
+    grad_a = torch.randn(shape, device=DEVICE)
+    _launch.reset_launch_count()
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _launch.launch_count() == 1
+    assert _counters_are_zero()
+    _, dscale2, dshift2 = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _counters_are_zero()
+    assert torch.equal(dscale, dscale2) and torch.equal(dshift, dshift2)
+    assert dscale.shape == dshift.shape == (k,) and dscale.dtype == torch.float32
+    ex, es, et = _grads([torch.relu(x * _chan(scale) + _chan(shift))], [x, scale, shift], [grad_a])
+    assert_close(dx, ex)
+    assert_close(dscale, es, scale=SUM_SCALE)
+    assert_close(dshift, et, scale=SUM_SCALE)
+
+
+def test_channel_sums_low_precision():
+    """bf16 activations: the in-kernel sums are fp32 and match autograd in fp32 of the bf16 values."""
+    torch.manual_seed(22)
+    shape = (4, 3, 40, 40)
+    x = _act(shape, "nhwc", torch.bfloat16)
+    scale, shift = _vec(3, True), _vec(3)
+    grad_a = torch.randn(shape, device=DEVICE).to(torch.bfloat16)
+    dx, dscale, dshift = elementwise.affine_relu_bwd(grad_a, x.detach(), scale.detach(), shift.detach())
+    assert _counters_are_zero()
+    assert dx.dtype == torch.bfloat16 and dscale.dtype == dshift.dtype == torch.float32
+    xf = x.detach().float().requires_grad_()
+    ex, es, et = _grads([torch.relu(xf * _chan(scale) + _chan(shift))], [xf, scale, shift], [grad_a.float()])
+    assert_close(dx.float(), ex, torch.bfloat16)
+    assert_close(dscale, es, scale=SUM_SCALE)
+    assert_close(dshift, et, scale=SUM_SCALE)
+
+
+def test_channel_sums_empty_batch():
+    """An empty batch launches nothing, gets zero sums and touches no counter."""
+    x = torch.randn(0, 4, 3, 3, device=DEVICE)
+    scale, shift = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
+    _launch.reset_launch_count()
+    dx, dscale, dshift = elementwise.affine_relu_bwd(x, x, scale, shift)
+    _, _, tscale, tshift, tidn_scale = elementwise.tail_bwd(x, x, scale, shift, x, scale, shift)
+    assert _launch.launch_count() == 0
+    assert dx.shape == x.shape
+    for v in (dscale, dshift, tscale, tshift, tidn_scale):
+        assert v.shape == (4,) and not v.any()
+    assert dscale.data_ptr() != dshift.data_ptr() and tscale.data_ptr() != tshift.data_ptr()
+
+
+BN_EPS = 1e-5
+
+
+def _bn_case(shape, fmt, dtype=torch.float32, affine=True):
+    """c, its fp32 batch mean and biased variance, γ (or None): the forward state of a training BatchNorm."""
+    c = _act(shape, fmt, dtype).detach()
+    var, mean = torch.var_mean(c.double(), dim=(0, 2, 3), correction=0)
+    weight = torch.rand(shape[1], device=DEVICE) + 0.5 if affine else None
+    return c, mean.float(), var.float(), weight
+
+
+def _bn_train_bwd_expected(c, weight, bias, dc, dscale, dshift):
+    """dc_total, dγ, dβ by fp64 autograd of the forward: mean/var of c, scale = γ/√(var+ε), shift = β − mean·scale,
+    loss = Σ c·dc + Σ scale·dscale + Σ shift·dshift (absent terms left out)."""
+    cd = c.detach().double().requires_grad_()
+    k = c.shape[1]
+    gamma = (weight if weight is not None else torch.ones(k, device=DEVICE)).double().requires_grad_()
+    beta = (bias if bias is not None else torch.zeros(k, device=DEVICE)).double().requires_grad_()
+    var, mean = torch.var_mean(cd, dim=(0, 2, 3), correction=0)
+    scale = gamma * torch.rsqrt(var + BN_EPS)
+    shift = beta - mean * scale
+    loss = 0.0
+    for t, g in ((cd, dc), (scale, dscale), (shift, dshift)):
+        if g is not None:
+            loss = loss + (t * g.double()).sum()
+    return torch.autograd.grad(loss, [cd, gamma, beta], allow_unused=True, materialize_grads=True)
+
+
+_BN_GRADS = {"all": ("dc", "dscale", "dshift"), "no_dc": ("dscale", "dshift"), "dc_dshift": ("dc", "dshift"),
+             "dc_only": ("dc",)}
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["alone", "recompute"])
+@pytest.mark.parametrize("grads", list(_BN_GRADS))
+@pytest.mark.parametrize("fmt", ["nchw", "nhwc"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_bn_train_bwd(affine, fmt, grads, recompute):
+    """dc_total and dγ of the one-launch BatchNorm backward (finalize backward folded in) against fp64 autograd of
+    the forward; the fused recompute of another tensor (other shape, channels and memory format) against
+    relu(x*s + t)."""
+    torch.manual_seed(23)
+    shape = (3, 5, 7, 7)
+    c, mean, var, weight = _bn_case(shape, fmt, affine=affine)
+    bias = torch.randn(5, device=DEVICE) if affine else None
+    given = {"dc": torch.randn_like(c), "dscale": torch.randn(5, device=DEVICE),
+             "dshift": torch.randn(5, device=DEVICE)}
+    given = {k: v for k, v in given.items() if k in _BN_GRADS[grads]}
+    other = "nhwc" if fmt == "nchw" else "nchw"
+    x = _act((2, 6, 4, 9), other).detach()
+    xs, xt = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+
+    _launch.reset_launch_count()
+    dc_total, dweight, a = elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, **given,
+                                                    recompute=(x, xs, xt) if recompute else None)
+    assert _launch.launch_count() == 1
+    exp_dc, exp_dgamma, exp_dbeta = _bn_train_bwd_expected(c, weight, bias, given.get("dc"), given.get("dscale"),
+                                                           given.get("dshift"))
+    assert dc_total.dtype == c.dtype and dc_total.is_contiguous(memory_format=FORMATS[fmt])
+    assert_close(dc_total.double(), exp_dc, torch.float32)
+    if affine:
+        assert dweight.shape == (5,) and dweight.dtype == torch.float32
+        assert_close(dweight.double(), exp_dgamma, torch.float32)
+        # dβ = dshift: no kernel output
+        assert_close(given.get("dshift", torch.zeros(5, device=DEVICE)).double(), exp_dbeta, torch.float32)
+    else:
+        assert dweight is None
+    if recompute:
+        assert a.is_contiguous(memory_format=FORMATS[other]) and a.dtype == x.dtype
+        assert_close(a, torch.relu(x * _chan(xs) + _chan(xt)))
+    else:
+        assert a is None
+
+
+def test_bn_train_bwd_many_programs_matches_two_launches():
+    """Several row and channel programs in both jobs; the same bits as the finalize backward followed by
+    stats_bwd (the two launches it replaces), fp32 and bf16."""
+    from resnet_fused.backends.triton import stats
+
+    torch.manual_seed(24)
+    for dtype in (torch.float32, torch.bfloat16):
+        c, mean, var, weight = _bn_case((2, 130, 12, 12), "nhwc", dtype)
+        x = _act((4, 3, 40, 40), "nchw", dtype).detach()
+        xs, xt = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+        if _launch.INTERPRET:
+            cgrid = elementwise._plan(c, torch.channels_last).grid
+            xgrid = elementwise._plan(x, torch.contiguous_format).grid
+            assert cgrid[0] > 1 and cgrid[1] > 1 and xgrid[0] > 1
+        dc, dscale, dshift = torch.randn_like(c), torch.randn(130, device=DEVICE), torch.randn(130, device=DEVICE)
+        _launch.reset_launch_count()
+        dc_total, dweight, a = elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc, dscale, dshift,
+                                                        recompute=(x, xs, xt))
+        assert _launch.launch_count() == 1
+        dmean, dvar, dw = stats._finalize_bwd_op(mean, var, weight, dscale, dshift, BN_EPS)
+        assert torch.equal(dweight, dw)
+        assert torch.equal(dc_total, elementwise.stats_bwd(c, mean, dc, dmean, dvar))
+        assert torch.equal(a, elementwise.affine_relu_fwd(x, xs, xt))
+
+
+def test_bn_train_bwd_low_precision():
+    """bf16 c and dc: fp32 math, dc_total in bf16 within the bf16 tolerance of fp64 autograd."""
+    torch.manual_seed(25)
+    c, mean, var, weight = _bn_case((2, 6, 5, 5), "nhwc", torch.bfloat16)
+    dc = torch.randn_like(c)
+    dscale, dshift = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+    x = _act((2, 4, 3, 3), "nhwc", torch.bfloat16).detach()
+    xs, xt = torch.rand(4, device=DEVICE) + 0.5, torch.randn(4, device=DEVICE)
+    dc_total, dweight, a = elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc, dscale, dshift,
+                                                    recompute=(x, xs, xt))
+    exp_dc, exp_dgamma, _ = _bn_train_bwd_expected(c, weight, None, dc, dscale, dshift)
+    assert dc_total.dtype == a.dtype == torch.bfloat16 and dweight.dtype == torch.float32
+    assert_close(dc_total.double(), exp_dc, torch.bfloat16)
+    assert_close(dweight.double(), exp_dgamma, torch.float32)
+    assert_close(a.float(), torch.relu(x.float() * _chan(xs) + _chan(xt)), torch.bfloat16)
+
+
+def test_bn_train_bwd_partial_work():
+    """No gradient: nothing to do without a recompute (no launch), the recompute alone with one; an empty batch
+    still gets dγ from its per-channel terms; an empty x gets an empty a."""
+    torch.manual_seed(26)
+    c, mean, var, weight = _bn_case((2, 4, 3, 3), "nchw")
+    x = torch.randn(2, 3, 2, 2, device=DEVICE)
+    xs, xt = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    _launch.reset_launch_count()
+    assert elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS) == (None, None, None)
+    assert _launch.launch_count() == 0
+    dc_total, dweight, a = elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, recompute=(x, xs, xt))
+    assert _launch.launch_count() == 1 and dc_total is None and dweight is None
+    assert_close(a, torch.relu(x * _chan(xs) + _chan(xt)))
+
+    empty = torch.randn(0, 4, 3, 3, device=DEVICE)
+    dscale, dshift = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    _launch.reset_launch_count()
+    dc_total, dweight, a = elementwise.bn_train_bwd(empty, mean, var, weight, BN_EPS, dscale=dscale, dshift=dshift,
+                                                    recompute=(x[:0], xs, xt))
+    assert _launch.launch_count() == 1
+    assert dc_total.shape == empty.shape and a.shape == (0, 3, 2, 2)
+    assert_close(dweight, (dscale - mean * dshift) / torch.sqrt(var + BN_EPS))
+
+
+def test_bn_train_bwd_passes_opcheck():
+    torch.manual_seed(27)
+    c = torch.randn(2, 5, 4, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    var, mean = torch.var_mean(c, dim=(0, 2, 3), correction=0)
+    w, ds, dt = torch.rand(5, device=DEVICE) + 0.5, torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    x = torch.randn(3, 6, 2, 5, device=DEVICE)
+    xs, xt = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    op = torch.ops.resnet_fused.triton_bn_train_bwd.default
+    for args in ((c, mean, var, w, BN_EPS, torch.randn_like(c), ds, dt, x, xs, xt),
+                 (c, mean, var, None, BN_EPS, torch.randn_like(c), None, None, None, None, None),
+                 (c, mean, var, w, BN_EPS, None, ds, dt, None, None, None),
+                 (c, mean, var, w, BN_EPS, None, None, None, x, xs, xt)):
+        torch.library.opcheck(op, args)
+
+
+def test_bn_train_bwd_bad_inputs():
+    c, mean, var, weight = _bn_case((2, 4, 3, 3), "nchw")
+    x = torch.randn(2, 3, 2, 2, device=DEVICE)
+    xs, xt = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    dc = torch.randn_like(c)
+    with pytest.raises(ValueError, match=r"mean must have shape \(4,\)"):
+        elementwise.bn_train_bwd(c, mean[:3], var, weight, BN_EPS, dc)
+    with pytest.raises(TypeError, match="var must be float32"):
+        elementwise.bn_train_bwd(c, mean, var.double(), weight, BN_EPS, dc)
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        elementwise.bn_train_bwd(c, mean, var, xs, BN_EPS, dc)
+    with pytest.raises(ValueError, match="dc has shape"):
+        elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc[:, :, :2])
+    with pytest.raises(TypeError, match="dshift must be float32"):
+        elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dshift=mean.half())
+    with pytest.raises(TypeError, match="eps must be a float"):
+        elementwise.bn_train_bwd(c, mean, var, weight, "1e-5", dc)
+    with pytest.raises(TypeError, match="recompute must be None or a tuple"):
+        elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc, recompute=(x, xs))
+    with pytest.raises(ValueError, match=r"in_scale must have shape \(3,\)"):
+        elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc, recompute=(x, mean, xt))
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        elementwise.bn_train_bwd(c, mean, var, weight, BN_EPS, dc, recompute=(x[0], xs, xt))
+    with pytest.raises(TypeError, match="c must be float16, bfloat16 or float32"):
+        elementwise.bn_train_bwd(c.double(), mean, var, weight, BN_EPS, dc)
