@@ -113,7 +113,7 @@ if [[ " $STEPS " == *" tests "* ]]; then
     run_tests device "${DEVICE_TESTS_TIMEOUT:-130}" tests/test_device_blocks.py tests/test_eval_live_bn.py \
         tests/test_training.py tests/test_coverage_gaps.py tests/test_fuse_frozen.py tests/test_fuse_detection.py
     run_tests triton "${TRITON_TESTS_TIMEOUT:-60}" tests/test_triton_blocks.py tests/test_triton_conv.py \
-        tests/test_triton_train.py tests/test_autoselect.py tests/test_launch_counts.py
+        tests/test_triton_train.py tests/test_triton_finalize.py tests/test_autoselect.py tests/test_launch_counts.py
 fi
 
 bench_rc=0

@@ -194,10 +194,28 @@ AUTOTUNE_SCRIPT = textwrap.dedent("""
     eager = formula(x, w, dt)
     tuners = [v for v in vars(conv).values() if isinstance(v, triton.runtime.autotuner.Autotuner)]
     timed = [len(getattr(t, "configs_timings", None) or {}) for t in tuners]
+
+    # A training conv that finalizes its BatchNorm in the launch, on a shape of its own: every timing run of the
+    # autotuner updates the running statistics, which it must restore — they come out updated exactly once.
+    from resnet_fused.backends.reference import TrainBN
+    bn = torch.nn.BatchNorm2d(64, momentum=None).to(dev)
+    bn.running_mean.normal_()
+    bn.num_batches_tracked.fill_(3)
+    ref = torch.nn.BatchNorm2d(64, momentum=None).to(dev)
+    ref.load_state_dict(bn.state_dict())
+    xt = x[:8, :, :28, :28].contiguous(memory_format=torch.channels_last)
+    spec = TrainBN(bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                   None, 1e-5)
+    c = conv.conv2d_bn_train(xt, w, spec, 1, 1)[0]
+    ref(c.float())
+    timed_train = [len(getattr(t, "configs_timings", None) or {}) for t in tuners]
     print(json.dumps({"err": (y.double() - oracle).abs().max().item(),
                       "eager_err": (eager.double() - oracle).abs().max().item(),
                       "size": oracle.abs().max().item(), "configs": [len(t.configs) for t in tuners],
-                      "timed": timed}))
+                      "timed": timed, "timed_train": timed_train,
+                      "nbt": int(bn.num_batches_tracked),
+                      "running_mean_err": (bn.running_mean - ref.running_mean).abs().max().item(),
+                      "running_var_err": ((bn.running_var - ref.running_var).abs() / ref.running_var).max().item()}))
 """)
 
 
@@ -206,7 +224,9 @@ AUTOTUNE_SCRIPT = textwrap.dedent("""
 def test_triton_autotuned_resnet_shape():
     """ResNet-50's first 3x3 conv (64 channels at 56x56, batch 32, bf16, BN + ReLU epilogue) with the Triton
     autotuner on (its own process: RESNET_FUSED_AUTOTUNE is read at import): the autotuner timed more than one
-    config, and the chosen one computes the fp64 formula within twice the error of PyTorch's bf16 conv."""
+    config, and the chosen one computes the fp64 formula within twice the error of PyTorch's bf16 conv. Then a
+    training conv with its BatchNorm finalized in the launch, autotuned too: the running statistics and
+    num_batches_tracked come out updated once (the autotuner restores them after its timing runs)."""
     _skip_unless("triton")
     env = dict(os.environ, RESNET_FUSED_AUTOTUNE="1")
     proc = subprocess.run([sys.executable, "-c", AUTOTUNE_SCRIPT], env=env, capture_output=True, text=True,
@@ -215,3 +235,6 @@ def test_triton_autotuned_resnet_shape():
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert max(found["timed"], default=0) > 1, found
     assert_oracle_errors(found["err"], found["eager_err"], found["size"], torch.bfloat16, "autotuned conv")
+    assert max(found["timed_train"], default=0) > 1, found
+    assert found["nbt"] == 4, found
+    assert found["running_mean_err"] < 1e-4 and found["running_var_err"] < 1e-3, found

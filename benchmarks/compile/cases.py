@@ -166,8 +166,9 @@ def _tail(conv, dual, backward):
 
 
 def _prologue_bwd(conv):
-    """The training backward's passes around a conv with the BN+ReLU prologue: the gradient through the
-    statistics, the activated input recomputed for the weight gradient, the prologue's backward."""
+    """The training backward's passes around a conv with the BN+ReLU prologue: the BatchNorm's backward through
+    the statistics and the finalize with the activated input recomputed for the weight gradient (one launch),
+    the prologue's backward."""
     def run(dtype, layout):
         from resnet_fused.backends.triton import elementwise
 
@@ -175,8 +176,7 @@ def _prologue_bwd(conv):
         x = _act(conv, dtype, layout)
         vk = _meta((conv.k,), torch.float32)
         vc = _meta((conv.c,), torch.float32)
-        elementwise.stats_bwd(c, vk, c, vk, vk)
-        elementwise.affine_relu_fwd(x, vc, vc)
+        elementwise.bn_train_bwd(c, vk, vk, vk, 1e-5, c, vk, vk, recompute=(x, vc, vc))
         elementwise.affine_relu_bwd(x, x, vc, vc)
     return run
 

@@ -19,8 +19,10 @@ costs one launch per convolution in inference and no extra elementwise/reduction
   shortcut) with ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` computed in fp32 from the BN's live tensors in every tile (no
   folded weights, nothing cached: an edit of any of them is seen by the next launch), ``+ residual``, ReLU,
   store in the input dtype and, with ``STATS``, one slot of mean/M2 partial statistics of the stored output
-  per row tile, merged with Chan's parallel formula by ``stats._stats_merge_kernel`` into the per-channel mean
-  and biased variance (numerically stable, deterministic, no atomics).
+  per row tile, merged with Chan's parallel formula into the per-channel mean and biased variance (numerically
+  stable, deterministic): with ``FINALIZE`` inside the launch, by the last programs to arrive at self-resetting
+  counters (:func:`_merge_and_finalize`), which also finalize the BatchNorm (scale/shift, running statistics,
+  ``num_batches_tracked``: ``conv2d_bn_train``); otherwise by ``stats._stats_merge_kernel``, one more launch.
 
 Tile configs are autotuned among those that fit the shape (``_prune``), or fixed per shape in deterministic mode.
 
@@ -28,7 +30,7 @@ Grouped convolutions run as ``groups`` independent GEMMs in one launch; dilation
 taps. ``conv2d_fused`` is the checked launcher of the op ``resnet_fused::triton_conv2d_fused``, registered with
 ``torch.library.triton_op`` so ``torch.compile`` traces into the kernels (as an opaque custom op with a fake
 kernel under the interpreter). One call is one conv launch, plus one tiny merge launch with ``stats``, all
-counted by :mod:`._launch`.
+counted by :mod:`._launch`; ``conv2d_bn_train`` (op ``triton_conv2d_bn_train``) is one launch in all.
 """
 
 from __future__ import annotations

@@ -148,6 +148,7 @@ def _tail_bwd_kernel(
     sum_g_ptr,  # [C] fp32 out: Σg
     sum_gc_ptr,  # [C] fp32 out: Σg·c
     sum_gidn_ptr,  # [C] fp32 out: Σg·cd, written when HAS_IDN_AFFINE
+    sum_g_idn_ptr,  # [C] fp32 out: Σg again (the gradient of idn_shift, its own tensor), when HAS_IDN_AFFINE
     counter_ptr,  # [programs_c] int32 arrival counters, zero on entry and on exit
     R,  # rows = N*H*W
     C,  # channels
@@ -203,6 +204,7 @@ def _tail_bwd_kernel(
         _store_total(psum_gc_ptr, sum_gc_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
         if HAS_IDN_AFFINE:
             _store_total(psum_gidn_ptr, sum_gidn_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
+            _store_total(psum_g_ptr, sum_g_idn_ptr, rows_p, C, chans, cmask, BLOCK_P, BLOCK_C)
 
 
 @triton.jit
@@ -544,13 +546,15 @@ def _tail_fwd_fake(c, scale, shift, idn, idn_scale, idn_shift):
 
 
 def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: Tensor, idn_scale: Optional[Tensor],
-                   idn_shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   idn_shift: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     dual = idn_scale is not None
     fmt = memory_format(c)
     c, idn, dout = _dense(c, fmt), _dense(idn, fmt), _dense(dout, fmt)
     dc, didn = _like(c, fmt), _like(idn, fmt)
     plan = _plan(c, fmt)
     partials, totals, counters = _reduction(c, plan, 3 if dual else 2)
+    # Σg again for idn_shift, written by the kernel (zeros like the other sums when there is nothing to launch)
+    sum_g_idn = (_channel_vec(c) if c.numel() else totals[0].clone()) if dual else totals[0].new_empty((0,))
     if not dual:  # not written without idn_scale
         partials.append(partials[1])
         totals.append(totals[1])
@@ -558,17 +562,21 @@ def _tail_bwd_impl(dout: Tensor, c: Tensor, scale: Tensor, shift: Tensor, idn: T
         _launch.record()
         _launch.wrap(_tail_bwd_kernel)[plan.grid](
             dout, c, scale, shift, idn, idn_scale if dual else scale, idn_shift if dual else shift,
-            dc, didn, *partials, *totals, counters,
+            dc, didn, *partials, *totals, sum_g_idn if dual else totals[0], counters,
             *plan.sizes, HAS_IDN_AFFINE=dual, BLOCK_P=SUM_BLOCK_P, **plan.meta,
         )
     sum_g, sum_gc, sum_gidn = totals
-    return dc, didn, sum_gc, sum_g, sum_gidn if dual else sum_g.new_empty((0,))
+    return dc, didn, sum_gc, sum_g, sum_gidn if dual else sum_g.new_empty((0,)), sum_g_idn
 
 
 def _tail_bwd_fake(dout, c, scale, shift, idn, idn_scale, idn_shift):
     fmt = memory_format(c)
-    didn_scale = _channel_vec(c) if idn_scale is not None else c.new_empty((0,), dtype=torch.float32)
-    return _like(c, fmt), _like(idn, fmt), _channel_vec(c), _channel_vec(c), didn_scale
+    dual = idn_scale is not None
+
+    def idn_sum():
+        return _channel_vec(c) if dual else c.new_empty((0,), dtype=torch.float32)
+
+    return _like(c, fmt), _like(idn, fmt), _channel_vec(c), _channel_vec(c), idn_sum(), idn_sum()
 
 
 def _affine_relu_fwd_impl(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -703,14 +711,14 @@ def tail_fwd(c, scale, shift, idn, idn_scale=None, idn_shift=None):
 def tail_bwd(dout, c, scale, shift, idn, idn_scale=None, idn_shift=None):
     """One-pass backward of ``tail_fwd``.
 
-    Returns ``(dc, didn, dscale, dshift, didn_scale)``: dc in c's dtype, didn in idn's dtype (both in c's
-    memory format), fp32 [C] sums; ``didn_scale`` is None without idn_scale, and the gradient of idn_shift
-    equals ``dshift``.
+    Returns ``(dc, didn, dscale, dshift, didn_scale, didn_shift)``: dc in c's dtype, didn in idn's dtype (both in
+    c's memory format), fp32 [C] sums; ``didn_scale`` and ``didn_shift`` are None without idn_scale;
+    ``didn_shift`` equals ``dshift`` in a tensor of its own (the two feed different BatchNorms' gradients).
     """
     dual = _check_tail(c, scale, shift, idn, idn_scale, idn_shift)
     _check_act("dout", dout, c)
-    dc, didn, dscale, dshift, didn_scale = _tail_bwd_op(dout, c, scale, shift, idn, idn_scale, idn_shift)
-    return dc, didn, dscale, dshift, didn_scale if dual else None
+    dc, didn, dscale, dshift, didn_scale, didn_shift = _tail_bwd_op(dout, c, scale, shift, idn, idn_scale, idn_shift)
+    return dc, didn, dscale, dshift, didn_scale if dual else None, didn_shift if dual else None
 
 
 def affine_relu_fwd(x, scale, shift):

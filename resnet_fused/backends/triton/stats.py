@@ -255,14 +255,6 @@ _finalize_op = _launch.register_op("triton_bn_finalize", _finalize_impl, _finali
 _finalize_bwd_op = _launch.register_op("triton_bn_finalize_bwd", _finalize_bwd_impl, _finalize_bwd_fake)
 
 
-def finalize_backward(mean: Tensor, var: Tensor, weight: Optional[Tensor], dscale: Optional[Tensor],
-                      dshift: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """``(dmean, dvar, dweight)`` of ``scale = γ/√(var + ε)``, ``shift = β − mean·scale`` from the gradients of
-    scale and shift (either may be None); dweight None without γ. One launch."""
-    dmean, dvar, dweight = _finalize_bwd_op(mean, var, weight, dscale, dshift, eps)
-    return dmean, dvar, dweight if weight is not None else None
-
-
 class _BnFinalize(torch.autograd.Function):
     """``(scale, shift)`` of the batch statistics, the running statistics updated as a side effect; backward is
     one launch of ``_bn_finalize_bwd_kernel`` (dβ = dshift needs none)."""

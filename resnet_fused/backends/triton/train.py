@@ -1,17 +1,20 @@
-"""Training-path ops of the Triton backend: NormConv ``conv_stats``/``conv_bn_train`` and the BN-add-ReLU tail.
+"""Training-path ops of the Triton backend: NormConv ``conv_bn_train``/``conv_stats`` and the BN-add-ReLU tail.
 
-``conv_stats`` runs a convolution whose input may carry the previous BN+ReLU as a prologue and whose epilogue
-produces the output's per-channel batch mean and biased variance: one conv launch (``conv2d_fused(...,
-stats=True)``, plus its tiny merge of per-tile statistics) instead of conv + normalize + activate + reduce; the
-BatchNorm finalize that turns them into scale/shift is one more launch (:func:`.stats.finalize`).
+``conv_bn_train`` is what the fused blocks run: ONE launch per convolution, whose input may carry the previous
+BN+ReLU as a prologue and whose epilogue takes the output's per-channel batch statistics and — the last programs
+to arrive merging them (:func:`.conv._merge_and_finalize`) — finalizes its BatchNorm: scale/shift for the next
+launch, running statistics and ``num_batches_tracked`` updated as ``torch.nn.BatchNorm2d`` updates them.
+``conv_stats`` returns the batch mean and variance instead (one conv launch plus a merge), for a BatchNorm that
+:mod:`resnet_fused.norm` finalizes itself (a SyncBatchNorm combining its statistics over the group first).
 ``scale_bias_add_relu`` is the block tail ``relu(c*scale + shift + idn)`` (or with a normalized downsample
-branch) in one pass; ``bn_relu`` is a BatchNorm + ReLU on its own (the stem's) in one pass each way.
+branch) in one pass; ``bn_relu`` is a BatchNorm + ReLU on its own in one pass each way.
 
-Memory is where training gains most: backward keeps only the op inputs, the raw conv output c and its mean
-(the NormConv scheme of DESIGN.md) and recomputes every activated tensor — the prologue activation
+Memory is where training gains most: backward keeps only the op inputs, the raw conv output c and its
+statistics (the NormConv scheme of DESIGN.md) and recomputes every activated tensor — the prologue activation
 ``relu(x*in_scale + in_shift)`` for the weight gradient, the tail's ReLU mask from its inputs. The backward
-passes are fused one-pass kernels (``elementwise.py``) around ``torch.ops.aten.convolution_backward`` for
-the data and weight gradients of the convolution.
+passes are fused one-pass kernels (``elementwise.py``, each finishing its own per-channel sums) around
+``torch.ops.aten.convolution_backward`` for the data and weight gradients of the convolution: a Bottleneck's
+backward is 6 launches (7 with a downsample) plus the convolution gradients and autograd's one accumulation.
 """
 
 import torch
@@ -19,8 +22,7 @@ from torch.nn.modules.utils import _pair
 
 from ..reference import TrainBN
 from .conv import conv2d_bn_train, conv2d_fused, output_shape
-from .elementwise import affine_relu_bwd, affine_relu_fwd, stats_bwd, tail_bwd, tail_fwd
-from .stats import finalize_backward
+from .elementwise import affine_relu_bwd, affine_relu_fwd, bn_train_bwd, stats_bwd, tail_bwd, tail_fwd
 
 
 class ConvStatsFunction(torch.autograd.Function):
@@ -85,11 +87,8 @@ class ConvBnTrainFunction(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         prologue = in_scale is not None
         need_a = need[0] or (prologue and (need[2] or need[3]))
-        dmean = dvar = dgamma = None
-        if dscale is not None or dshift is not None:
-            dmean, dvar, dgamma = finalize_backward(mean, var, gamma, dscale, dshift, ctx.eps)
-        dc = stats_bwd(c, mean, dc, dmean, dvar)
-        a = affine_relu_fwd(x, in_scale, in_shift) if prologue and need[1] else None
+        dc, dgamma, a = bn_train_bwd(c, mean, var, gamma, ctx.eps, dc, dscale, dshift,
+                                     recompute=(x, in_scale, in_shift) if prologue and need[1] else None)
         da, dweight, _ = torch.ops.aten.convolution_backward(
             dc, a if a is not None else x, weight, None, list(_pair(stride)), list(_pair(padding)),
             list(_pair(dilation)), False, [0, 0], groups, [need_a, need[1], False],
@@ -114,8 +113,7 @@ class ScaleBiasAddReluFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         c, scale, shift, idn, idn_scale, idn_shift = ctx.saved_tensors
-        dc, didn, dscale, dshift, didn_scale = tail_bwd(dout, c, scale, shift, idn, idn_scale, idn_shift)
-        didn_shift = dshift.clone() if idn_shift is not None and ctx.needs_input_grad[5] else None
+        dc, didn, dscale, dshift, didn_scale, didn_shift = tail_bwd(dout, c, scale, shift, idn, idn_scale, idn_shift)
         return dc, dscale, dshift, didn, didn_scale, didn_shift
 
 
