@@ -27,9 +27,9 @@ Tile configs are autotuned among those that fit the shape (``_prune``), or fixed
 Grouped convolutions run as ``groups`` independent GEMMs in one launch, or, with few channels per group
 (ResNeXt's 3x3 convs), ``GROUP_PACK`` consecutive groups per tile against a block-diagonal weight tile (see
 :func:`group_pack`); dilation is a stride on the filter taps. ``conv2d_fused`` is the checked launcher of the op
-``resnet_fused::triton_conv2d_fused``, registered with ``torch.library.triton_op`` so ``torch.compile`` traces into the kernels (as an opaque custom op with a fake
-kernel under the interpreter). One call is one conv launch, plus one tiny merge launch with ``stats``, all
-counted by :mod:`._launch`.
+``resnet_fused::triton_conv2d_fused``, registered with ``torch.library.triton_op`` so ``torch.compile`` traces
+into the kernels (as an opaque custom op with a fake kernel under the interpreter). One call is one conv launch,
+plus one tiny merge launch with ``stats``, all counted by :mod:`._launch`.
 """
 
 from __future__ import annotations
