@@ -555,3 +555,186 @@ def test_gpu_deterministic_mode_is_bitwise_reproducible(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
     _close(runs[0][0], _ref(x, weight, None, 1, 1), torch.bfloat16)
     assert any(k.startswith("fixed ") for k in tb.tile_configs())
+
+
+# ---- grouped convs with few channels per group: GROUP_PACK groups per tile, a block-diagonal weight tile ----
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups, GROUP_PACK the launcher picks): ResNeXt-like groups
+# of 4 channels; two group blocks, so the block offset shows; groups with more outputs than inputs; dilation.
+PACKED_SHAPES = {
+    "3x3-8x4": (2, 32, 7, 7, 32, 3, 3, 1, 1, 1, 8, 8),
+    "3x3-s2-16x4": (2, 64, 9, 8, 64, 3, 3, 2, 1, 1, 16, 8),
+    "3x3-dil2-8x4": (2, 32, 7, 7, 32, 3, 3, 1, 2, 2, 8, 8),
+    "3x3-8x4to8": (2, 32, 6, 7, 64, 3, 3, 1, 1, 1, 8, 4),
+    "1x1-s2-16x4": (2, 64, 7, 7, 64, 1, 1, 2, 0, 1, 16, 8),
+}
+
+
+def _packed_case(name, dtype=torch.float32, channels_last=True):
+    n, c, h, w, k, r, s, stride, padding, dilation, groups, pack = PACKED_SHAPES[name]
+    x = _rand(n, c, h, w, dtype=dtype, channels_last=channels_last)
+    weight = _weight(k, c // groups, r, s, dtype)
+    return x, weight, dict(stride=stride, padding=padding, dilation=dilation, groups=groups), pack
+
+
+def _launched_pack(*args, **kwargs):
+    """GROUP_PACK of the one conv launch ``conv.conv2d_fused(*args, **kwargs)`` makes (recorded, not run)."""
+    with _launch.capture() as launches:
+        conv.conv2d_fused(*args, **kwargs)
+    return launches[0].kwargs["GROUP_PACK"]
+
+
+def test_group_pack_choice():
+    """The launcher's GROUP_PACK: the fewest groups that fill a 32-output, 16-input tile, within 64 channels,
+    dividing the groups; none where a group fills the tile alone or there are no groups."""
+    assert conv.group_pack(32, 4, 4) == 8  # resnext50_32x4d: a 32x32 block-diagonal tile
+    assert conv.group_pack(32, 8, 8) == 4  # resnext101_32x8d
+    assert conv.group_pack(64, 1, 1) == 32  # depthwise
+    assert conv.group_pack(8, 4, 8) == 4
+    assert conv.group_pack(2, 3, 5) == 2  # the block stays below the tile: as many groups as there are
+    assert conv.group_pack(3, 4, 4) == 3  # a divisor of the groups, not a power of two
+    assert conv.group_pack(1, 4, 4) == 1
+    assert conv.group_pack(2, 70, 68) == 1 and conv.group_pack(4, 16, 32) == 1  # wide groups stay unpacked
+    assert conv.group_pack(4, 96, 8) == 1  # a block of two groups would exceed 64 input channels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", list(PACKED_SHAPES))
+def test_packed_groups_match_pytorch(name, channels_last, dtype):
+    x, weight, geo, pack = _packed_case(name, dtype, channels_last)
+    if channels_last:  # the launcher's channels_last weight copy is then the weight itself
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    assert _launched_pack(x, weight, None, **geo) == pack
+    y = conv.conv2d_fused(x, weight, None, **geo)
+    assert _is_cl(y) == channels_last
+    _close(y, _ref(x, weight, None, **geo), dtype)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name", ["3x3-s2-16x4", "3x3-8x4to8"])
+def test_packed_groups_with_prologue_bn_residual_relu(name, channels_last):
+    """The BN+ReLU prologue (per input channel of the block, positive shifts: zero padding after the activation)
+    with the eval BN, residual and ReLU epilogue (per output channel of the block)."""
+    x, weight, geo, pack = _packed_case(name, channels_last=channels_last)
+    c, k = x.shape[1], weight.shape[0]
+    in_scale = _rand(c, scale=0.5) + 1.0
+    in_shift = torch.rand(c, device=DEVICE) + 0.5
+    bn = _bn(k)
+    p, q = conv.output_shape(x, weight, geo["stride"], geo["padding"], geo["dilation"])[2:]
+    res = _rand(x.shape[0], k, p, q, channels_last=channels_last)
+    kw = dict(residual=res, relu=True, in_scale=in_scale, in_shift=in_shift)
+    assert _launched_pack(x, weight, bn, **geo, **kw) == pack
+    y = conv.conv2d_fused(x, weight, bn, **geo, **kw)
+    _close(y, _ref(x, weight, bn, **geo, **kw), torch.float32)
+
+
+def test_packed_groups_prologue_staged_form(monkeypatch):
+    """The transposed, shared-memory staged prologue form on the packed path."""
+    monkeypatch.setenv("RESNET_FUSED_TRITON_PROLOGUE", "smem")
+    x, weight, geo, _ = _packed_case("3x3-s2-16x4")
+    in_scale = _rand(64, scale=0.5) + 1.0
+    in_shift = torch.rand(64, device=DEVICE) + 0.5
+    y = conv.conv2d_fused(x, weight, None, **geo, in_scale=in_scale, in_shift=in_shift)
+    _close(y, _ref(x, weight, None, **geo, in_scale=in_scale, in_shift=in_shift), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "prologue"])
+def test_packed_groups_stats(prologue, dtype):
+    """Per-channel statistics of a packed launch over two row tiles (243 rows) and two group blocks."""
+    x = _rand(3, 64, 9, 9, dtype=dtype, channels_last=True)
+    weight = _weight(64, 4, 3, 3, dtype)
+    kw = dict(in_scale=_rand(64) + 1.0, in_shift=_rand(64)) if prologue else {}
+    assert _launched_pack(x, weight, None, 1, 1, groups=16, stats=True, **kw) == 8
+    y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, groups=16, stats=True, **kw)
+    _close(y, _ref(x, weight, None, 1, 1, groups=16, **kw), dtype)
+    ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+    torch.testing.assert_close(var.double(), ref_var, rtol=STATS_TOL[0], atol=STATS_TOL[1])
+
+
+@pytest.mark.parametrize("merge_tiles", [32, 1], ids=["one-group", "groups-of-1"])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "bn_relu_prologue"])
+def test_packed_groups_bn_finalized_in_launch(prologue, merge_tiles, monkeypatch):
+    """conv2d_bn_train on a packed grouped conv: two group blocks (finalize columns) over two row tiles, merged
+    in one group or in groups of one; mean, var, scale/shift, running statistics and num_batches_tracked equal
+    torch.nn.BatchNorm2d's on the fp64 convolution, and the arrival counters end at zero."""
+    from torch import nn
+
+    from resnet_fused.backends.reference import TrainBN
+
+    monkeypatch.setattr(conv, "MERGE_TILES", merge_tiles)
+    x = (_rand(3, 64, 9, 9) * 2 + 3).contiguous(memory_format=torch.channels_last)
+    weight = _weight(64, 4, 3, 3)
+    in_scale = torch.rand(64, device=DEVICE) + 0.5 if prologue else None
+    in_shift = torch.randn(64, device=DEVICE) if prologue else None
+
+    def make_bn():
+        torch.manual_seed(1)
+        bn = nn.BatchNorm2d(64, momentum=0.1).to(DEVICE)
+        bn.weight.data = torch.rand(64, device=DEVICE) + 0.5
+        bn.bias.data = torch.randn(64, device=DEVICE)
+        bn.running_mean.copy_(torch.randn(64, device=DEVICE))
+        bn.running_var.copy_(torch.rand(64, device=DEVICE) + 0.5)
+        bn.num_batches_tracked.fill_(3)
+        return bn
+
+    bn, ref_bn = make_bn(), make_bn().double()
+    spec = TrainBN(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum, bn.eps)
+    with _launch.capture() as launches:
+        conv.conv2d_bn_train(x, weight, spec, 1, 1, groups=16, in_scale=in_scale, in_shift=in_shift)
+    assert launches[0].kwargs["GROUP_PACK"] == 8 and launches[0].kwargs["FINALIZE"]
+    _launch.reset_launch_count()
+    c, mean, var, scale, shift = conv.conv2d_bn_train(x, weight, spec, 1, 1, groups=16, in_scale=in_scale,
+                                                      in_shift=in_shift)
+    assert _launch.launch_count() == 1
+    ref = _ref(x, weight, None, 1, 1, groups=16, in_scale=in_scale, in_shift=in_shift)
+    expected = ref_bn(ref)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    _close(c, ref, torch.float32)
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), **tol)
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), **tol)
+    torch.testing.assert_close(c.double() * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1),
+                               expected, **tol)
+    torch.testing.assert_close(bn.running_mean.double(), ref_bn.running_mean, **tol)
+    torch.testing.assert_close(bn.running_var.double(), ref_bn.running_var, **tol)
+    assert int(bn.num_batches_tracked) == int(ref_bn.num_batches_tracked) == 4
+    assert all(int(buf.abs().max()) == 0 for buf in _launch._COUNTERS.values())
+
+
+def test_packed_groups_deterministic_mode(monkeypatch):
+    """Deterministic mode on the packed path: the fixed config is keyed with GROUP_PACK, and reruns agree."""
+    monkeypatch.setenv("RESNET_FUSED_DETERMINISTIC", "1")
+    x, weight, geo, _ = _packed_case("3x3-8x4")
+    first = conv.conv2d_fused(x, weight, None, **geo, stats=True)
+    again = conv.conv2d_fused(x, weight, None, **geo, stats=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    _close(first[0], _ref(x, weight, None, **geo), torch.float32)
+    assert any(k.startswith("fixed ") and "GROUPS=8 GROUP_PACK=8" in k for k in tb.tile_configs())
+
+
+def test_packed_groups_prune_and_mma_macs():
+    """ResNeXt-50 32x4d layer1 conv2 (128 channels, 32 groups of 4, 3x3, batch 256 at 56x56, recorded, not
+    run): the launcher packs 8 groups per tile, pruning sizes the tiles to the 32-channel block (BLOCK_K=32, not
+    16), and the MMA tiles issue 1/8 useful work, 4x the 1/32 of one group per 32x16 tile."""
+    x = torch.empty(256, 128, 56, 56, device="meta", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last)
+    weight = torch.empty(128, 4, 3, 3, device="meta", dtype=torch.bfloat16)
+    with _launch.capture() as launches:
+        conv.conv2d_fused(x, weight, None, 1, 1, groups=32, relu=True)
+    (launch,) = launches
+    assert launch.kwargs["GROUP_PACK"] == 8
+    nargs = dict(zip(conv._conv_fwd_tuned.arg_names, launch.args))
+    configs = [_cfg(128, 64, 64, 8), _cfg(64, 64, 32), _cfg(64, 32, 32), _cfg(64, 32, 16)]
+    kept = conv._prune(configs, nargs, **launch.kwargs)
+    assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept] == [(32, 32)]
+    assert launch.grid(kept[0].kwargs) == (4 * 256 * 56 * 56 // 64,)  # 4 group blocks x row tiles, one column
+    useful, issued = conv.mma_macs({**nargs, **launch.kwargs, **kept[0].kwargs})
+    assert useful == 256 * 56 * 56 * 128 * 9 * 4
+    assert useful / issued == pytest.approx(1 / 8)
+    unpacked, unpacked_issued = conv.mma_macs({**nargs, **launch.kwargs, "GROUP_PACK": 1, "BLOCK_M": 64,
+                                               "BLOCK_N": 32, "BLOCK_K": 16})
+    assert unpacked == useful and unpacked / unpacked_issued == pytest.approx(1 / 32)
+    # pruning follows the block's widths: unpacked, only the smallest tile would be left
+    assert [c.kwargs["BLOCK_K"] for c in conv._prune(configs, nargs, **{**launch.kwargs, "GROUP_PACK": 1})] == [16]

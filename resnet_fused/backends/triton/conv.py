@@ -26,11 +26,13 @@ costs one launch per convolution in inference and no extra elementwise/reduction
 
 Tile configs are autotuned among those that fit the shape (``_prune``), or fixed per shape in deterministic mode.
 
-Grouped convolutions run as ``groups`` independent GEMMs in one launch; dilation is a stride on the filter
-taps. ``conv2d_fused`` is the checked launcher of the op ``resnet_fused::triton_conv2d_fused``, registered with
-``torch.library.triton_op`` so ``torch.compile`` traces into the kernels (as an opaque custom op with a fake
-kernel under the interpreter). One call is one conv launch, plus one tiny merge launch with ``stats``, all
-counted by :mod:`._launch`; ``conv2d_bn_train`` (op ``triton_conv2d_bn_train``) is one launch in all.
+Grouped convolutions run as ``groups`` independent GEMMs in one launch, or, with few channels per group
+(ResNeXt's 3x3 convs), ``GROUP_PACK`` consecutive groups per tile against a block-diagonal weight tile (see
+:func:`group_pack`); dilation is a stride on the filter taps. ``conv2d_fused`` is the checked launcher of the op
+``resnet_fused::triton_conv2d_fused``, registered with ``torch.library.triton_op`` so ``torch.compile`` traces
+into the kernels (as an opaque custom op with a fake kernel under the interpreter). One call is one conv launch,
+plus one tiny merge launch with ``stats``, all counted by :mod:`._launch`; ``conv2d_bn_train`` (op
+``triton_conv2d_bn_train``) is one launch in all.
 """
 
 from __future__ import annotations
@@ -62,6 +64,20 @@ MERGE_TILES = 32
 STEM_PAD_C = 4
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# GROUP_PACK: a tile's group block spans at most this many output and input channels.
+GROUP_PACK_MAX = 64
+
+
+def group_pack(groups: int, c_g: int, k_g: int) -> int:
+    """How many consecutive groups one tile of a grouped conv covers (``GROUP_PACK``): 1 where a group's own
+    channels fill the narrowest tile (32 output, 16 input channels) or there are no groups; else the fewest
+    groups (a divisor of ``groups``) whose channels fill it, or failing that the most whose channels stay within
+    GROUP_PACK_MAX (ResNeXt-50 32x4d: 8 groups of 4 channels, a 32x32 block-diagonal weight tile per tap)."""
+    if groups == 1 or (k_g >= 32 and c_g >= 16):
+        return 1
+    fit = [d for d in range(2, groups + 1) if groups % d == 0 and d * max(k_g, c_g) <= GROUP_PACK_MAX]
+    full = [d for d in fit if d * k_g >= 32 and d * c_g >= 16]
+    return full[0] if full else (fit[-1] if fit else 1)
 
 
 def _configs() -> list[triton.Config]:
@@ -95,15 +111,16 @@ def _configs() -> list[triton.Config]:
 def _prune(configs: list, nargs: dict, **kwargs) -> list:
     """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
-    only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row), and whose
+    only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row; with
+    GROUP_PACK, the output and input channels of a tile's GROUP_PACK groups), and whose
     operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
     shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
     along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
     1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
     through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
     Never empty: the last config if nothing fits."""
-    groups = kwargs["GROUPS"]
-    k_g, c_g = nargs["K"] // groups, nargs["C"] // groups
+    groups, pack = kwargs["GROUPS"], kwargs.get("GROUP_PACK", 1)
+    k_g, c_g = nargs["K"] // groups * pack, nargs["C"] // groups * pack  # a tile's group block (GROUP_PACK)
     if kwargs.get("PACK_S"):
         c_g = kwargs["S"] * (kwargs.get("PAD_C") or c_g)  # the reduction runs over a filter row's (s, c) values
     n_cap = max(32, triton.next_power_of_2(k_g))
@@ -247,7 +264,8 @@ def _conv_fwd_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    GROUPS: tl.constexpr, SC_STRIDE: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP_PACK: tl.constexpr, C_PER_GROUP: tl.constexpr, K_PER_GROUP: tl.constexpr,
+    SC_STRIDE: tl.constexpr,
     HAS_BN: tl.constexpr, BN_AFFINE: tl.constexpr, SBN_AFFINE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_SHORTCUT: tl.constexpr, RELU: tl.constexpr,
     IN_AFFINE_RELU: tl.constexpr, PROLOGUE_SMEM: tl.constexpr, STATS: tl.constexpr, PACK_S: tl.constexpr,
@@ -275,13 +293,27 @@ def _conv_fwd_kernel(
     its contiguous (s, c) run, so a 3-channel stem issues S·C/BLOCK_K of useful MMA work, not C/BLOCK_K; with
     PAD_C (the stem: C ≤ 4, filters of 5x5 and up, even stride) x and w are the launcher's padded copies
     described at that loop, and PAD_H = PAD_W = 0, H, W are the padded copy's.
+    GROUP_PACK (grouped convs with few channels per group, GROUPS % GROUP_PACK == 0): a tile covers GROUP_PACK
+    consecutive groups, i.e. the contiguous output channels [g·GP·K_G, (g+1)·GP·K_G) and input channels
+    [g·GP·C_G, (g+1)·GP·C_G), and reduces over all those inputs against a block-diagonal weight tile
+    (b[j, n] = w[k_n, j % C_G, r, s] where j // C_G == n // K_G, else 0), so an output channel still sees its
+    own group's inputs only, while the MMA tiles and the contiguous activation runs are GROUP_PACK times wider;
+    C_PER_GROUP and K_PER_GROUP (0 unless packed) are C_G and K_G as constants, so the block's offsets keep
+    their alignment (16-byte runs) and the group arithmetic is shifts.
     """
     pid = tl.program_id(0)
     M = N * P * Q
-    C_G = C // GROUPS
-    K_G = K // GROUPS
+    if GROUP_PACK > 1:
+        C_G = C_PER_GROUP
+        K_G = K_PER_GROUP
+    else:
+        C_G = C // GROUPS
+        K_G = K // GROUPS
+    # A tile's group block: GROUP_PACK consecutive groups (one unless packed), C_T inputs -> K_T outputs.
+    C_T = C_G * GROUP_PACK
+    K_T = K_G * GROUP_PACK
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(K_G, BLOCK_N)
+    num_pid_n = tl.cdiv(K_T, BLOCK_N)
     pids_per_group = num_pid_m * num_pid_n
     g = pid // pids_per_group
     pid_in = pid % pids_per_group
@@ -299,14 +331,16 @@ def _conv_fwd_kernel(
     p = pq // Q
     q = pq % Q
     offs_kg = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = offs_kg < K_G
-    k = g * K_G + offs_kg
+    k_ok = offs_kg < K_T
+    k = g * K_T + offs_kg
     offs_c = tl.arange(0, BLOCK_K)
 
     x_row = n_img.to(tl.int64) * stride_xn
     h0 = p * STRIDE_H - PAD_H
     w0 = q * STRIDE_W - PAD_W
-    num_cb = tl.cdiv(C_G, BLOCK_K)
+    num_cb = tl.cdiv(C_T, BLOCK_K)
+    if GROUP_PACK > 1:
+        n_grp = offs_kg // K_G  # each output column's group within the block
     TRANSPOSED: tl.constexpr = IN_AFFINE_RELU and PROLOGUE_SMEM
     if TRANSPOSED:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -364,17 +398,27 @@ def _conv_fwd_kernel(
             w = w0 + s * DIL_W
             pix_ok = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             c = cb * BLOCK_K + offs_c
-            c_ok = c < C_G
+            c_ok = c < C_T
             a_mask = pix_ok[:, None] & c_ok[None, :]
-            a_ptrs = x_ptr + (x_row + h * stride_xh + w * stride_xw)[:, None] + ((g * C_G + c) * stride_xc)[None, :]
+            a_ptrs = x_ptr + (x_row + h * stride_xh + w * stride_xw)[:, None] + ((g * C_T + c) * stride_xc)[None, :]
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             if IN_AFFINE_RELU:
-                sc = tl.load(scale_ptr + g * C_G + c, mask=c_ok, other=0.0)
-                sh = tl.load(shift_ptr + g * C_G + c, mask=c_ok, other=0.0)
+                sc = tl.load(scale_ptr + g * C_T + c, mask=c_ok, other=0.0)
+                sh = tl.load(shift_ptr + g * C_T + c, mask=c_ok, other=0.0)
                 act = tl.maximum(a.to(tl.float32) * sc[None, :] + sh[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)
                 a = tl.where(a_mask, act, 0.0).to(x_ptr.dtype.element_ty)
-            b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
-            b = tl.load(b_ptrs, mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            if GROUP_PACK > 1:
+                # The block-diagonal weight tile: input channel c of the block is channel c % C_G of group
+                # c // C_G, zero against the other groups' output columns. The weight is the launcher's
+                # channels_last copy, [K, R, S, C_G] in memory: its strides as constants keep the alignment
+                # of each filter tap's C_G-channel run visible (vector loads).
+                c_grp = c // C_G
+                b_ptrs = w_ptr + (k * (R * S * C_G))[None, :] + (c % C_G)[:, None] + (r * S + s) * C_G
+                b_mask = (c_ok[:, None] & k_ok[None, :]) & (c_grp[:, None] == n_grp[None, :])
+            else:
+                b_ptrs = w_ptr + (k * stride_wk)[None, :] + (c * stride_wc)[:, None] + r * stride_wr + s * stride_ws
+                b_mask = c_ok[:, None] & k_ok[None, :]
+            b = tl.load(b_ptrs, mask=b_mask, other=0.0)
             acc = _mma(a, b, acc, TRANSPOSED, DOT_IN_FP32, INPUT_PRECISION)
 
     if TRANSPOSED:
@@ -425,14 +469,14 @@ def _conv_fwd_kernel(
             _merge_and_finalize(part_mean_ptr, part_m2_ptr, grp_mean_ptr, grp_m2_ptr, cnt_ptr, out_mean_ptr,
                                 out_var_ptr, out_scale_ptr, out_shift_ptr, nbt_ptr, bn_w_ptr, bn_b_ptr, bn_mean_ptr,
                                 bn_var_ptr, bn_eps, momentum, unbias, M, K, k, k_ok, pid_m, num_pid_m,
-                                g * num_pid_n + pid_n, GROUPS * num_pid_n, BN_AFFINE, BN_UPDATE, COUNT_BATCHES,
-                                CUMULATIVE, MERGE_TILES, BLOCK_M, BLOCK_N)
+                                g * num_pid_n + pid_n, GROUPS // GROUP_PACK * num_pid_n, BN_AFFINE, BN_UPDATE,
+                                COUNT_BATCHES, CUMULATIVE, MERGE_TILES, BLOCK_M, BLOCK_N)
 
 
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
 # use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
-TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "HAS_RESIDUAL", "HAS_SHORTCUT",
-            "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C", "FINALIZE"]
+TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "GROUP_PACK", "HAS_RESIDUAL",
+            "HAS_SHORTCUT", "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C", "FINALIZE"]
 _conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
                                   # a finalizing launch updates the running statistics: timing runs must not
                                   restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
@@ -480,19 +524,20 @@ def tile_configs() -> dict:
 def mma_macs(args: dict) -> Tuple[int, int]:
     """``(useful, issued)`` multiply-adds of one ``_conv_fwd_kernel`` launch whose named arguments (the config's
     meta-parameters included) are ``args``: the convolution's own MACs, and those its MMA tiles issue (padding
-    of partial M, N and reduction tiles counted), from the same tile arithmetic as the kernel's loops."""
+    of partial M, N and reduction tiles counted, and with GROUP_PACK the zeros of the block-diagonal weight
+    tiles), from the same tile arithmetic as the kernel's loops."""
     cdiv = triton.cdiv
-    g = args["GROUPS"]
+    g, pack = args["GROUPS"], args.get("GROUP_PACK", 1)
     m = args["N"] * args["P"] * args["Q"]
     k_g, c_g = args["K"] // g, args["C"] // g
     bm, bn, bk = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
-    m_pad, n_pad = cdiv(m, bm) * bm, cdiv(k_g, bn) * bn
+    m_pad, n_pad = cdiv(m, bm) * bm, cdiv(k_g * pack, bn) * bn  # a tile's group block: pack groups
     taps = args["R"] * args["S"]
     useful = m * args["K"] * taps * c_g
     if args.get("PACK_S"):
         issued = g * m_pad * n_pad * args["R"] * cdiv(args["S"] * (args.get("PAD_C") or c_g), bk) * bk
     else:
-        issued = g * m_pad * n_pad * taps * cdiv(c_g, bk) * bk
+        issued = g // pack * m_pad * n_pad * taps * cdiv(c_g * pack, bk) * bk
     if args["HAS_SHORTCUT"]:
         useful += m * args["K"] * args["CS"]
         issued += m_pad * n_pad * cdiv(args["CS"], bk) * bk
@@ -620,7 +665,9 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     grp_mean = torch.empty(n_grp, k if fin else 1, **f32)
     grp_m2 = torch.empty_like(grp_mean)
     fin_out = [torch.empty(k if fin else 0, **f32) for _ in range(4)]  # mean, var, scale, shift
-    cols = groups * triton.cdiv(k // groups, 32)
+    k_g = k // groups
+    pack = group_pack(groups, c // groups, k_g)
+    cols = groups // pack * triton.cdiv(pack * k_g, 32)  # FINALIZE's columns at the narrowest BLOCK_N (32)
     cnt = _launch.counters(x, cols * (n_grp + 1) + 1) if fin else part_rows
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
@@ -639,7 +686,6 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     nbt = fin.num_batches_tracked if count else part_rows
 
     cs, hs, ws = (sx.shape[1], sx.shape[2], sx.shape[3]) if has_sc else (0, 0, 0)
-    k_g = k // groups
     pack_s = groups == 1 and in_scale is None and s > 1 and c * s <= PACK_S_MAX
     pad_c = 0
     x_strides, w_strides, pads = _strides(xc), _strides(wc), list(padding)
@@ -673,7 +719,8 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     )
     consts = dict(
         R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=pads[0], PAD_W=pads[1],
-        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, SC_STRIDE=shortcut_stride,
+        DIL_H=dilation[0], DIL_W=dilation[1], GROUPS=groups, GROUP_PACK=pack,
+        C_PER_GROUP=c // groups if pack > 1 else 0, K_PER_GROUP=k_g if pack > 1 else 0, SC_STRIDE=shortcut_stride,
         HAS_BN=bn_mean is not None and fin is None, BN_AFFINE=bn_weight is not None, SBN_AFFINE=sbn_weight is not None,
         HAS_RESIDUAL=residual is not None, HAS_SHORTCUT=has_sc, RELU=relu,
         IN_AFFINE_RELU=in_scale is not None, PROLOGUE_SMEM=prologue_smem(), STATS=stats,
@@ -683,7 +730,7 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     )
 
     def grid(meta):
-        return (groups * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k_g, meta["BLOCK_N"]),)
+        return (groups // pack * triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(pack * k_g, meta["BLOCK_N"]),)
 
     if deterministic():
         cfg = _prune(_conv_fwd_tuned.configs, dict(zip(_conv_fwd_tuned.arg_names, args)), **consts)[0]
