@@ -151,6 +151,23 @@ def _train_conv(conv, prologue):
     return run
 
 
+def _train_conv_stats(conv, prologue):
+    """A training conv whose BatchNorm norm.py finalizes itself (a SyncBatchNorm that combines its statistics over
+    the group first): the conv with its statistics partials, their merge, the BatchNorm finalize."""
+    def run(dtype, layout):
+        from resnet_fused.backends.triton import conv as tconv
+        from resnet_fused.backends.triton import stats
+
+        kw = {}
+        if prologue:
+            kw = dict(in_scale=_meta((conv.c,), torch.float32), in_shift=_meta((conv.c,), torch.float32))
+        _, mean, var = tconv.conv2d_fused(_act(conv, dtype, layout), _weight(conv, dtype), None, conv.stride,
+                                          conv.pad, 1, conv.groups, stats=True, **kw)
+        vk = [_meta((conv.k,), torch.float32) for _ in range(4)]
+        stats.finalize(mean, var, *vk, BATCH * conv.out * conv.out, 0.1, 1e-5)
+    return run
+
+
 def _tail(conv, dual, backward):
     def run(dtype, layout):
         from resnet_fused.backends.triton import elementwise
@@ -204,6 +221,9 @@ def cases() -> list[Case]:
             if i > 0:
                 out.append(Case(f"{b.net}.{b.name}.conv{i + 1}", "train-bwd", "elementwise", _prologue_bwd(conv),
                                 resnet))
+            if b.net == "r50" and b.name.endswith(".0") and i == 1:
+                out.append(Case(f"{b.net}.{b.name}.conv{i + 1}+syncbn", "train", "conv",
+                                _train_conv_stats(conv, True), resnet))
         if b.down is not None:
             out.append(Case(f"{b.net}.{b.name}.downsample", "train", "conv", _train_conv(b.down, False), resnet))
         if resnet:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..reference import memory_format
 from . import _launch
-from .stats import arrive, sum_rows
+from .stats import arrive, finalize_bwd_channels, sum_rows
 
 SUM_BLOCK_P = 32  # partial rows per step of the last program's fixed-order sum
 
@@ -390,23 +390,11 @@ def _bn_train_bwd_kernel(
         if HAS_BN:
             pid_r = pid % PROGS_R
             chans, cmask = _channel_block(pid // PROGS_R, C, BLOCK_C)
+            dmean, dvar, dw = finalize_bwd_channels(mean_ptr, var_ptr, w_ptr, dscale_ptr, dshift_ptr, chans, cmask,
+                                                    eps, AFFINE, HAS_DSCALE, HAS_DSHIFT, BLOCK_C)
+            if AFFINE:
+                tl.store(dw_ptr + chans, dw, mask=cmask & (pid_r == 0))
             mean = tl.load(mean_ptr + chans, mask=cmask, other=0.0)
-            var = tl.load(var_ptr + chans, mask=cmask, other=1.0)
-            invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-            gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
-            if AFFINE:
-                gamma = tl.load(w_ptr + chans, mask=cmask, other=0.0)
-            ds = tl.zeros((BLOCK_C,), tl.float32)
-            if HAS_DSCALE:
-                ds = tl.load(dscale_ptr + chans, mask=cmask, other=0.0)
-            dt = tl.zeros((BLOCK_C,), tl.float32)
-            if HAS_DSHIFT:
-                dt = tl.load(dshift_ptr + chans, mask=cmask, other=0.0)
-            ds = ds - mean * dt
-            dmean = -(gamma * invstd) * dt
-            dvar = ds * gamma * (-0.5) * invstd * invstd * invstd
-            if AFFINE:
-                tl.store(dw_ptr + chans, ds * invstd, mask=cmask & (pid_r == 0))
             _stats_bwd_rows(pid_r, chans, cmask, c_ptr, dc_ptr, out_ptr, mean[None, :], (dmean * inv_m)[None, :],
                             (dvar * (2.0 * inv_m))[None, :], R, C, HW, ROWS_PER_PROG, HAS_DC,
                             HAS_DSCALE or HAS_DSHIFT, HAS_DSCALE or HAS_DSHIFT, CHANNELS_LAST, BLOCK_R, BLOCK_C)

@@ -173,6 +173,28 @@ def _bn_finalize_kernel(
 
 
 @triton.jit
+def finalize_bwd_channels(mean_ptr, var_ptr, w_ptr, dscale_ptr, dshift_ptr, k, ok, eps, AFFINE: tl.constexpr,
+                          HAS_DSCALE: tl.constexpr, HAS_DSHIFT: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(dmean, dvar, dγ)`` of channels ``k`` for the finalize scale = γ·invstd, shift = β − mean·scale,
+    invstd = 1/√(var + ε), from the gradients of scale and shift (zero where absent): with
+    ds' = dscale − mean·dshift, dmean = −γ·invstd·dshift, dvar = −½·ds'·γ·invstd³, dγ = ds'·invstd."""
+    mean = tl.load(mean_ptr + k, mask=ok, other=0.0)
+    var = tl.load(var_ptr + k, mask=ok, other=1.0)
+    invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if AFFINE:
+        gamma = tl.load(w_ptr + k, mask=ok, other=0.0)
+    ds = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_DSCALE:
+        ds = tl.load(dscale_ptr + k, mask=ok, other=0.0)
+    dt = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_DSHIFT:
+        dt = tl.load(dshift_ptr + k, mask=ok, other=0.0)
+    ds = ds - mean * dt
+    return -(gamma * invstd) * dt, ds * gamma * (-0.5) * invstd * invstd * invstd, ds * invstd
+
+
+@triton.jit
 def _bn_finalize_bwd_kernel(
     mean_ptr,         # [K] fp32 batch mean
     var_ptr,          # [K] fp32 biased batch variance
@@ -189,23 +211,12 @@ def _bn_finalize_bwd_kernel(
     ds' = dscale − mean·dshift, dγ = ds'·invstd, dmean = −scale·dshift, dvar = −½·ds'·γ·invstd³ (dβ = dshift)."""
     k = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = k < K
-    mean = tl.load(mean_ptr + k, mask=ok, other=0.0)
-    var = tl.load(var_ptr + k, mask=ok, other=1.0)
-    invstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+    dmean, dvar, dw = finalize_bwd_channels(mean_ptr, var_ptr, w_ptr, dscale_ptr, dshift_ptr, k, ok, eps, AFFINE,
+                                            HAS_DSCALE, HAS_DSHIFT, BLOCK_C)
+    tl.store(dmean_ptr + k, dmean, mask=ok)
+    tl.store(dvar_ptr + k, dvar, mask=ok)
     if AFFINE:
-        gamma = tl.load(w_ptr + k, mask=ok, other=0.0)
-    ds = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_DSCALE:
-        ds = tl.load(dscale_ptr + k, mask=ok, other=0.0)
-    dt = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_DSHIFT:
-        dt = tl.load(dshift_ptr + k, mask=ok, other=0.0)
-    ds = ds - mean * dt
-    tl.store(dmean_ptr + k, -(gamma * invstd) * dt, mask=ok)
-    tl.store(dvar_ptr + k, ds * gamma * (-0.5) * invstd * invstd * invstd, mask=ok)
-    if AFFINE:
-        tl.store(dw_ptr + k, ds * invstd, mask=ok)
+        tl.store(dw_ptr + k, dw, mask=ok)
 
 
 def _finalize_bwd_impl(mean: Tensor, var: Tensor, weight: Optional[Tensor], dscale: Optional[Tensor],
