@@ -132,3 +132,51 @@ def test_ttgir_operand_analysis(operand_b, expect_async, kinds):
 
     facts = aot.analyze_ttgir(_TTGIR.replace("{operand_b}", operand_b))
     assert facts == {"operand_loads_async": expect_async, "operand_loads": kinds}
+
+
+ARRIVE_SCRIPT = """
+import re
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from resnet_fused.backends.triton.stats import arrive
+
+@triton.jit
+def kernel(part_ptr, out_ptr, cnt_ptr, n):
+    offs = tl.arange(0, 128)
+    tl.store(part_ptr + tl.program_id(0) * 128 + offs, offs.to(tl.float32))
+    if arrive(cnt_ptr, n):
+        tl.store(out_ptr + offs, tl.load(part_ptr + offs, cache_modifier=".cg"))
+
+src = ASTSource(fn=kernel, signature={"part_ptr": "*fp32", "out_ptr": "*fp32", "cnt_ptr": "*i32", "n": "i32"},
+                constexprs={})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+print("\\n".join(l.strip() for l in ptx.splitlines() if re.search(r"bar\\.sync|atom\\.|ld\\.global|st\\.global", l)))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs exercise the merges for real")
+def test_arrive_orders_every_threads_stores_before_the_last_programs_reads(tmp_path):
+    """The last-arriving-program merges (``stats.arrive``: the conv's in-launch BatchNorm finalize, the backward's
+    channel sums) are correct on a GPU only if, compiled for sm_90a, every thread's partial stores precede a CTA
+    barrier, one thread then arrives with a gpu-scope acq_rel atomic whose result reaches the others through a
+    second barrier, and the last program reads the partials past L1 (``ld.global.cg``). The interpreter runs
+    programs one after another, so this compiled order is what the test suite can check of it."""
+    why = _triton_can_compile()
+    if why:
+        pytest.skip(why)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "arrive_ptx.py"  # a file: triton's JIT reads a kernel's source
+    script.write_text(ARRIVE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    kinds = [("store" if l.startswith("st.global") else "barrier" if l.startswith("bar.sync")
+              else "arrive" if "atom.global.gpu.acq_rel.add" in l else "reset" if "atom.global" in l
+              else "load" if l.startswith("ld.global") else "other") for l in lines if l]
+    assert kinds[:4] == ["store", "barrier", "arrive", "barrier"], lines
+    assert lines[kinds.index("arrive")].startswith("@%p"), lines  # one thread arrives
+    loads = [l for l, k in zip(lines, kinds) if k == "load"]
+    assert loads and all(".cg" in l for l in loads), lines
