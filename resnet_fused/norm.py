@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backends.reference import EvalBN, TrainBN, acc_dtype, eval_scale_shift
+from .backends.reference import EvalBN, TrainBN, acc_dtype, check_batch_size, eval_scale_shift
 
 
 def is_frozen(bn: nn.Module) -> bool:
@@ -69,11 +69,6 @@ def eval_bn(bn: nn.Module) -> EvalBN:
 def running_scale_shift(bn: nn.Module, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """``scale = γ/√(σ²+ε)``, ``shift = β − μ·scale`` from the running statistics, in dtype ``acc``."""
     return eval_scale_shift(eval_bn(bn), acc)
-
-
-def _check_batch_size(count: int, shape: torch.Size) -> None:
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
 
 
 def _sync_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
@@ -140,7 +135,7 @@ def batch_scale_shift(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int,
     group = _sync_group(bn) if bn.training else None
     if group is not None:
         mean, var, count = _sync_stats(mean, var, count, group)
-    _check_batch_size(count, shape)
+    check_batch_size(count, shape)
     update = bn.training and bn.track_running_stats
     gamma, beta = _affine_params(bn, acc)
     if finalize is not None:

@@ -70,7 +70,6 @@ from types import ModuleType
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
-from torch._subclasses.fake_tensor import is_fake
 
 from . import autoselect, reference
 
@@ -343,7 +342,7 @@ def _engines_for(x: Tensor, key: str, run: Callable[[str], object],
     tensors (the extension's CPU kernels, one implementation) always get "auto"."""
     if x.device.type != "cuda":
         return "auto"
-    if _tracing(x):
+    if reference.is_tracing(x):
         return _traced_order(x.device, x.dtype, key)
     engine = forced()
     if engine is not None:
@@ -387,14 +386,8 @@ def _measured_order(memory_key: str, env_key: Callable[[], str], key: str, run: 
 
 def _record_ran(x: Tensor, key: str) -> None:
     """Note which engine ran the op call that just returned (eager CUDA calls; nothing while tracing)."""
-    if x.device.type == "cuda" and not _tracing(x):
+    if x.device.type == "cuda" and not reference.is_tracing(x):
         _engine_ran[key] = _ext.last_engine()
-
-
-def _tracing(x: Tensor) -> bool:
-    """Whether this call is being traced, not run: under torch.compile, or on fake tensors (AOTAutograd tracing a
-    backward, where some torch versions do not report compiling)."""
-    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _shape_key(*parts) -> str:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 NAME = "reference"
 
@@ -36,6 +37,18 @@ _CHANNEL_DIMS = (0, 2, 3)
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-channel statistics and epilogues are computed in for activations of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def is_tracing(x: Tensor) -> bool:
+    """Whether a call on ``x`` is being traced, not run: under torch.compile, or on fake tensors (AOTAutograd
+    tracing a backward, where some torch versions do not report compiling)."""
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
+def check_batch_size(count: int, shape: torch.Size) -> None:
+    """PyTorch's error for a training BatchNorm over ``count == 1`` value per channel (``shape``: its input's)."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
 
 
 def memory_format(t: Tensor) -> torch.memory_format:

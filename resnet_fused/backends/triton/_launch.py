@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..reference import is_tracing
+
 # Read once: Triton decides at kernel definition whether a kernel is interpreted.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -111,10 +113,8 @@ def counters(like: torch.Tensor, n: int) -> torch.Tensor:
     buffer per device and stream, zeroed once, serves every launch on that stream: no fill launch per call.
     While tracing (fake tensors, ``torch.compile``) or capturing a CUDA graph, a fresh zeroed buffer (then a fill
     in the graph, replayed with it) instead of the cache."""
-    from torch._subclasses.fake_tensor import is_fake
-
     zeros = dict(device=like.device, dtype=torch.int32)
-    if is_fake(like) or torch.compiler.is_compiling():
+    if is_tracing(like):
         return torch.zeros(n, **zeros)
     stream = None
     if like.device.type == "cuda":

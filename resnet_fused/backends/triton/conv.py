@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import EvalBN, TrainBN, check_eval_bn, memory_format
+from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, memory_format
 from . import _launch
 from .stats import arrive, chan_merge, finalize_channels, merge_partial_stats
 
@@ -574,17 +574,10 @@ def _output_hw(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
     return p, q
 
 
-def output_shape(x, weight, stride, padding, dilation) -> Optional[torch.Size]:
-    """The convolution's output shape [N, K, P, Q], or None where the arguments are not a valid 2-D convolution
-    (the launcher's checks then say why)."""
-    try:
-        stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-        if x.dim() != 4 or weight.dim() != 4:
-            return None
-        p, q = _output_hw(x, weight, stride, padding, dilation)
-    except (AttributeError, ValueError, TypeError):
-        return None
-    return torch.Size((x.shape[0], weight.shape[0], p, q))
+def output_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> torch.Size:
+    """The output shape [N, K, P, Q] of a valid 2-D convolution (int or pair stride, padding, dilation)."""
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    return torch.Size((x.shape[0], weight.shape[0], *_output_hw(x, weight, stride, padding, dilation)))
 
 
 def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
@@ -906,7 +899,8 @@ def conv2d_bn_train(x: Tensor, weight: Tensor, bn: TrainBN, stride=1, padding=0,
     ``a`` as in :func:`conv2d_fused` (the BN+ReLU prologue when ``in_scale``/``in_shift`` are given), the batch
     mean and biased variance of ``c`` per channel, ``scale = γ/√(var + ε)``, ``shift = β − mean·scale``, and
     ``bn``'s running statistics and ``num_batches_tracked`` updated in place as ``torch.nn.BatchNorm2d`` updates
-    them. Returns ``(c, mean, var, scale, shift)``, the vectors fp32. Not differentiable by itself."""
+    them. Returns ``(c, mean, var, scale, shift)``, the vectors fp32. Not differentiable by itself. A batch of one
+    value per channel raises PyTorch's error, before anything is updated."""
     op = "triton conv2d_bn_train"
     stride, padding, dilation, _, _, in_scale, in_shift = _checked(x, weight, None, stride, padding, dilation, groups,
                                                                    None, None, None, None, 1, in_scale, in_shift)
@@ -927,6 +921,8 @@ def conv2d_bn_train(x: Tensor, weight: Tensor, bn: TrainBN, stride=1, padding=0,
                          f"{tuple(nbt.shape)} on {nbt.device}")
     if bn.momentum is None and bn.running_mean is not None and nbt is None:
         raise ValueError(f"{op}: a cumulative average (momentum=None) needs num_batches_tracked")
+    shape = torch.Size((x.shape[0], k, *_output_hw(x, weight, stride, padding, dilation)))
+    check_batch_size(shape[0] * shape[2] * shape[3], shape)
     return _conv2d_bn_train_op(x, weight, stride, padding, dilation, groups, in_scale, in_shift, bn.weight, bn.bias,
                                bn.running_mean, bn.running_var, bn.num_batches_tracked,
                                float(bn.momentum or 0.0), bn.momentum is None, float(bn.eps))

@@ -21,7 +21,7 @@ import torch
 from torch.nn.modules.utils import _pair
 
 from ..reference import TrainBN
-from .conv import conv2d_bn_train, conv2d_fused, output_shape
+from .conv import conv2d_bn_train, conv2d_fused
 from .elementwise import affine_relu_bwd, affine_relu_fwd, bn_train_bwd, stats_bwd, tail_bwd, tail_fwd
 
 
@@ -162,8 +162,5 @@ def conv_bn_train(x, weight, bn: TrainBN, stride, padding, dilation=1, groups=1,
     updated."""
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
-    shape = output_shape(x, weight, stride, padding, dilation)
-    if shape is not None and shape[0] * shape[2] * shape[3] == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
     return ConvBnTrainFunction.apply(x, weight, in_scale, in_shift, bn.weight, bn.bias, bn,
                                      (stride, padding, dilation, groups))
