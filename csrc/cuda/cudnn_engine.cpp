@@ -5,7 +5,9 @@
 
 #include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 
 #include <array>
 
@@ -18,6 +20,18 @@
 
 namespace resnet_fused {
 namespace cudnn_engine {
+
+namespace {
+
+// Whether ``stream`` is capturing a CUDA graph. CUDAStream::is_capturing() is not in every torch this project
+// supports (torch 2.11 lacks it); the runtime's own query is.
+[[maybe_unused]] bool stream_is_capturing(const c10::cuda::CUDAStream& stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
 
 #ifndef RESNET_FUSED_WITH_CUDNN_FRONTEND
 
@@ -72,7 +86,7 @@ std::string conv_stats(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   if (std::string why = unavailable(); !why.empty()) {
     return why;
   }
-  if (c10::cuda::getCurrentCUDAStream(x.device().index()).is_capturing()) {
+  if (stream_is_capturing(c10::cuda::getCurrentCUDAStream(x.device().index()))) {
     return "the exact variance check of cuDNN's statistics synchronizes with the host, which a CUDA graph capture "
            "does not allow";
   }
