@@ -5,7 +5,8 @@
 #   bash scripts/setup_env.sh            # then: .venv/bin/python -m pytest tests -q
 #
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC / TORCHVISION_SPEC / TIMM_SPEC (default
-# the versions this project is tested with; timm is an optional test dependency), CUDA_HOME (default: the toolkit
+# the versions this project is tested with; timm is an optional test dependency), EXTRA_SPECS (more requirements
+# installed with torch, space-separated: the GPU-stack venv pins triton and numpy there), CUDA_HOME (default: the toolkit
 # that `nvcc` on PATH belongs to), MAX_JOBS (default: the number of cores) and the build switches of setup.py
 # (RESNET_FUSED_SKIP_EXT, ...).
 #
@@ -26,7 +27,8 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 # setuptools >= 77 reads pyproject's SPDX license string; timm is pinned with torch so pip keeps torch's version.
-"$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC" "$TIMM_SPEC" "setuptools>=77"
+# shellcheck disable=SC2086  # EXTRA_SPECS is a list of requirement specifiers
+"$PY" -m pip install -q "$TORCH_SPEC" "$TORCHVISION_SPEC" "$TIMM_SPEC" "setuptools>=77" ${EXTRA_SPECS:-}
 "$PY" -m pip install -q setuptools wheel ninja pybind11
 # CUTLASS headers for the tensor-core convolutions (csrc/cutlass/): the nvidia-cutlass wheel, pinned, without
 # its Python dependencies (only its headers are used). setup.py finds them, or the checkout named by CUTLASS_PATH.
@@ -93,7 +95,8 @@ HERE
     ) >/dev/null 2>&1
 }
 
-STAMP=build/resnet_fused_ext.key
+# One record per venv: two venvs (two Pythons, two torches) build side by side from one checkout.
+STAMP="build/resnet_fused_ext.$(basename "$VENV").key"
 key=$(ext_build_key)
 if [ "${RESNET_FUSED_REBUILD:-0}" != "1" ] && [ -z "${RESNET_FUSED_SKIP_EXT:-}" ] && [ -f "$STAMP" ] \
         && [ "$(cat "$STAMP")" = "$key" ] && ext_installed_here; then
