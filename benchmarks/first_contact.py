@@ -594,57 +594,60 @@ def _drain_stderr(proc: subprocess.Popen, tail: collections.deque) -> None:
 
 
 def run_workers(units, args, writer: Writer, deadline: float) -> None:
-    """One process per unit, ``args.jobs`` at a time; stops them at ``deadline`` and writes every missing row."""
+    """One process per unit, ``args.jobs`` at a time; at ``deadline``, or when this process is stopped (SIGTERM,
+    Ctrl-C), the workers still running are killed and every row they did not write is written."""
     pending = list(units)
     running: dict[tuple, tuple[subprocess.Popen, collections.deque]] = {}
     begun: dict[tuple, str] = {}
     lines: queue.Queue = queue.Queue()
-    finished: dict[tuple, int] = {}
 
     def start(unit) -> None:
         engine, dtype, groups = unit
         cmd = [sys.executable, "-m", "benchmarks.first_contact", "--worker", f"{engine}:{dtype}:{','.join(groups)}",
                "--batch", str(args.batch), "--shapes", args.shapes]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                bufsize=1, start_new_session=True)
+        # Same process group: an outer `timeout` that stops this process stops the workers too.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         tail: collections.deque = collections.deque(maxlen=6)
         running[unit] = (proc, tail)
         threading.Thread(target=_pump, args=(proc, unit, lines), daemon=True).start()
         threading.Thread(target=_drain_stderr, args=(proc, tail), daemon=True).start()
 
-    while pending or running:
-        while pending and len(running) < max(1, args.jobs):
-            start(pending.pop(0))
-        try:
-            unit, line = lines.get(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-        except queue.Empty:
-            unit = line = None
-        if unit is not None:
-            if line is None:  # the worker's stdout closed: it ended
-                proc, tail = running.pop(unit)
-                finished[unit] = proc.wait()
-                _fill(writer, unit, f"its process ended (exit status {finished[unit]}) before this op"
-                      + (f": {tail[-1]}" if tail else ""), begun.get(unit), "skipped")
-            elif line.startswith(_BEGIN):
-                begun[unit] = line[len(_BEGIN):]
-            else:
-                writer(line)
-        if time.monotonic() >= deadline and (pending or running):
-            for unit, (proc, tail) in running.items():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            budget = f"the {args.budget:g} s budget ran out"
-            while not lines.empty():  # lines written before the stop still count
-                unit, line = lines.get()
-                if line is not None and not line.startswith(_BEGIN):
-                    writer(line)
-                elif line is not None:
-                    begun[unit] = line[len(_BEGIN):]
-            for unit in running:
-                _fill(writer, unit, budget, begun.get(unit), "skipped")
-            for unit in pending:
-                _fill(writer, unit, budget, None, "skipped")
-            return
+    def take(unit, line) -> None:
+        if line is None:  # the worker's stdout closed: it ended
+            proc, tail = running.pop(unit)
+            rc = proc.wait()
+            why = f"its process ended (exit status {rc}) before this op" + (f": {tail[-1]}" if tail else "")
+            _fill(writer, unit, why, begun.get(unit), "skipped")
+        elif line.startswith(_BEGIN):
+            begun[unit] = line[len(_BEGIN):]
+        else:
+            writer(line)
+
+    def stop(why: str) -> None:
+        for proc, _ in running.values():
+            proc.kill()
+        while not lines.empty():  # what the workers wrote before they were stopped still counts
+            unit, line = lines.get()
+            if line is not None:
+                take(unit, line)
+        for unit in running:
+            _fill(writer, unit, why, begun.get(unit), "skipped")
+        for unit in pending:
+            _fill(writer, unit, why, None, "skipped")
+        running.clear()
+        pending.clear()
+
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, args.jobs):
+                start(pending.pop(0))
+            with contextlib.suppress(queue.Empty):
+                take(*lines.get(timeout=max(0.05, min(1.0, deadline - time.monotonic()))))
+            if time.monotonic() >= deadline and (pending or running):
+                stop(f"the {args.budget:g} s budget ran out")
+    except BaseException as error:  # SIGTERM (SystemExit), Ctrl-C
+        stop(f"first contact was stopped ({type(error).__name__})")
+        raise
 
 
 def _fill(writer: Writer, unit, why: str, begun_op: str | None, status: str) -> None:
@@ -658,6 +661,10 @@ def _fill(writer: Writer, unit, why: str, begun_op: str | None, status: str) -> 
             writer(format_line(op.name, engine, dtype, "failed", f"did not finish: {why}"))
         else:
             writer(format_line(op.name, engine, dtype, status, f"not reached: {why}"))
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # runs the finally blocks: the workers are stopped, every row still written
 
 
 def parse_args(argv):
@@ -695,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_unit(engine, dtype, tuple(groups.split(",")), shapes, device, emit)
         return 0
+    signal.signal(signal.SIGTERM, _terminate)
     writer = Writer(args.out)
     try:
         for line in _header(gpu, args):
@@ -709,11 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for engine, dtype, groups in _units(gpu):
                 run_unit(engine, dtype, groups, shapes, device, writer, started + args.budget)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the last lines short
         for op, engine, dtype in expected_rows():  # nothing may go without a line
             if (op, engine, dtype) not in writer.rows:
-                writer(format_line(op, engine, dtype, "failed", "no line was written for this row"))
+                writer(format_line(op, engine, dtype, "skipped", "not reached: first contact was stopped"))
         writer(_summary(writer, time.monotonic() - started))
-    finally:
         writer.close()
     bad = [s for s, d in writer.rows.values() if s == "failed" or (s == "ran" and d.startswith("BEYOND"))]
     return 1 if bad else 0

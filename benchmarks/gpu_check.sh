@@ -79,8 +79,8 @@ done
 PLAN=$((PLAN_install + PLAN_contact + PLAN_bench + PLAN_tests + SUMMARY_RESERVE))
 if [[ "${GPU_CHECK_DRY:-0}" == 1 ]]; then
     echo "out ${OUT_FILES[*]}"
-    echo "plan install $PLAN_install contact $PLAN_contact bench $PLAN_bench tests $PLAN_tests summary $SUMMARY_RESERVE" \
-        "total $PLAN limit $TOTAL"
+    echo "plan install $PLAN_install contact $PLAN_contact bench $PLAN_bench tests $PLAN_tests" \
+        "summary $SUMMARY_RESERVE total $PLAN limit $TOTAL"
     for g in "${GROUP_NAMES[@]}"; do
         declare -n spec="GROUP_$g"
         echo "group $g ${spec[*]}"
@@ -107,12 +107,14 @@ cap() {  # cap <limit>: the limit, or what is left of the total before the summa
 wants() { [[ " ${GPU_CHECK_STEPS:-install contact bench tests} " == *" $1 "* ]]; }
 
 HAVE_GPU="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
-echo "== gpu_check: $(date -u +%FT%TZ), GPU: $([[ $HAVE_GPU == 1 ]] && echo yes || echo 'none (rehearsal)'), plan ${PLAN} s, limit ${TOTAL} s, out $OUT =="
+GPU_TEXT="$([[ $HAVE_GPU == 1 ]] && echo yes || echo 'none (a rehearsal)')"
+echo "== gpu_check: $(date -u +%FT%TZ), GPU: $GPU_TEXT, plan ${PLAN} s, limit ${TOTAL} s, out $OUT =="
 
 # ------------------------------------------------------------------------------------------ 1. install -> env.txt
 ENV_TXT="$OUT/env.txt"
 {
-    echo "== gpu_check $(date -u +%FT%TZ), git ${RESNET_FUSED_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+    echo "== gpu_check $(date -u +%FT%TZ), git" \
+        "${RESNET_FUSED_GIT_SHA:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
     nvidia-smi 2>&1 || echo "nvidia-smi: not available here"
 } >"$ENV_TXT"
 if [[ -z "${CUDA_HOME:-}" ]]; then
@@ -146,7 +148,8 @@ if wants install && [[ $HAVE_GPU == 1 || -n "${GPU_CHECK_STEPS:-}" ]]; then
     fi
     timeout -k 10 "$limit" "$PYTHON" -m pip install --no-deps --no-build-isolation -e . >>"$install_log" 2>&1 || rc=$?
     {
-        echo "== install: rc=$rc in $((SECONDS - start)) s (limit ${limit}s; 124: stopped by it); its log's error lines:"
+        echo "== install: rc=$rc in $((SECONDS - start)) s (limit ${limit}s; 124: stopped by it)"
+        echo "== its log's error lines:"
         grep -n -E "error|FAILED|Traceback" "$install_log" | head -n 30
         echo "== its last 40 lines:"
         tail -n 40 "$install_log"
@@ -155,7 +158,8 @@ if wants install && [[ $HAVE_GPU == 1 || -n "${GPU_CHECK_STEPS:-}" ]]; then
     install_text="log ${install_log}"
 else
     rc=0
-    install_text="skipped ($([[ $HAVE_GPU == 1 ]] && echo 'not in GPU_CHECK_STEPS' || echo 'no GPU: it builds the extension for one'))"
+    install_text="skipped ($([[ $HAVE_GPU == 1 ]] && echo 'not in GPU_CHECK_STEPS' \
+        || echo 'no GPU: it builds the extension for one'))"
     echo "== install: $install_text" | tee -a "$ENV_TXT"
 fi
 "$PYTHON" - >>"$ENV_TXT" 2>&1 <<'PY' || echo "resnet_fused does not import" >>"$ENV_TXT"
@@ -261,7 +265,8 @@ rm -f "$OUT/summary.txt"
 files=("$OUT"/*)
 listing="$(cd "$OUT" && ls | tr '\n' ' ')summary.txt"
 {
-    echo "== gpu_check summary: ${SECONDS} s (plan ${PLAN} s, limit ${TOTAL} s), GPU: $([[ $HAVE_GPU == 1 ]] && echo yes || echo none), exit status ${first_rc} =="
+    echo "== gpu_check summary: ${SECONDS} s (plan ${PLAN} s, limit ${TOTAL} s), GPU: $GPU_TEXT," \
+        "exit status ${first_rc} =="
     printf '%s\n' "${STATUS[@]}"
     if [[ -f "$OUT/first_contact.txt" ]]; then
         bad="$(grep -E "^\S+ +\S+ +\S+ +(failed|ran +BEYOND)" "$OUT/first_contact.txt")"
