@@ -463,7 +463,13 @@ def run_row(op: Op, engine: str, dtype_name: str, shapes: Shapes, device: torch.
 def _run_block(op: Op, backend: str, force, dtype_name: str, shapes: Shapes, device: torch.device) -> str:
     """torchvision's block in float64 (oracle), in the row's precision (PyTorch's error) and fused on the backend,
     as tests/torchvision_oracle.py runs them: eval in the dtype (output), training with fp32 parameters under
-    autocast (fp32: plain) — output, input gradient, every parameter gradient, the running statistics."""
+    autocast (fp32: plain) — output, input gradient, every parameter gradient, the running statistics.
+
+    Half-precision training is judged on the parameter gradients as one tensor and the running statistics as one,
+    as the tests judge a model's per stage: a ReLU inside the block whose input lies within rounding of its kink
+    takes either side in a half-precision run, which moves one channel's BN gradient by a whole term — a single
+    small gradient is then as uncertain in PyTorch's own run as it is large. A zeroed, doubled or halved gradient
+    still lands far outside."""
     import torchvision_oracle as tvo
 
     block, x = _block(shapes)
@@ -475,7 +481,20 @@ def _run_block(op: Op, backend: str, force, dtype_name: str, shapes: Shapes, dev
     eager, _ = tvo.results(copy.deepcopy(block), x, precision, device, grad, True, kink, train)
     with force:
         actual, _ = tvo.results(tvo.fused_copy(block, backend), x, precision, device, grad, True, kink, train)
+    if train and kink != torch.float32:
+        oracle, eager, actual = (_grouped(r) for r in (oracle, eager, actual))
     return _verdict(actual, eager, oracle, kink)
+
+
+def _grouped(results: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The output and the input gradient as they are; every parameter gradient as one tensor, every running
+    statistic as another."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for name, t in results.items():
+        key = name if name in ("output", "input grad") else "parameter grads" if name.startswith("grad of ") \
+            else "running statistics"
+        out.setdefault(key, []).append(t.flatten())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _cuda_fault(device: torch.device) -> str | None:
@@ -672,7 +691,7 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, help="file for the lines (they go to stdout too)")
     parser.add_argument("--budget", type=float, default=85.0, help="seconds after which the workers still running "
                         "are stopped and the rows they did not write are written as not finished (default 85)")
-    parser.add_argument("--batch", type=int, help="batch size (default 4 on a GPU, 1 without one)")
+    parser.add_argument("--batch", type=int, help="batch size (default 4 on a GPU, 2 without one)")
     parser.add_argument("--shapes", choices=("real", "tiny"), help="ResNet-50's, or its channels / 8 at 8x8 "
                         "(default: real on a GPU, tiny without one)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -688,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RESNET_FUSED_AUTOTUNE", "0")  # one Triton tile per shape (read when resnet_fused imports)
     args = parse_args(argv)
     gpu = torch.cuda.is_available()
-    args.batch = args.batch or (4 if gpu else 1)
+    args.batch = args.batch or (4 if gpu else 2)
     args.shapes = args.shapes or ("real" if gpu else "tiny")
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
