@@ -9,25 +9,28 @@ ops that have engines, the backend itself for those that have none; and ``refere
 in bf16, fp16 and fp32 (channels_last, batch 4; training ops forward and backward). It writes ONE line per
 (op, engine, dtype), flushed as soon as it is known, so a run cut short still says what it reached::
 
-    conv_bn_act+shortcut     cuda-cutlass  bf16  ran       within err=3.9e-03 pytorch=3.9e-03 allowed=1.2e-01 ...
-    conv_bn_act              cuda-cutlass  fp32  declined  conv_bn_act: engine 'cutlass' cannot run this call: ...
-    block_train              triton        fp16  failed    RuntimeError: ...
+    conv_bn_act+shortcut         cuda-cutlass bf16  ran       within err=3.9e-03 pytorch=3.9e-03 allowed=1.2e-01 ...
+    conv_bn_act                  cuda-cutlass fp32  declined  conv_bn_act: engine 'cutlass' cannot run this call: ...
+    block_train                  triton       fp16  failed    RuntimeError: ...
 
 * ``ran``: ``within`` or ``BEYOND`` the tests' tolerance rule (tests/tolerances.py) — the error against an fp64
   oracle at most twice PyTorch's own error in that dtype plus the dtype's tolerance — on every result (outputs,
   every gradient, updated running statistics); ``err``/``pytorch``/``allowed`` are those of the worst result. The
   oracle is the reference backend (ops) or torchvision (blocks, as tests/torchvision_oracle.py runs them) in
-  float64 on the same inputs, PyTorch's own error that of the same code in the row's dtype; TF32 is off.
+  float64 on the same inputs, PyTorch's own error that of the same code in the row's dtype; TF32 is off. A block
+  trained in half precision is judged on its parameter gradients as one tensor (see :func:`_run_block`).
 * ``declined``: the engine says it cannot run the call (its reason); ``failed``: any other error (one line of it);
   ``skipped``: not run — the process's CUDA context was unusable after an earlier fault (a CUDA fault is sticky
   for its process), or the time budget ran out before the op began; a ``failed`` op that never finished was
   still running when the budget ran out (a hang, or a slow compile).
 
-On a GPU each (engine, dtype) runs in its own process (the Triton engine's eval and training ops in two), up to
-``--jobs`` at a time, so one engine's fault cannot take another's verdict with it and the Triton compiles run in
-parallel; at ``--budget`` seconds the processes still running are stopped and every line not written yet is
-written as not finished. Without a GPU the reference backend runs here and every GPU path gets a ``declined`` line
-saying there is no GPU. The exit status is 1 when a line says ``failed`` or ``BEYOND``, else 0.
+On a GPU each engine, dtype and group of ops (eval convolutions, training convolutions, the other passes) runs in
+its own process, up to ``--jobs`` at a time, so one engine's fault cannot take another's verdict with it and the
+Triton compiles and cuDNN graph builds run in parallel; at ``--budget`` seconds, or when the run is stopped
+(SIGTERM), the processes still running are killed and every line not written yet is written as not finished.
+Without a GPU the reference backend runs here (on the shapes with channels / 8 at 8x8, batch 2) and every GPU path
+gets a ``declined`` line saying there is no GPU. The exit status is 1 when a line says ``failed`` or ``BEYOND``,
+else 0.
 """
 
 from __future__ import annotations
@@ -639,8 +642,10 @@ def run_workers(units, args, writer: Writer, deadline: float) -> None:
             _fill(writer, unit, why, begun.get(unit), "skipped")
         elif line.startswith(_BEGIN):
             begun[unit] = line[len(_BEGIN):]
-        else:
+        elif LINE.match(line):
             writer(line)
+        elif unit in running:  # something a library printed: kept with the worker's stderr
+            running[unit][1].append(line)
 
     def stop(why: str) -> None:
         for proc, _ in running.values():
