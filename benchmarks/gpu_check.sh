@@ -108,6 +108,9 @@ wants() { [[ " ${GPU_CHECK_STEPS:-install contact bench tests} " == *" $1 "* ]];
 
 HAVE_GPU="$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)"
 GPU_TEXT="$([[ $HAVE_GPU == 1 ]] && echo yes || echo 'none (a rehearsal)')"
+if [[ $HAVE_GPU == 0 ]] && nvidia-smi -L >/dev/null 2>&1; then
+    GPU_TEXT="none for torch, although nvidia-smi lists one (see env.txt)"
+fi
 echo "== gpu_check: $(date -u +%FT%TZ), GPU: $GPU_TEXT, plan ${PLAN} s, limit ${TOTAL} s, out $OUT =="
 
 # ------------------------------------------------------------------------------------------ 1. install -> env.txt
