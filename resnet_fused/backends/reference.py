@@ -71,14 +71,35 @@ def _chan(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``: ``t`` itself when it has that dtype, else a converted copy."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def fresh_output(z: Tensor, dtype: torch.dtype, relu: bool = False, mutated: bool = False) -> Tensor:
+    """``relu(z)`` or ``z`` in ``dtype``, as a new tensor: what an ``autograd.Function``'s forward returns.
+    ``mutated``: ``z`` was modified in place after it was made.
+
+    Under ``torch.compile`` (torch 2.11's dynamo) a forward gets wrong gradients when an output was last written by
+    an in-place op (``+=``, ``relu_``, ``copy_``, ``out=``) or is the same tensor as another value of the forward
+    (a no-op ``.to``, of the output or to make it; an input). So every forward here makes its outputs with an
+    out-of-place op as the last write, converts with :func:`cast` only, and keeps in-place ops for intermediates:
+    the ReLU runs in place only where a real conversion follows, and a mutated ``z`` without either is copied."""
+    if z.dtype != dtype:
+        return (z.relu_() if relu else z).to(dtype)
+    if relu:
+        return torch.relu(z)
+    return z.clone() if mutated else z
+
+
 def affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``x*scale + shift`` per channel, computed in the accumulation dtype, stored in x's dtype."""
-    return (x.to(acc_dtype(x.dtype)) * _chan(scale) + _chan(shift)).to(x.dtype)
+    """``x*scale + shift`` per channel, computed in the accumulation dtype, stored in x's dtype (a new tensor)."""
+    return fresh_output(cast(x, acc_dtype(x.dtype)) * _chan(scale) + _chan(shift), x.dtype)
 
 
 def affine_relu(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``relu(x*scale + shift)`` computed in the accumulation dtype, stored in x's dtype."""
-    return torch.relu(x.to(acc_dtype(x.dtype)) * _chan(scale) + _chan(shift)).to(x.dtype)
+    """``relu(x*scale + shift)`` computed in the accumulation dtype, stored in x's dtype (a new tensor)."""
+    return fresh_output(cast(x, acc_dtype(x.dtype)) * _chan(scale) + _chan(shift), x.dtype, relu=True)
 
 
 def _conv_grads(grad: Tensor, inp: Tensor, weight: Tensor, stride, padding, dilation, groups,
@@ -135,10 +156,10 @@ class Shortcut(NamedTuple):
 
 def eval_scale_shift(bn: EvalBN, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(s, t)`` of :class:`EvalBN` in dtype ``acc``: ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` (differentiable)."""
-    invstd = torch.rsqrt(bn.var.to(acc) + bn.eps)
-    scale = invstd if bn.weight is None else bn.weight.to(acc) * invstd
-    shift = -bn.mean.to(acc) * scale
-    return scale, (shift if bn.bias is None else shift + bn.bias.to(acc))
+    invstd = torch.rsqrt(cast(bn.var, acc) + bn.eps)
+    scale = invstd if bn.weight is None else cast(bn.weight, acc) * invstd
+    shift = -cast(bn.mean, acc) * scale
+    return scale, (shift if bn.bias is None else shift + cast(bn.bias, acc))
 
 
 def check_eval_bn(op: str, name: str, bn: EvalBN, channels: int, device: torch.device) -> None:
@@ -217,15 +238,13 @@ class ConvBnActFunction(torch.autograd.Function):
         stride, padding, dilation, groups, eps, s_eps, s_stride, relu = conf
         acc = acc_dtype(x.dtype)
         scale, shift = eval_scale_shift(EvalBN(bn_w, bn_b, bn_mean, bn_var, eps), acc)
-        y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc) * _chan(scale) + _chan(shift)
+        z = cast(F.conv2d(x, weight, None, stride, padding, dilation, groups), acc) * _chan(scale) + _chan(shift)
         if sx is not None:
             s_scale, s_shift = eval_scale_shift(EvalBN(sbn_w, sbn_b, sbn_mean, sbn_var, s_eps), acc)
-            y += F.conv2d(sx, sw, None, s_stride).to(acc) * _chan(s_scale) + _chan(s_shift)
+            z += cast(F.conv2d(sx, sw, None, s_stride), acc) * _chan(s_scale) + _chan(s_shift)
         if residual is not None:
-            y += residual.to(acc)
-        if relu:
-            y.relu_()
-        y = y.to(x.dtype)
+            z += cast(residual, acc)
+        y = fresh_output(z, x.dtype, relu, mutated=sx is not None or residual is not None)
         conv_bn_act_save(ctx, x, weight, bn_w, bn_b, bn_mean, bn_var, residual, sx, sw, sbn_w, sbn_b, sbn_mean,
                          sbn_var, conf, y)
         return y
@@ -311,7 +330,7 @@ class ConvStatsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, in_scale, in_shift, stride, padding, dilation, groups):
         a = x if in_scale is None else affine_relu(x, in_scale, in_shift)
         c = F.conv2d(a, weight, None, stride, padding, dilation, groups)
-        var, mean = torch.var_mean(c.to(acc_dtype(c.dtype)), dim=_CHANNEL_DIMS, correction=0)
+        var, mean = torch.var_mean(cast(c, acc_dtype(c.dtype)), dim=_CHANNEL_DIMS, correction=0)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.save_for_backward(x, weight, in_scale, in_shift, c, mean)
         return c, mean, var
@@ -374,7 +393,7 @@ class ScaleBiasAddReluFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, scale, shift, idn, idn_scale, idn_shift):
         ctx.save_for_backward(c, scale, shift, idn, idn_scale, idn_shift)
-        return torch.relu(_tail_preact(c, scale, shift, idn, idn_scale, idn_shift)).to(c.dtype)
+        return fresh_output(_tail_preact(c, scale, shift, idn, idn_scale, idn_shift), c.dtype, relu=True)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -395,10 +414,10 @@ class ScaleBiasAddReluFunction(torch.autograd.Function):
 
 def _tail_preact(c, scale, shift, idn, idn_scale, idn_shift) -> Tensor:
     acc = acc_dtype(c.dtype)
-    z = c.to(acc) * _chan(scale) + _chan(shift)
+    z = cast(c, acc) * _chan(scale) + _chan(shift)
     if idn_scale is None:
-        return z + idn.to(acc)
-    return z + idn.to(acc) * _chan(idn_scale) + _chan(idn_shift)
+        return z + cast(idn, acc)
+    return z + cast(idn, acc) * _chan(idn_scale) + _chan(idn_shift)
 
 
 def conv_bn_act(x: Tensor, weight: Tensor, bn: EvalBN, stride=1, padding=0, dilation=1, groups=1,

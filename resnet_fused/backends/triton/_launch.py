@@ -76,9 +76,12 @@ def direct():
 
 def wrap(kernel):
     """``kernel`` wrapped for ``torch.compile`` tracing where this torch has ``wrap_triton`` (a recorder
-    inside :func:`capture`)."""
+    inside :func:`capture`). Under the interpreter the kernel itself: the ops are opaque there, and some torch
+    versions' ``wrap_triton`` (2.11) refuses an interpreted kernel."""
     if _captured is not None:
         return _Recorder(kernel)
+    if INTERPRET:
+        return kernel
     wrap_triton = getattr(torch.library, "wrap_triton", None)
     return wrap_triton(kernel) if wrap_triton is not None else kernel
 
