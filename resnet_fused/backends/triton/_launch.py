@@ -6,8 +6,8 @@ counts traced launches there, not executed ones.
 
 Each launcher is registered as a torch op (:func:`register_op`) so that ``torch.compile`` traces it: a
 ``triton_op`` whose kernels are wrapped with :func:`wrap` on GPUs; under the Triton interpreter (whose kernels
-``wrap_triton`` hands back unwrapped, so a derived fake kernel would run the interpreter on fake tensors) an
-opaque ``custom_op`` with an explicit fake kernel.
+``wrap_triton`` cannot trace: a derived fake kernel would run the interpreter on fake tensors, and torch 2.11
+refuses them) an opaque ``custom_op`` with an explicit fake kernel, its kernels unwrapped.
 
 :func:`capture` records the launches instead of running them (the launchers bind their arguments as for a real
 launch, so tensors on the ``meta`` device do): that is how ``benchmarks.compile_report`` compiles exactly what a
