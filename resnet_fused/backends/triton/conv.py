@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, memory_format
+from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, is_tracing, memory_format
 from . import _launch
 from .stats import arrive, chan_merge, finalize_channels, merge_partial_stats
 
@@ -478,9 +478,13 @@ def _conv_fwd_kernel(
 TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "GROUP_PACK", "HAS_RESIDUAL",
             "HAS_SHORTCUT", "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C", "FINALIZE"]
 _conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
-                                  # a finalizing launch updates the running statistics: timing runs must not
-                                  restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
                                   prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
+# The launches that update running statistics (FINALIZE with BN_UPDATE or COUNT_BATCHES): the autotuner copies
+# them before its timing runs and back after. Only these: a copy around every timed launch costs time, and bumps
+# the version counter of whatever tensor it restores (an autograd error if that tensor was saved for backward).
+_conv_fwd_tuned_update = triton.autotune(configs=_configs(), key=TUNE_KEY,
+                                         restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
+                                         prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
 _FIXED: dict = {}  # deterministic mode: tune key text -> the config it runs
 
 
@@ -516,7 +520,8 @@ def tile_configs() -> dict:
     """The tile config each convolution shape ran with so far, as text: ``{key: config}``. Keys are the autotune
     key (:data:`TUNE_KEY` as ``NAME=value`` pairs, then the tensor dtypes triton appends), prefixed with
     ``autotune`` or ``fixed`` (deterministic mode)."""
-    out = {f"autotune {_key_text(TUNE_KEY, k)}": _config_text(c) for k, c in _conv_fwd_tuned.cache.items()}
+    out = {f"autotune {_key_text(TUNE_KEY, k)}": _config_text(c)
+           for tuner in (_conv_fwd_tuned, _conv_fwd_tuned_update) for k, c in tuner.cache.items()}
     out.update({f"fixed {k}": v for k, v in _FIXED.items()})
     return out
 
@@ -585,6 +590,23 @@ def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], di
     n, k = x.shape[0], weight.shape[0]
     p, q = _output_hw(x, weight, stride, padding, dilation)
     return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
+
+
+_SCRATCH: dict = {}  # (device, dtype) -> the stand-in of absent pointer operands
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """The stand-in for absent pointer operands on ``like``'s device and in its dtype (16 bytes, never read or
+    written by a kernel): one per (device, dtype), a fresh one while tracing (fake tensors, torch.compile) or
+    capturing a CUDA graph."""
+    make = dict(device=like.device, dtype=like.dtype)
+    if is_tracing(like) or (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(16 // like.element_size(), **make)
+    key = (like.device, like.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.zeros(16 // like.element_size(), **make)
+    return buf
 
 
 class _Finalize(NamedTuple):
@@ -665,12 +687,14 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
     sw = shortcut_weight.contiguous(memory_format=torch.channels_last) if has_sc else wc
-    # Absent operands are stood in for by read-only inputs the kernel never dereferences (never by an
-    # output, which would make the kernel look like it aliased a mutated buffer when traced).
+    # Absent vector operands point at a scratch tensor the kernel never dereferences: never at an output (the
+    # kernel would look like it aliased a mutated buffer when traced), nor at a user's tensor (e.g. a 1x1
+    # weight, a Parameter, which something outside may have saved for backward).
     res = residual if residual is not None else xc
+    absent = _scratch(x)
 
     def present(t: Optional[Tensor]) -> Tensor:
-        return t if t is not None else wc
+        return t if t is not None else absent
 
     if fin is not None:  # the BN tensors take the eval BN's places (HAS_BN is False: the output is raw)
         bn_weight, bn_bias, bn_mean, bn_var, bn_eps = fin.weight, fin.bias, fin.running_mean, fin.running_var, fin.eps
@@ -732,7 +756,8 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
         _launch.wrap(_conv_fwd_kernel)[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
                                                          num_stages=cfg.num_stages)
     else:
-        _launch.wrap(_conv_fwd_tuned)[grid](*args, **consts)
+        tuner = _conv_fwd_tuned_update if update or count else _conv_fwd_tuned
+        _launch.wrap(tuner)[grid](*args, **consts)
     _launch.record()
     if fin is not None:
         return (y, *fin_out)
