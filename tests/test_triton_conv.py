@@ -7,9 +7,13 @@ prologue (with positive shifts, so a padded zero that went through the activatio
 per-channel statistics. Fusion is checked with the launch counter. CPU runs use the Triton interpreter.
 """
 
+import time
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import resnet_fused.backends.triton as tb
 from resnet_fused.backends.reference import EvalBN, Shortcut
@@ -738,3 +742,88 @@ def test_packed_groups_prune_and_mma_macs():
     assert unpacked == useful and unpacked / unpacked_issued == pytest.approx(1 / 32)
     # pruning follows the block's widths: unpacked, only the smallest tile would be left
     assert [c.kwargs["BLOCK_K"] for c in conv._prune(configs, nargs, **{**launch.kwargs, "GROUP_PACK": 1})] == [16]
+
+
+# ---- absent operands, autotuning ----
+
+
+def test_autotuned_conv_leaves_a_saved_weight_alone(monkeypatch):
+    """A conv without BN autotuned over several configs must not touch its 1x1 weight: absent operands (here the
+    BN's) point at a scratch tensor, and only the launches that update running statistics have their operands
+    restored around the timing runs. Here the same weight Parameter serves two convs of one graph (two crops): the
+    first saved it for backward before the second was autotuned, and backward still runs — a copy back into it
+    (autotune restoring the "BN" it stood in for) bumps its version counter, and backward refuses."""
+    from resnet_fused.backends.triton import train
+
+    def cfg(bm, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=warps,
+                             num_stages=1)
+
+    timed = []
+
+    def bench(kernel_call, quantiles):  # the interpreter has no GPU timer: one timed call per config
+        t0 = time.perf_counter()
+        kernel_call()
+        timed.append(time.perf_counter() - t0)
+        return [timed[-1]] * len(quantiles)
+
+    configs = [cfg(64, 1), cfg(128, 1), cfg(64, 2)]  # BLOCK_M >= MIN_BLOCK_M: the statistics rows
+    for name in ("_conv_fwd_tuned", "_conv_fwd_tuned_update"):
+        tuner = getattr(conv, name, None)
+        if tuner is not None:
+            monkeypatch.setattr(tuner, "configs", configs)
+            monkeypatch.setattr(tuner, "cache", {})
+            monkeypatch.setitem(vars(tuner), "do_bench", bench)  # over the cached_property
+    monkeypatch.setattr(conv, "deterministic", lambda: False)
+    weight = torch.nn.Parameter(_weight(32, 16, 1, 1))
+    # two crops of different sizes (two autotune keys), channels_last (an NCHW output prunes to one config)
+    crops = [_rand(2, 16, 5, 5, channels_last=True).requires_grad_(),
+             _rand(2, 16, 3, 3, channels_last=True).requires_grad_()]
+    outs = [train.conv_stats(crops[0], weight, 1, 0)]
+    del timed[:]
+    outs.append(train.conv_stats(crops[1], weight, 1, 0))
+    assert len(timed) == len(configs), "the second crop's conv was not autotuned over several configs"
+    loss = sum((c * torch.randn_like(c)).sum() + mean.sum() + var.sum() for c, mean, var in outs)
+    loss.backward()
+    for x, (c, _, _) in zip(crops, outs):
+        ref = F.conv2d(x.detach().double(), weight.detach().double())
+        _close(c, ref, torch.float32)
+    assert weight.grad is not None and all(x.grad is not None for x in crops)
+
+
+def test_launchers_make_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: every registered launcher makes its first CUDA tensor's
+    device current around the call (``_launch.device_guard``). Checked without a GPU on fake CUDA tensors of a
+    second device, with ``torch.cuda.device`` recorded."""
+    from torch._subclasses import FakeTensorMode
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    seen = []
+
+    def probe(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> None:
+        seen.append(list(entered))
+
+    def probe_fake(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> None:
+        return None
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    call = _launch.register_op("test_device_guard_probe", probe, probe_fake)
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:1")
+    with _launch.direct():
+        call(None, x)
+    assert seen == [[torch.device("cuda:1")]] and entered[-1] is None
+    with _launch.direct():
+        call(torch.empty(2), None)  # no CUDA tensor: no guard
+    assert seen[-1] == [torch.device("cuda:1"), None]
