@@ -98,13 +98,62 @@ def test_ptx_analysis(wait, load, expect_wait, expect_async):
 
 
 def test_ptxas_log_parsing():
+    """Every ptxas info/warning line is kept, the (C75xx) performance notes (info lines, not warnings) apart."""
     from benchmarks.compile import aot
 
-    log = ("ptxas info    : Function properties for k\n    16 bytes stack frame, 24 bytes spill stores, 20 bytes "
-           "spill loads\nptxas info    : Used 255 registers, used 1 barriers\nptxas warning : Registers are spilled\n")
+    c7515 = ("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+             "non wgmma instructions defining accumulator registers of a wgmma between start and end of the pipeline "
+             "stage in the function 'k'")
+    log = (f"{c7515}\nptxas info    : Function properties for k\n    16 bytes stack frame, 24 bytes spill stores, "
+           "20 bytes spill loads\nptxas info    : Used 255 registers, used 1 barriers\nptxas warning : Registers are "
+           "spilled\n")
     facts = aot.parse_ptxas(log)
+    assert facts["ptxas_c75"] == [" ".join(c7515.split())]
+    assert facts.pop("ptxas_info") == [" ".join(c7515.split()),
+                                       "ptxas info : Function properties for k | 16 bytes stack frame, 24 bytes "
+                                       "spill stores, 20 bytes spill loads",
+                                       "ptxas info : Used 255 registers, used 1 barriers",
+                                       "ptxas warning : Registers are spilled"]
     assert facts == {"registers": 255, "stack_bytes": 16, "spill_bytes": 24, "spill_load_bytes": 20,
-                     "ptxas_warnings": ["Registers are spilled"]}
+                     "ptxas_warnings": ["Registers are spilled"], "ptxas_c75": [" ".join(c7515.split())]}
+
+
+# cuobjdump -sass of a K loop: the wgmma group, the wait after it, the operand copies, the branch back.
+_SASS = """
+        Function : k
+        /*0100*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;                         /* 0x00008000000079c5 */
+        /*0110*/                   LDGSTS.E.BYPASS.128 [R42+0x8000], desc[UR14][R48.64], P2 ;  /* 0x08000000302a7fae */
+        /*0120*/                   WARPGROUP.ARRIVE ;                                     /* 0x00000000000079c5 */
+        /*0130*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;         /* 0x00e00000081879f0 */
+        /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR12], R24, gsb0 ;  /* 0x00e00000081879f0 */
+        /*0150*/                   WARPGROUP.DEPBAR.LE gsb0, 0x{wait} ;                    /* 0x00008000000079c5 */
+        /*0160*/                   {load} ;                                               /* 0x0 */
+        /*0170*/               @P5 BRA 0x110 ;                                            /* 0xfffffff000cc5947 */
+        /*0180*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;                         /* 0x00008000000079c5 */
+        /*0190*/                   EXIT ;                                                 /* 0x000000000000794d */
+"""
+
+
+@pytest.mark.parametrize("wait,load,serialized,loads", [
+    (1, "NOP", False, {"LDGSTS.128": 1}),
+    (0, "NOP", True, {"LDGSTS.128": 1}),
+    (1, "@!P2 LDG.E.U16 R5, desc[UR14][R6.64]", False, {"LDG.16": 1, "LDGSTS.128": 1}),
+])
+def test_sass_analysis(wait, load, serialized, loads):
+    """The wait depth is read inside the innermost loop holding HGMMA (the waits before and after it do not
+    count); serialized: a 0 there, or ptxas's C75xx note about wgmma."""
+    from benchmarks.compile import aot
+
+    sass = _SASS.replace("{wait}", str(wait)).replace("{load}", load)
+    facts = aot.analyze_sass(sass)
+    assert facts == {"mma": "wgmma", "wgmma_wait_in_loop": wait, "wgmma_serialized": serialized,
+                     "sass_loop_loads": loads, "sass_loop_unrolled": False}
+    note = ["ptxas info : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized ..."]
+    assert aot.analyze_sass(sass, note)["wgmma_serialized"] is True
+    unrolled = aot.analyze_sass(sass.replace("@P5 BRA 0x110", "NOP"))  # no loop: the run of MMAs stands for it
+    assert unrolled["mma"] == "wgmma" and unrolled["sass_loop_unrolled"] and unrolled["wgmma_wait_in_loop"] is None
+    no_mma = aot.analyze_sass(sass.replace("HGMMA", "NOP"))
+    assert no_mma["mma"] == "none" and no_mma["wgmma_serialized"] is None
 
 
 _TTGIR = """
