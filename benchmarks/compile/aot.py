@@ -402,7 +402,7 @@ def arrive_sites(sass: str) -> list[dict]:
 
     * ``stores_then_barrier``: the program's global stores (STG) before it all precede a CTA barrier (BAR.SYNC)
       that precedes the atomic;
-    * ``release``: a ``MEMBAR.ALL.GPU`` between that barrier and the atomic (the release half of acq_rel);
+    * ``release``: a gpu-scope ``MEMBAR`` between the last store and the atomic (the release half of acq_rel);
     * ``one_thread``: the atomic is predicated and skipped by a conditional branch around it (one thread of the
       program arrives; ptxas aggregates it to one lane per warp);
     * ``barrier_after``: a CTA barrier after it before any global load (its result reaches the other threads
@@ -415,18 +415,17 @@ def arrive_sites(sass: str) -> list[dict]:
         atoms = [i for i, t in enumerate(texts) if t.startswith("ATOMG") and ".ADD" in t and ".GPU" in t]
         for n, a in enumerate(atoms):
             stores = [i for i in range(a) if texts[i].startswith("STG")]
-            bars_before = [i for i in range((stores[-1] if stores else 0), a) if texts[i].startswith("BAR.SYNC")]
-            bar = bars_before[0] if bars_before else None
-            release = bar is not None and any(texts[i].startswith("MEMBAR") and ".GPU" in texts[i]
-                                              for i in range(bar, a))
-            guard = bar is not None and insns[a][1].startswith("@") and any(
+            start = stores[-1] if stores else 0  # from the last store before the arrival
+            bar = any(texts[i].startswith("BAR.SYNC") for i in range(start, a))
+            release = any(texts[i].startswith("MEMBAR") and ".GPU" in texts[i] for i in range(start, a))
+            guard = insns[a][1].startswith("@") and any(
                 re.match(r"@!?P\w+\s+BRA", insns[i][1]) and int(_SASS_BRA.search(insns[i][1]).group(1), 16)
-                > insns[a][0] for i in range(bar, a))
+                > insns[a][0] for i in range(start, a))
             end = atoms[n + 1] if n + 1 < len(atoms) else len(texts)
             loads = [(i, texts[i].split()[0]) for i in range(a + 1, end) if texts[i].startswith("LDG")
                      and not texts[i].startswith("LDGDEPBAR") and not texts[i].startswith("LDGSTS")]
             first_load = loads[0][0] if loads else end
             barrier_after = any(texts[i].startswith("BAR.SYNC") for i in range(a + 1, first_load))
-            out.append({"stores_then_barrier": bool(stores) and bar is not None, "release": release,
+            out.append({"stores_then_barrier": bool(stores) and bar, "release": release,
                         "one_thread": guard, "barrier_after": barrier_after, "loads": [op for _, op in loads]})
     return out
