@@ -46,6 +46,7 @@ from benchmarks.compile.cases import DTYPES, LAYOUTS, QUICK, cases  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "compile"  # the committed reports
 LOCAL = REPO / "benchmarks" / "results" / "local" / "compile"  # the default output (git-ignored)
+CACHE = LOCAL / "cache"
 STEM_MAC_TARGET = 0.40
 
 FIELDS = ("kernel", "case", "mode", "dtype", "layout", "config", "ok", "shared_bytes", "registers", "spill_bytes",
@@ -136,6 +137,16 @@ def plan(quick: bool):
 
 
 _PENDING: list = []
+_STATS: dict = {"from_cache": 0}
+
+
+def _facts_key(key: str, v) -> str:
+    """The cache file name of a binary's facts: its specialization, the kernel's source with everything it calls
+    (the JIT's own hash), the Triton version and the analysis code (:mod:`benchmarks.compile.aot`)."""
+    import hashlib
+
+    text = "\n".join([key, v.jit.cache_key, triton.__version__, Path(aot.__file__).read_text()])
+    return hashlib.sha256(text.encode()).hexdigest()[:32] + ".json"
 
 
 def _compile_at(i: int) -> dict:
@@ -146,32 +157,48 @@ def _compile_at(i: int) -> dict:
                 "trace": traceback.format_exc(limit=3)}
 
 
-def compile_all(todo: dict, jobs: int, progress: bool) -> dict:
-    """Compile every distinct variant (``jobs`` processes); returns key -> facts."""
+def compile_all(todo: dict, jobs: int, progress: bool, cache: Path | None = None) -> dict:
+    """Compile every distinct variant (``jobs`` processes); returns key -> facts. With ``cache``, facts of a
+    binary compiled before by the same Triton, kernel source and report code are read from there (and new ones
+    written), so a rerun after a change in pruning compiles only what changed."""
     global _PENDING
-    keys = list(todo)
-    _PENDING = [todo[k] for k in keys]
     results = {}
+    files = {}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for k, v in todo.items():
+            files[k] = cache / _facts_key(k, v)
+            if files[k].exists():
+                results[k] = json.loads(files[k].read_text())
+        if progress and results:
+            print(f"  {len(results)}/{len(todo)} binaries' facts from {cache}", file=sys.stderr, flush=True)
+    keys = [k for k in todo if k not in results]
+    _PENDING = [todo[k] for k in keys]
+    _STATS["from_cache"] = len(results)
     t0 = time.time()
     if jobs > 1 and len(keys) > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
             for n, (i, facts) in enumerate(zip(range(len(keys)), pool.imap(_compile_at, range(len(keys))))):
                 results[keys[i]] = facts
+                if facts["ok"] and keys[i] in files:
+                    files[keys[i]].write_text(json.dumps(facts))
                 if progress and (n + 1) % 20 == 0:
                     print(f"  compiled {n + 1}/{len(keys)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     else:
         for i, k in enumerate(keys):
             results[k] = _compile_at(i)
+            if results[k]["ok"] and k in files:
+                files[k].write_text(json.dumps(results[k]))
             if progress and (i + 1) % 20 == 0:
                 print(f"  compiled {i + 1}/{len(keys)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return results
 
 
-def build(quick: bool, jobs: int = 1, progress: bool = False) -> dict:
+def build(quick: bool, jobs: int = 1, progress: bool = False, cache: Path | None = None) -> dict:
     """The whole report as a dict: ``meta``, ``summary`` and ``rows`` (schema: :data:`FIELDS`)."""
     t0 = time.time()
     rows, todo = plan(quick)
-    facts = compile_all(todo, jobs, progress)
+    facts = compile_all(todo, jobs, progress, cache)
     for row in rows:
         key = row.pop("_key", None)
         if key is not None:
@@ -183,7 +210,8 @@ def build(quick: bool, jobs: int = 1, progress: bool = False) -> dict:
         "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "target": f"{aot.TARGET.backend} sm_{aot.TARGET.arch}a, warp {aot.TARGET.warp_size}",
         "git_sha": _git_sha(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-        "distinct_binaries": len(todo), "seconds": round(time.time() - t0, 1),
+        "distinct_binaries": len(todo), "binaries_from_cache": _STATS["from_cache"],
+        "seconds": round(time.time() - t0, 1),
         "env": {k: v for k, v in os.environ.items() if k.startswith("RESNET_FUSED_")},
     }
     return {"meta": meta, "summary": summarize(rows), "rows": rows}
@@ -320,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=LOCAL,
                         help=f"output folder (default: %(default)s; the committed reports: {RESULTS})")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help=f"reuse the facts of binaries compiled before, kept in this folder (e.g. {CACHE})")
     parser.add_argument("--all", action="store_true", help="print every row, not only those missing a target")
     args = parser.parse_args(argv)
-    report = build(args.quick, args.jobs, progress=True)
+    report = build(args.quick, args.jobs, progress=True, cache=args.cache)
     print_tables(report, args.all)
     if not args.no_write:
         for p in write(report, args.out):
