@@ -191,6 +191,7 @@ def test_stats_epilogue(prologue, dtype):
     y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, stats=True, **kw)
     assert _launch.launch_count() == 2  # the conv and one merge of its 8 partial-statistics rows
     _close(y, _ref(x, weight, None, 1, 1, **kw), dtype)
+    assert y.is_contiguous()  # NCHW in, NCHW out (with the prologue the kernel stores channels_last, then a copy)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (70,)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
@@ -466,9 +467,15 @@ def test_prune_keeps_what_fits_the_shape():
     assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]
     assert conv._prune(configs, {"C": 256, "K": 256, "stride_yc": 49}, **_prune_kwargs()) == \
         conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(HAS_SHORTCUT=True))
-    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
+    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not, but ptxas serializes
+    # the wgmma pipeline of 64x32x32 (4 warps) and 128x128x32 (8 warps) with it (the compile report)
     assert kept(32, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 32)]
-    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32), (64, 32, 32)]
+    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32)]
+    assert kept(32, 64) == [(64, 64, 32), (64, 32, 32)]
+    serialized = [_cfg(128, 128, 32, 8), _cfg(64, 32, 32, 4)]
+    assert conv._prune(configs + serialized, {"C": 256, "K": 256}, **_prune_kwargs(IN_AFFINE_RELU=True)) == \
+        conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(IN_AFFINE_RELU=True))
+    assert len(conv._prune(serialized, {"C": 256, "K": 256}, **_prune_kwargs())) == 2
 
 
 def test_stem_runs_the_packed_reduction():

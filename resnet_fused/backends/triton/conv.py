@@ -108,6 +108,14 @@ def _configs() -> list[triton.Config]:
     ]
 
 
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) whose wgmma pipeline ptxas serializes with the register-operand
+# BN+ReLU prologue: "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator
+# registers of a wgmma between start and end of the pipeline stage" (C7515; every K step then waits for its MMAs,
+# WARPGROUP.DEPBAR.LE gsb0, 0x0 in the SASS), on every ResNet-18/50 prologue conv in bf16 and fp16 in the compile
+# report (benchmarks/results/compile, triton 3.6: the lent GPUs'); the other tiles keep a group in flight there.
+PROLOGUE_SERIALIZED = {(128, 128, 32, 8), (64, 32, 32, 4)}
+
+
 def _prune(configs: list, nargs: dict, **kwargs) -> list:
     """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
@@ -117,7 +125,8 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
     shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
     along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
     1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
-    through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
+    through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma); with
+    the prologue in registers, none of :data:`PROLOGUE_SERIALIZED` (ptxas serializes their wgmma pipeline).
     Never empty: the last config if nothing fits."""
     groups, pack = kwargs["GROUPS"], kwargs.get("GROUP_PACK", 1)
     k_g, c_g = nargs["K"] // groups * pack, nargs["C"] // groups * pack  # a tile's group block (GROUP_PACK)
@@ -137,6 +146,9 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
         if min(bm, bn) * bk < vec * 32 * cfg.num_warps:  # a thread's share of a tile below 16 bytes
             return False
         if (kwargs["HAS_SHORTCUT"] or nchw_out) and bm * bn > 1024 * cfg.num_warps:
+            return False
+        if kwargs["IN_AFFINE_RELU"] and not kwargs["PROLOGUE_SMEM"] and (bm, bn, bk, cfg.num_warps) in \
+                PROLOGUE_SERIALIZED:
             return False
         return not (kwargs["IN_AFFINE_RELU"] and kwargs["PROLOGUE_SMEM"] and bn < 64)
 
@@ -660,6 +672,12 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     """Allocate and launch one conv; (y, mean, var, scale, shift): mean/var with ``stats`` (empty otherwise),
     scale/shift with ``fin`` (the BN finalized in the launch; empty otherwise)."""
     y = _output(x, weight, stride, padding, dilation)
+    # An NCHW output with the BN+ReLU prologue: ptxas serializes the wgmma pipeline of every config that can
+    # store it (C7515 in the compile report, triton 3.6), so the kernel stores channels_last, copied to NCHW
+    # after (NCHW input is the slow path anyway: x is copied to channels_last for the kernel too).
+    to_nchw = in_scale is not None and y.dim() == 4 and memory_format(y) != torch.channels_last and y.numel() > 0
+    if to_nchw:
+        y = torch.empty_like(y, memory_format=torch.channels_last)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     p, q = y.shape[2], y.shape[3]
@@ -759,6 +777,8 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
         tuner = _conv_fwd_tuned_update if update or count else _conv_fwd_tuned
         _launch.wrap(tuner)[grid](*args, **consts)
     _launch.record()
+    if to_nchw:
+        y = y.contiguous()
     if fin is not None:
         return (y, *fin_out)
     if not stats:
