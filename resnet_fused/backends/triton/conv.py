@@ -108,25 +108,16 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) whose wgmma pipeline ptxas serializes with the register-operand
-# BN+ReLU prologue: "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator
-# registers of a wgmma between start and end of the pipeline stage" (C7515; every K step then waits for its MMAs,
-# WARPGROUP.DEPBAR.LE gsb0, 0x0 in the SASS), on every ResNet-18/50 prologue conv in bf16 and fp16 in the compile
-# report (benchmarks/results/compile, triton 3.6: the lent GPUs'); the other tiles keep a group in flight there.
-PROLOGUE_SERIALIZED = {(128, 128, 32, 8), (64, 32, 32, 4)}
-
-
 def _prune(configs: list, nargs: dict, **kwargs) -> list:
     """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
     only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row; with
-    GROUP_PACK, the output and input channels of a tile's GROUP_PACK groups), and whose
-    operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
-    shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
-    along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
-    1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
-    through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma); with
-    the prologue in registers, none of :data:`PROLOGUE_SERIALIZED` (ptxas serializes their wgmma pipeline).
+    GROUP_PACK, the output and input channels of a tile's GROUP_PACK groups), and whose operand tiles give every
+    thread at least one 16-byte load (smaller shares load in pieces); with the shortcut's second accumulator or an
+    NCHW output (whose epilogue converts the accumulator's layout to store along M), at most 32 fp32 accumulator
+    registers per thread and accumulator (BLOCK_M·BLOCK_N ≤ 1024·num_warps; the compile report shows the wider
+    ones spill); with the prologue staged through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed
+    MMA's M: below 64 it is no wgmma), in registers none of PROLOGUE_SERIALIZED (ptxas serializes their wgmma).
     Never empty: the last config if nothing fits."""
     groups, pack = kwargs["GROUPS"], kwargs.get("GROUP_PACK", 1)
     k_g, c_g = nargs["K"] // groups * pack, nargs["C"] // groups * pack  # a tile's group block (GROUP_PACK)
@@ -134,7 +125,6 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
         c_g = kwargs["S"] * (kwargs.get("PAD_C") or c_g)  # the reduction runs over a filter row's (s, c) values
     n_cap = max(32, triton.next_power_of_2(k_g))
     k_cap = max(16, triton.next_power_of_2(c_g))
-
     x = nargs.get("x_ptr")
     vec = 16 // (x.element_size() if x is not None else 2)  # elements of a 16-byte load
     nchw_out = nargs.get("stride_yc", 1) not in (0, 1)  # the epilogue stores along M: a layout conversion
@@ -147,10 +137,8 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
             return False
         if (kwargs["HAS_SHORTCUT"] or nchw_out) and bm * bn > 1024 * cfg.num_warps:
             return False
-        if kwargs["IN_AFFINE_RELU"] and not kwargs["PROLOGUE_SMEM"] and (bm, bn, bk, cfg.num_warps) in \
-                PROLOGUE_SERIALIZED:
-            return False
-        return not (kwargs["IN_AFFINE_RELU"] and kwargs["PROLOGUE_SMEM"] and bn < 64)
+        staged, tile = kwargs["PROLOGUE_SMEM"], (bm, bn, bk, cfg.num_warps)
+        return not (kwargs["IN_AFFINE_RELU"] and (bn < 64 if staged else tile in PROLOGUE_SERIALIZED))
 
     return [c for c in configs if fits(c)] or configs[-1:]
 
@@ -483,6 +471,14 @@ def _conv_fwd_kernel(
                                 bn_var_ptr, bn_eps, momentum, unbias, M, K, k, k_ok, pid_m, num_pid_m,
                                 g * num_pid_n + pid_n, GROUPS // GROUP_PACK * num_pid_n, BN_AFFINE, BN_UPDATE,
                                 COUNT_BATCHES, CUMULATIVE, MERGE_TILES, BLOCK_M, BLOCK_N)
+
+
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) whose wgmma pipeline ptxas serializes with the register-operand
+# BN+ReLU prologue: "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator
+# registers of a wgmma between start and end of the pipeline stage" (C7515; every K step then waits for its MMAs,
+# WARPGROUP.DEPBAR.LE gsb0, 0x0 in the SASS), on every ResNet-18/50 prologue conv in bf16 and fp16 in the compile
+# report (benchmarks/results/compile, triton 3.6: the lent GPUs'); the other tiles keep a group in flight there.
+PROLOGUE_SERIALIZED = {(128, 128, 32, 8), (64, 32, 32, 4)}
 
 
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
