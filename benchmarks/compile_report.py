@@ -5,14 +5,17 @@ Each case of :mod:`benchmarks.compile.cases` (the ResNet-18/50 layers at batch 2
 eval and training, bf16/fp16/fp32 channels_last and bf16 NCHW input) runs its public launcher on ``meta`` tensors;
 every launch it makes is compiled for every config its autotuner may choose (after pruning), through the JIT's
 own argument binding (:mod:`benchmarks.compile.aot`). One row per (kernel, case, config): shared memory,
-registers, spill bytes, stack, ptxas warnings, MMA kind, the deepest ``wgmma.wait_group`` inside the K loop, whether
-every main-loop global load is a 16-byte ``cp.async`` or TMA, and for convolutions the useful fraction of the MACs
-the MMA tiles issue. Identical specializations compile once.
+registers, spill bytes, stack, every ptxas info/warning line (its ``(C75xx)`` performance notes apart), and from
+the SASS of the binary the MMA kind, the wgmma wait depth inside the K loop (``WARPGROUP.DEPBAR.LE gsb0, 0xN``)
+and whether ptxas serialized the wgmma pipeline (``wgmma_serialized``); from the TTGIR whether every operand tile
+is loaded with a 16-byte asynchronous copy or TMA; for convolutions the useful fraction of the MACs the MMA tiles
+issue. Identical specializations compile once.
 
-Output under ``benchmarks/results/compile/``: ``triton-<version>[-quick].json`` (rows and a summary) and ``.md``,
-and a rich table of the summary and of every row that misses a target (:func:`violations`). Exit code 1 when a
-row misses a target. Runs on a machine without a GPU; needs ``TRITON_INTERPRET`` unset (it is cleared here before
-triton is imported).
+Output: ``triton-<version>[-quick].json`` (rows and a summary) and ``.md`` in ``--out`` (default
+``benchmarks/results/local/compile/``, which git ignores; the committed full report lives in
+``benchmarks/results/compile/``: regenerate it with ``--out benchmarks/results/compile``), and a rich table of the
+summary and of every row that misses a target (:func:`violations`). Exit code 1 when a row misses a target. Runs
+on a machine without a GPU; needs ``TRITON_INTERPRET`` unset (it is cleared here before triton is imported).
 """
 
 from __future__ import annotations
@@ -41,12 +44,16 @@ from benchmarks.compile import aot  # noqa: E402
 from benchmarks.compile.cases import DTYPES, LAYOUTS, QUICK, cases  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results" / "compile"
+RESULTS = REPO / "benchmarks" / "results" / "compile"  # the committed reports
+LOCAL = REPO / "benchmarks" / "results" / "local" / "compile"  # the default output (git-ignored)
+CACHE = LOCAL / "cache"
 STEM_MAC_TARGET = 0.40
 
 FIELDS = ("kernel", "case", "mode", "dtype", "layout", "config", "ok", "shared_bytes", "registers", "spill_bytes",
-          "spill_load_bytes", "stack_bytes", "mma", "wgmma_wait_in_loop", "operand_loads_async", "mac_util",
-          "loop_loads", "operand_loads", "ptxas_warnings", "target", "configs_all", "configs_kept", "error")
+          "spill_load_bytes", "stack_bytes", "mma", "wgmma_wait_in_loop", "wgmma_serialized", "ptx_wait_in_loop",
+          "operand_loads_async", "mac_util", "sass_loop_loads", "sass_loop_unrolled", "loop_loads", "operand_loads",
+          "ptxas_warnings", "ptxas_c75", "ptxas_info", "arrive_sites", "target", "configs_all", "configs_kept",
+          "error")
 
 
 def targeted(row: dict) -> bool:
@@ -55,9 +62,10 @@ def targeted(row: dict) -> bool:
 
 
 def violations(row: dict) -> list[str]:
-    """The targets a row misses (issue 10): it compiles and fits in shared memory; on ResNet-18/50 shapes in
-    bf16/fp16, 0 spill bytes and, for convolutions, wgmma with >= 1 group in flight in the K loop, every main-loop
-    operand load asynchronous, and the stem's useful MACs >= 40% of those issued."""
+    """The targets a row misses (issues 10 and 18): it compiles and fits in shared memory; on ResNet-18/50 shapes
+    in bf16/fp16, 0 spill bytes, no ptxas ``(C75xx)`` performance note and, for convolutions, wgmma in the SASS
+    of the K loop with >= 1 group in flight (not serialized by ptxas), every operand tile loaded asynchronously,
+    and the stem's useful MACs >= 40% of those issued."""
     if not row["ok"]:
         return [f"does not compile: {row['error']}"]
     out = []
@@ -67,11 +75,13 @@ def violations(row: dict) -> list[str]:
         return out
     if row["spill_bytes"]:
         out.append(f"spills {row['spill_bytes']} B")
+    for note in row.get("ptxas_c75") or ():
+        out.append(note.split(":", 1)[1].strip()[:60])
     if row["kind"] == "conv" and row["kernel"] == "_conv_fwd_kernel":
         if row["mma"] != "wgmma":
-            out.append(f"mma {row['mma']}")
-        if row["wgmma_wait_in_loop"] == 0:
-            out.append("wgmma.wait_group 0 in the K loop")
+            out.append(f"mma {row['mma']} (SASS)")
+        if row["wgmma_serialized"]:
+            out.append(f"wgmma serialized (SASS: WARPGROUP.DEPBAR.LE gsb0, {row['wgmma_wait_in_loop']} in the K loop)")
         if not row["operand_loads_async"]:
             out.append(f"operand loads not all 16-byte async: {row['operand_loads']}")
         if row.get("stem") and row["mac_util"] is not None and row["mac_util"] < STEM_MAC_TARGET:
@@ -127,6 +137,16 @@ def plan(quick: bool):
 
 
 _PENDING: list = []
+_STATS: dict = {"from_cache": 0}
+
+
+def _facts_key(key: str, v) -> str:
+    """The cache file name of a binary's facts: its specialization, the kernel's source with everything it calls
+    (the JIT's own hash), the Triton version and the analysis code (:mod:`benchmarks.compile.aot`)."""
+    import hashlib
+
+    text = "\n".join([key, v.jit.cache_key, triton.__version__, Path(aot.__file__).read_text()])
+    return hashlib.sha256(text.encode()).hexdigest()[:32] + ".json"
 
 
 def _compile_at(i: int) -> dict:
@@ -137,32 +157,48 @@ def _compile_at(i: int) -> dict:
                 "trace": traceback.format_exc(limit=3)}
 
 
-def compile_all(todo: dict, jobs: int, progress: bool) -> dict:
-    """Compile every distinct variant (``jobs`` processes); returns key -> facts."""
+def compile_all(todo: dict, jobs: int, progress: bool, cache: Path | None = None) -> dict:
+    """Compile every distinct variant (``jobs`` processes); returns key -> facts. With ``cache``, facts of a
+    binary compiled before by the same Triton, kernel source and report code are read from there (and new ones
+    written), so a rerun after a change in pruning compiles only what changed."""
     global _PENDING
-    keys = list(todo)
-    _PENDING = [todo[k] for k in keys]
     results = {}
+    files = {}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for k, v in todo.items():
+            files[k] = cache / _facts_key(k, v)
+            if files[k].exists():
+                results[k] = json.loads(files[k].read_text())
+        if progress and results:
+            print(f"  {len(results)}/{len(todo)} binaries' facts from {cache}", file=sys.stderr, flush=True)
+    keys = [k for k in todo if k not in results]
+    _PENDING = [todo[k] for k in keys]
+    _STATS["from_cache"] = len(results)
     t0 = time.time()
     if jobs > 1 and len(keys) > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
             for n, (i, facts) in enumerate(zip(range(len(keys)), pool.imap(_compile_at, range(len(keys))))):
                 results[keys[i]] = facts
+                if facts["ok"] and keys[i] in files:
+                    files[keys[i]].write_text(json.dumps(facts))
                 if progress and (n + 1) % 20 == 0:
                     print(f"  compiled {n + 1}/{len(keys)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     else:
         for i, k in enumerate(keys):
             results[k] = _compile_at(i)
+            if results[k]["ok"] and k in files:
+                files[k].write_text(json.dumps(results[k]))
             if progress and (i + 1) % 20 == 0:
                 print(f"  compiled {i + 1}/{len(keys)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     return results
 
 
-def build(quick: bool, jobs: int = 1, progress: bool = False) -> dict:
+def build(quick: bool, jobs: int = 1, progress: bool = False, cache: Path | None = None) -> dict:
     """The whole report as a dict: ``meta``, ``summary`` and ``rows`` (schema: :data:`FIELDS`)."""
     t0 = time.time()
     rows, todo = plan(quick)
-    facts = compile_all(todo, jobs, progress)
+    facts = compile_all(todo, jobs, progress, cache)
     for row in rows:
         key = row.pop("_key", None)
         if key is not None:
@@ -174,7 +210,8 @@ def build(quick: bool, jobs: int = 1, progress: bool = False) -> dict:
         "triton": triton.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "target": f"{aot.TARGET.backend} sm_{aot.TARGET.arch}a, warp {aot.TARGET.warp_size}",
         "git_sha": _git_sha(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": quick,
-        "distinct_binaries": len(todo), "seconds": round(time.time() - t0, 1),
+        "distinct_binaries": len(todo), "binaries_from_cache": _STATS["from_cache"],
+        "seconds": round(time.time() - t0, 1),
         "env": {k: v for k, v in os.environ.items() if k.startswith("RESNET_FUSED_")},
     }
     return {"meta": meta, "summary": summarize(rows), "rows": rows}
@@ -189,10 +226,14 @@ def _git_sha() -> str | None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Headline numbers: over the targeted rows of each mode, the worst registers and spills, how many configs
-    keep no wgmma group in flight, load synchronously or miss wgmma; the stem's worst MAC utilization."""
+    """Headline numbers: rows whose wgmma pipeline ptxas serialized (all, targeted) or that carry a C75xx note;
+    over the targeted rows of each mode, the worst registers and spills, how many configs keep no wgmma group in
+    flight, are serialized, load synchronously or miss wgmma; the stem's worst MAC utilization."""
     out = {"rows": len(rows), "failed": sum(1 for r in rows if not r["ok"]),
-           "violating_rows": sum(1 for r in rows if r["violations"])}
+           "violating_rows": sum(1 for r in rows if r["violations"]),
+           "serialized_rows": sum(1 for r in rows if r["ok"] and r.get("wgmma_serialized")),
+           "serialized_rows_targeted": sum(1 for r in rows if r["ok"] and r.get("wgmma_serialized") and targeted(r)),
+           "c75_rows": sum(1 for r in rows if r["ok"] and r.get("ptxas_c75"))}
     for mode in sorted({r["mode"] for r in rows}):
         sel = [r for r in rows if r["mode"] == mode and targeted(r) and r["ok"]]
         convs = [r for r in sel if r["kernel"] == "_conv_fwd_kernel"]
@@ -206,6 +247,8 @@ def summarize(rows: list[dict]) -> dict:
             "conv_rows": len(convs),
             "conv_rows_wgmma": sum(1 for r in convs if r["mma"] == "wgmma"),
             "conv_rows_wait0_in_loop": sum(1 for r in convs if r["wgmma_wait_in_loop"] == 0),
+            "conv_rows_serialized": sum(1 for r in convs if r["wgmma_serialized"]),
+            "rows_c75": sum(1 for r in sel if r.get("ptxas_c75")),
             "conv_rows_async_loads": sum(1 for r in convs if r["operand_loads_async"]),
         }
         shortcut = [r for r in convs if "+shortcut" in r["case"]]
@@ -224,21 +267,25 @@ def markdown(report: dict) -> str:
     lines = [f"# Compile report: Triton {meta['triton']} for {meta['target']}", "",
              f"git {meta['git_sha']}, {meta['time']}, torch {meta['torch']}, quick={meta['quick']}, "
              f"{meta['distinct_binaries']} distinct binaries in {meta['seconds']} s. "
-             f"Generated by `python -m benchmarks.compile_report`; targets: issue 10.", "", "## Summary", "",
+             f"Generated by `python -m benchmarks.compile_report --out benchmarks/results/compile`; targets: "
+             f"issues 10 and 18. mma, wait (SASS) and serialized are read from the SASS; PTX wait is the PTX's "
+             f"`wgmma.wait_group` depth; C75xx: ptxas's performance notes.", "", "## Summary", "",
              "```json", json.dumps(summary, indent=1), "```", "", "## Rows", "",
              "| kernel | case | mode | dtype | layout | config | smem B | regs | spill B | stack B | mma "
-             "| wait in loop | async loads | MAC util | loop loads | missed targets |", "|" + "---|" * 16]
+             "| wait (SASS) | serialized | PTX wait | async loads | MAC util | loop loads (TTGIR, SASS) | C75xx "
+             "| missed targets |", "|" + "---|" * 19]
     for r in report["rows"]:
         if not r["ok"]:
             lines.append(f"| {r['kernel']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['config']} "
-                         f"| | | | | | | | | | {'; '.join(r['violations'])} |")
+                         f"| | | | | | | | | | | | | {'; '.join(r['violations'])} |")
             continue
         mac = "" if r["mac_util"] is None else f"{r['mac_util']:.1%}"
-        loads = ", ".join(f"{k}×{v}" for k, v in {**r["operand_loads"], **r["loop_loads"]}.items())
+        loads = ", ".join(f"{k}×{v}" for k, v in {**r["operand_loads"], **r["sass_loop_loads"]}.items())
+        c75 = ", ".join(sorted({n.split("(", 1)[1].split(")", 1)[0] for n in r["ptxas_c75"]}))
         lines.append(f"| {r['kernel']} | {r['case']} | {r['mode']} | {r['dtype']} | {r['layout']} | {r['config']} | "
                      f"{r['shared_bytes']} | {r['registers']} | {r['spill_bytes']} | {r['stack_bytes']} | {r['mma']} | "
-                     f"{r['wgmma_wait_in_loop']} | {r['operand_loads_async']} | {mac} | {loads} | "
-                     f"{'; '.join(r['violations'])} |")
+                     f"{r['wgmma_wait_in_loop']} | {r['wgmma_serialized']} | {r['ptx_wait_in_loop']} | "
+                     f"{r['operand_loads_async']} | {mac} | {loads} | {c75} | {'; '.join(r['violations'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -256,7 +303,8 @@ def print_tables(report: dict, show_all: bool) -> None:
     head = Table(title=f"Triton {report['meta']['triton']} → {report['meta']['target']}: summary")
     head.add_column("mode")
     keys = ["rows", "max_registers", "rows_spilling", "max_spill_bytes", "conv_rows", "conv_rows_wgmma",
-            "conv_rows_wait0_in_loop", "conv_rows_async_loads", "shortcut_max_registers", "shortcut_max_spill_bytes"]
+            "conv_rows_wait0_in_loop", "conv_rows_serialized", "rows_c75", "conv_rows_async_loads",
+            "shortcut_max_registers", "shortcut_max_spill_bytes"]
     for k in keys:
         head.add_column(k.replace("_", " "), justify="right")
     for mode, s in report["summary"].items():
@@ -264,20 +312,22 @@ def print_tables(report: dict, show_all: bool) -> None:
             head.add_row(mode, *(str(s.get(k, "")) for k in keys))
     console.print(head)
     s = report["summary"]
-    console.print(f"rows {s['rows']}, failed {s['failed']}, missing a target {s['violating_rows']}; stem MAC "
+    console.print(f"rows {s['rows']}, failed {s['failed']}, missing a target {s['violating_rows']}, wgmma "
+                  f"serialized {s['serialized_rows']} ({s['serialized_rows_targeted']} targeted); stem MAC "
                   f"utilization {s.get('stem_mac_util_min', 0):.1%}..{s.get('stem_mac_util_max', 0):.1%}")
     rows = [r for r in report["rows"] if show_all or r["violations"]]
     if not rows:
         return
     table = Table(title="rows" if show_all else "rows missing a target")
     for col in ("kernel", "case", "mode", "dtype", "layout", "config", "regs", "spill", "smem", "mma", "wait",
-                "async", "MAC", "missed"):
+                "serialized", "async", "MAC", "missed"):
         table.add_column(col)
     for r in rows:
         mac = "" if r.get("mac_util") is None else f"{r['mac_util']:.0%}"
         table.add_row(r["kernel"], r["case"], r["mode"], r["dtype"], r["layout"], r["config"],
                       str(r.get("registers")), str(r.get("spill_bytes")), str(r.get("shared_bytes")),
-                      str(r.get("mma")), str(r.get("wgmma_wait_in_loop")), str(r.get("operand_loads_async")), mac,
+                      str(r.get("mma")), str(r.get("wgmma_wait_in_loop")), str(r.get("wgmma_serialized")),
+                      str(r.get("operand_loads_async")), mac,
                       "; ".join(r["violations"]))
     console.print(table)
 
@@ -295,11 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compile_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI subset: one case per code path")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=LOCAL,
+                        help=f"output folder (default: %(default)s; the committed reports: {RESULTS})")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help=f"reuse the facts of binaries compiled before, kept in this folder (e.g. {CACHE})")
     parser.add_argument("--all", action="store_true", help="print every row, not only those missing a target")
     args = parser.parse_args(argv)
-    report = build(args.quick, args.jobs, progress=True)
+    report = build(args.quick, args.jobs, progress=True, cache=args.cache)
     print_tables(report, args.all)
     if not args.no_write:
         for p in write(report, args.out):

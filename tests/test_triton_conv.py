@@ -7,9 +7,13 @@ prologue (with positive shifts, so a padded zero that went through the activatio
 per-channel statistics. Fusion is checked with the launch counter. CPU runs use the Triton interpreter.
 """
 
+import time
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import resnet_fused.backends.triton as tb
 from resnet_fused.backends.reference import EvalBN, Shortcut
@@ -187,6 +191,7 @@ def test_stats_epilogue(prologue, dtype):
     y, mean, var = conv.conv2d_fused(x, weight, None, 1, 1, stats=True, **kw)
     assert _launch.launch_count() == 2  # the conv and one merge of its 8 partial-statistics rows
     _close(y, _ref(x, weight, None, 1, 1, **kw), dtype)
+    assert y.is_contiguous()  # NCHW in, NCHW out (with the prologue the kernel stores channels_last, then a copy)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (70,)
     ref_var, ref_mean = torch.var_mean(y.double(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=STATS_TOL[0], atol=STATS_TOL[1])
@@ -462,9 +467,15 @@ def test_prune_keeps_what_fits_the_shape():
     assert kept(256, 256, HAS_SHORTCUT=True) == [(128, 64, 64), (64, 64, 32), (64, 32, 32)]
     assert conv._prune(configs, {"C": 256, "K": 256, "stride_yc": 49}, **_prune_kwargs()) == \
         conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(HAS_SHORTCUT=True))
-    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not
+    # the staged prologue's transposed MMA needs BLOCK_N >= 64; the register form does not, but ptxas serializes
+    # the wgmma pipeline of 64x32x32 (4 warps) and 128x128x32 (8 warps) with it (the compile report)
     assert kept(32, 64, IN_AFFINE_RELU=True, PROLOGUE_SMEM=True) == [(64, 64, 32)]
-    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32), (64, 32, 32)]
+    assert kept(32, 64, IN_AFFINE_RELU=True) == [(64, 64, 32)]
+    assert kept(32, 64) == [(64, 64, 32), (64, 32, 32)]
+    serialized = [_cfg(128, 128, 32, 8), _cfg(64, 32, 32, 4)]
+    assert conv._prune(configs + serialized, {"C": 256, "K": 256}, **_prune_kwargs(IN_AFFINE_RELU=True)) == \
+        conv._prune(configs, {"C": 256, "K": 256}, **_prune_kwargs(IN_AFFINE_RELU=True))
+    assert len(conv._prune(serialized, {"C": 256, "K": 256}, **_prune_kwargs())) == 2
 
 
 def test_stem_runs_the_packed_reduction():
@@ -738,3 +749,88 @@ def test_packed_groups_prune_and_mma_macs():
     assert unpacked == useful and unpacked / unpacked_issued == pytest.approx(1 / 32)
     # pruning follows the block's widths: unpacked, only the smallest tile would be left
     assert [c.kwargs["BLOCK_K"] for c in conv._prune(configs, nargs, **{**launch.kwargs, "GROUP_PACK": 1})] == [16]
+
+
+# ---- absent operands, autotuning ----
+
+
+def test_autotuned_conv_leaves_a_saved_weight_alone(monkeypatch):
+    """A conv without BN autotuned over several configs must not touch its 1x1 weight: absent operands (here the
+    BN's) point at a scratch tensor, and only the launches that update running statistics have their operands
+    restored around the timing runs. Here the same weight Parameter serves two convs of one graph (two crops): the
+    first saved it for backward before the second was autotuned, and backward still runs — a copy back into it
+    (autotune restoring the "BN" it stood in for) bumps its version counter, and backward refuses."""
+    from resnet_fused.backends.triton import train
+
+    def cfg(bm, warps):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=warps,
+                             num_stages=1)
+
+    timed = []
+
+    def bench(kernel_call, quantiles):  # the interpreter has no GPU timer: one timed call per config
+        t0 = time.perf_counter()
+        kernel_call()
+        timed.append(time.perf_counter() - t0)
+        return [timed[-1]] * len(quantiles)
+
+    configs = [cfg(64, 1), cfg(128, 1), cfg(64, 2)]  # BLOCK_M >= MIN_BLOCK_M: the statistics rows
+    for name in ("_conv_fwd_tuned", "_conv_fwd_tuned_update"):
+        tuner = getattr(conv, name, None)
+        if tuner is not None:
+            monkeypatch.setattr(tuner, "configs", configs)
+            monkeypatch.setattr(tuner, "cache", {})
+            monkeypatch.setitem(vars(tuner), "do_bench", bench)  # over the cached_property
+    monkeypatch.setattr(conv, "deterministic", lambda: False)
+    weight = torch.nn.Parameter(_weight(32, 16, 1, 1))
+    # two crops of different sizes (two autotune keys), channels_last (an NCHW output prunes to one config)
+    crops = [_rand(2, 16, 5, 5, channels_last=True).requires_grad_(),
+             _rand(2, 16, 3, 3, channels_last=True).requires_grad_()]
+    outs = [train.conv_stats(crops[0], weight, 1, 0)]
+    del timed[:]
+    outs.append(train.conv_stats(crops[1], weight, 1, 0))
+    assert len(timed) == len(configs), "the second crop's conv was not autotuned over several configs"
+    loss = sum((c * torch.randn_like(c)).sum() + mean.sum() + var.sum() for c, mean, var in outs)
+    loss.backward()
+    for x, (c, _, _) in zip(crops, outs):
+        ref = F.conv2d(x.detach().double(), weight.detach().double())
+        _close(c, ref, torch.float32)
+    assert weight.grad is not None and all(x.grad is not None for x in crops)
+
+
+def test_launchers_make_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: every registered launcher makes its first CUDA tensor's
+    device current around the call (``_launch.device_guard``). Checked without a GPU on fake CUDA tensors of a
+    second device, with ``torch.cuda.device`` recorded."""
+    from torch._subclasses import FakeTensorMode
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    seen = []
+
+    def probe(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> None:
+        seen.append(list(entered))
+
+    def probe_fake(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> None:
+        return None
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    call = _launch.register_op("test_device_guard_probe", probe, probe_fake)
+    with FakeTensorMode():
+        x = torch.empty(2, device="cuda:1")
+    with _launch.direct():
+        call(None, x)
+    assert seen == [[torch.device("cuda:1")]] and entered[-1] is None
+    with _launch.direct():
+        call(torch.empty(2), None)  # no CUDA tensor: no guard
+    assert seen[-1] == [torch.device("cuda:1"), None]

@@ -89,7 +89,7 @@ def wrap(kernel):
 def register_op(name: str, impl, fake, mutates_args=()):
     """``impl`` registered as the torch op ``resnet_fused::<name>`` (see the module docstring), mutating the
     arguments named in ``mutates_args``; returns the function the launchers call: the op, or ``impl`` itself
-    inside :func:`capture`."""
+    inside :func:`capture`, under :func:`device_guard` (every launcher calls its kernels through here)."""
     qualname = f"resnet_fused::{name}"
     if INTERPRET:
         op = torch.library.custom_op(qualname, mutates_args=mutates_args)(impl)
@@ -100,11 +100,22 @@ def register_op(name: str, impl, fake, mutates_args=()):
         return impl
 
     def call(*args):
-        return impl(*args) if _captured is not None or _direct else op(*args)
+        with device_guard(args):
+            return impl(*args) if _captured is not None or _direct else op(*args)
 
     call.__name__ = call.__qualname__ = name
     call.__doc__ = impl.__doc__
     return call
+
+
+def device_guard(args):
+    """The CUDA device of the first CUDA tensor in ``args`` made current (Triton launches on the current
+    device, whatever device the tensors are on), or nothing: no CUDA tensor, or while torch.compile traces (its
+    generated code guards the device itself)."""
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+    if dev is None or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
 
 
 _COUNTERS: dict = {}  # (device, stream) -> the int32 arrival counters kernels on that stream share

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, memory_format
+from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, is_tracing, memory_format
 from . import _launch
 from .stats import arrive, chan_merge, finalize_channels, merge_partial_stats
 
@@ -112,12 +112,12 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
     """The configs that can serve a launch (``prune_configs_by``): a tile no wider than the output channels per
     group (next power of two, at least 32) nor deeper than the input channels per group (at least 16; BLOCK_K=16
     only below 32 channels per group; for the (s, c)-packed reduction, the values of a filter row; with
-    GROUP_PACK, the output and input channels of a tile's GROUP_PACK groups), and whose
-    operand tiles give every thread at least one 16-byte load (smaller shares load in pieces); with the
-    shortcut's second accumulator or an NCHW output (whose epilogue converts the accumulator's layout to store
-    along M), at most 32 fp32 accumulator registers per thread and accumulator (BLOCK_M·BLOCK_N ≤
-    1024·num_warps; the compile report shows the wider ones spill); with the prologue staged
-    through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed MMA's M: below 64 it is no wgmma).
+    GROUP_PACK, the output and input channels of a tile's GROUP_PACK groups), and whose operand tiles give every
+    thread at least one 16-byte load (smaller shares load in pieces); with the shortcut's second accumulator or an
+    NCHW output (whose epilogue converts the accumulator's layout to store along M), at most 32 fp32 accumulator
+    registers per thread and accumulator (BLOCK_M·BLOCK_N ≤ 1024·num_warps; the compile report shows the wider
+    ones spill); with the prologue staged through shared memory (PROLOGUE_SMEM), BLOCK_N >= 64 (the transposed
+    MMA's M: below 64 it is no wgmma), in registers none of PROLOGUE_SERIALIZED (ptxas serializes their wgmma).
     Never empty: the last config if nothing fits."""
     groups, pack = kwargs["GROUPS"], kwargs.get("GROUP_PACK", 1)
     k_g, c_g = nargs["K"] // groups * pack, nargs["C"] // groups * pack  # a tile's group block (GROUP_PACK)
@@ -125,7 +125,6 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
         c_g = kwargs["S"] * (kwargs.get("PAD_C") or c_g)  # the reduction runs over a filter row's (s, c) values
     n_cap = max(32, triton.next_power_of_2(k_g))
     k_cap = max(16, triton.next_power_of_2(c_g))
-
     x = nargs.get("x_ptr")
     vec = 16 // (x.element_size() if x is not None else 2)  # elements of a 16-byte load
     nchw_out = nargs.get("stride_yc", 1) not in (0, 1)  # the epilogue stores along M: a layout conversion
@@ -138,7 +137,8 @@ def _prune(configs: list, nargs: dict, **kwargs) -> list:
             return False
         if (kwargs["HAS_SHORTCUT"] or nchw_out) and bm * bn > 1024 * cfg.num_warps:
             return False
-        return not (kwargs["IN_AFFINE_RELU"] and kwargs["PROLOGUE_SMEM"] and bn < 64)
+        staged, tile = kwargs["PROLOGUE_SMEM"], (bm, bn, bk, cfg.num_warps)
+        return not (kwargs["IN_AFFINE_RELU"] and (bn < 64 if staged else tile in PROLOGUE_SERIALIZED))
 
     return [c for c in configs if fits(c)] or configs[-1:]
 
@@ -473,14 +473,26 @@ def _conv_fwd_kernel(
                                 COUNT_BATCHES, CUMULATIVE, MERGE_TILES, BLOCK_M, BLOCK_N)
 
 
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) whose wgmma pipeline ptxas serializes with the register-operand
+# BN+ReLU prologue: "wgmma.mma_async instructions are serialized due to non wgmma instructions defining accumulator
+# registers of a wgmma between start and end of the pipeline stage" (C7515; every K step then waits for its MMAs,
+# WARPGROUP.DEPBAR.LE gsb0, 0x0 in the SASS), on every ResNet-18/50 prologue conv in bf16 and fp16 in the compile
+# report (benchmarks/results/compile, triton 3.6: the lent GPUs'); the other tiles keep a group in flight there.
+PROLOGUE_SERIALIZED = {(128, 128, 32, 8), (64, 32, 32, 4)}
+
+
 # Tuned per problem shape and per feature set (the prologue and statistics change register and shared-memory
 # use, so a tile that fits without them need not fit with them); triton adds the tensor dtypes to the key.
 TUNE_KEY = ["M_BUCKET", "K", "C", "CS", "R", "S", "STRIDE_H", "STRIDE_W", "GROUPS", "GROUP_PACK", "HAS_RESIDUAL",
             "HAS_SHORTCUT", "IN_AFFINE_RELU", "PROLOGUE_SMEM", "STATS", "PACK_S", "PAD_C", "FINALIZE"]
 _conv_fwd_tuned = triton.autotune(configs=_configs(), key=TUNE_KEY,
-                                  # a finalizing launch updates the running statistics: timing runs must not
-                                  restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
                                   prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
+# The launches that update running statistics (FINALIZE with BN_UPDATE or COUNT_BATCHES): the autotuner copies
+# them before its timing runs and back after. Only these: a copy around every timed launch costs time, and bumps
+# the version counter of whatever tensor it restores (an autograd error if that tensor was saved for backward).
+_conv_fwd_tuned_update = triton.autotune(configs=_configs(), key=TUNE_KEY,
+                                         restore_value=["bn_mean_ptr", "bn_var_ptr", "nbt_ptr"],
+                                         prune_configs_by={"early_config_prune": _prune})(_conv_fwd_kernel)
 _FIXED: dict = {}  # deterministic mode: tune key text -> the config it runs
 
 
@@ -516,7 +528,8 @@ def tile_configs() -> dict:
     """The tile config each convolution shape ran with so far, as text: ``{key: config}``. Keys are the autotune
     key (:data:`TUNE_KEY` as ``NAME=value`` pairs, then the tensor dtypes triton appends), prefixed with
     ``autotune`` or ``fixed`` (deterministic mode)."""
-    out = {f"autotune {_key_text(TUNE_KEY, k)}": _config_text(c) for k, c in _conv_fwd_tuned.cache.items()}
+    out = {f"autotune {_key_text(TUNE_KEY, k)}": _config_text(c)
+           for tuner in (_conv_fwd_tuned, _conv_fwd_tuned_update) for k, c in tuner.cache.items()}
     out.update({f"fixed {k}": v for k, v in _FIXED.items()})
     return out
 
@@ -587,6 +600,23 @@ def _output(x: Tensor, weight: Tensor, stride: List[int], padding: List[int], di
     return torch.empty((n, k, p, q), device=x.device, dtype=x.dtype, memory_format=memory_format(x))
 
 
+_SCRATCH: dict = {}  # (device, dtype) -> the stand-in of absent pointer operands
+
+
+def _scratch(like: Tensor) -> Tensor:
+    """The stand-in for absent pointer operands on ``like``'s device and in its dtype (16 bytes, never read or
+    written by a kernel): one per (device, dtype), a fresh one while tracing (fake tensors, torch.compile) or
+    capturing a CUDA graph."""
+    make = dict(device=like.device, dtype=like.dtype)
+    if is_tracing(like) or (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.zeros(16 // like.element_size(), **make)
+    key = (like.device, like.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.zeros(16 // like.element_size(), **make)
+    return buf
+
+
 class _Finalize(NamedTuple):
     """The BatchNorm a training conv finalizes in its own launch (``conv2d_bn_train``): γ, β (None without
     affine), the running statistics and ``num_batches_tracked`` it updates (None: not updated), the momentum
@@ -638,6 +668,12 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     """Allocate and launch one conv; (y, mean, var, scale, shift): mean/var with ``stats`` (empty otherwise),
     scale/shift with ``fin`` (the BN finalized in the launch; empty otherwise)."""
     y = _output(x, weight, stride, padding, dilation)
+    # An NCHW output with the BN+ReLU prologue: ptxas serializes the wgmma pipeline of every config that can
+    # store it (C7515 in the compile report, triton 3.6), so the kernel stores channels_last, copied to NCHW
+    # after (NCHW input is the slow path anyway: x is copied to channels_last for the kernel too).
+    to_nchw = in_scale is not None and y.dim() == 4 and memory_format(y) != torch.channels_last and y.numel() > 0
+    if to_nchw:
+        y = torch.empty_like(y, memory_format=torch.channels_last)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     p, q = y.shape[2], y.shape[3]
@@ -665,12 +701,14 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
     has_sc = shortcut_x is not None
     sx = shortcut_x.contiguous(memory_format=torch.channels_last) if has_sc else xc
     sw = shortcut_weight.contiguous(memory_format=torch.channels_last) if has_sc else wc
-    # Absent operands are stood in for by read-only inputs the kernel never dereferences (never by an
-    # output, which would make the kernel look like it aliased a mutated buffer when traced).
+    # Absent vector operands point at a scratch tensor the kernel never dereferences: never at an output (the
+    # kernel would look like it aliased a mutated buffer when traced), nor at a user's tensor (e.g. a 1x1
+    # weight, a Parameter, which something outside may have saved for backward).
     res = residual if residual is not None else xc
+    absent = _scratch(x)
 
     def present(t: Optional[Tensor]) -> Tensor:
-        return t if t is not None else wc
+        return t if t is not None else absent
 
     if fin is not None:  # the BN tensors take the eval BN's places (HAS_BN is False: the output is raw)
         bn_weight, bn_bias, bn_mean, bn_var, bn_eps = fin.weight, fin.bias, fin.running_mean, fin.running_var, fin.eps
@@ -732,8 +770,11 @@ def _run(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Option
         _launch.wrap(_conv_fwd_kernel)[grid(cfg.kwargs)](*args, **consts, **cfg.kwargs, num_warps=cfg.num_warps,
                                                          num_stages=cfg.num_stages)
     else:
-        _launch.wrap(_conv_fwd_tuned)[grid](*args, **consts)
+        tuner = _conv_fwd_tuned_update if update or count else _conv_fwd_tuned
+        _launch.wrap(tuner)[grid](*args, **consts)
     _launch.record()
+    if to_nchw:
+        y = y.contiguous()
     if fin is not None:
         return (y, *fin_out)
     if not stats:
