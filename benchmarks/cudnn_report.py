@@ -71,6 +71,7 @@ PRODUCTION = "production"
 IO_VECTORS = "io-dtype vectors"
 EXPLICIT_PASS = "explicit BN+ReLU pass"
 GPU_TEST = "gpu test"
+ENGINE_CHOICE = "engine's choice (per conv)"
 QUICK_CONVS = ("r50.layer1.0.conv2", "r50.layer2.0.conv2")
 # tests/test_cudnn_graph.py's GPU_CONVS (a CPU test keeps them equal): name -> (N, C, H, K, R, stride, padding). The
 # report plans every graph those GPU tests call (formulation "gpu test"), and a GPU test may accept a refusal only
@@ -398,7 +399,9 @@ def formulations(rows: list[dict]) -> list[dict]:
     production: genstats [prologue, fp32 vectors] + wgrad [prologue] + dgrad+dReLU [prologue];
     io-dtype vectors: the same graphs with the prologue's vectors in the io dtype;
     explicit BN+ReLU pass: an affine_relu pass materializes the activated input, then genstats / wgrad / dgrad+dReLU
-    without a prologue (convs without a prologue run their production graphs in every formulation).
+    without a prologue (convs without a prologue run their production graphs in every formulation);
+    engine's choice: what the cudnn engine runs, per conv and graph the production graph where it is built, else
+    the explicit pass's. Counts are (conv, graph) pairs for the last one, distinct cases for the others.
     """
     out = []
     keys = sorted({(r["cudnn"], r["dtype"], r["layout"]) for r in rows if r["mode"] == "train"})
@@ -414,15 +417,27 @@ def formulations(rows: list[dict]) -> list[dict]:
                 mine = plain + [r for r in sel if r["formulation"] == PRODUCTION and r["prologue"]]
             else:
                 mine = plain + [r for r in sel if r["formulation"] == form]
-            by_graph: dict[str, list[int]] = {}
-            for r in mine:
-                stat = by_graph.setdefault(r["graph"], [0, 0])
-                stat[0] += r["status"] == "built"
-                stat[1] += 1
-            out.append({"cudnn": version, "dtype": dtype, "layout": layout, "formulation": form,
-                        "all_built": all(b == n for b, n in by_graph.values()),
-                        "graphs": {g: f"{b}/{n}" for g, (b, n) in sorted(by_graph.items())}})
+            out.append(_tally(version, dtype, layout, form, [(r["graph"], r["status"] == "built") for r in mine]))
+        # What the cudnn engine runs: per conv and graph, the fused prologue where it is built, else the explicit
+        # pass (csrc/cuda/cudnn_engine.cpp); per conv and graph one outcome.
+        explicit = {(r["graph"], conv): r["status"] == "built" for r in sel if r["formulation"] == EXPLICIT_PASS
+                    for conv in r["convs"]}
+        choice = [(r["graph"], r["status"] == "built") for r in plain for _ in r["convs"]]
+        choice += [(r["graph"], r["status"] == "built" or explicit.get((r["graph"], conv), False))
+                   for r in sel if r["formulation"] == PRODUCTION and r["prologue"] for conv in r["convs"]]
+        out.append(_tally(version, dtype, layout, ENGINE_CHOICE, choice))
     return out
+
+
+def _tally(version: str, dtype: str, layout: str, form: str, outcomes: list[tuple[str, bool]]) -> dict:
+    by_graph: dict[str, list[int]] = {}
+    for graph, built in outcomes:
+        stat = by_graph.setdefault(graph, [0, 0])
+        stat[0] += built
+        stat[1] += 1
+    return {"cudnn": version, "dtype": dtype, "layout": layout, "formulation": form,
+            "all_built": all(b == n for b, n in by_graph.values()),
+            "graphs": {g: f"{b}/{n}" for g, (b, n) in sorted(by_graph.items())}}
 
 
 def summary(rows: list[dict]) -> dict:
