@@ -39,9 +39,11 @@ std::string conv_bn_act(const ConvBnActArgs& a, const at::Tensor& scale_shift, a
 // cudnn_graph::genstats_mean_var, which recomputes exactly every channel whose variance the fp32 sums cannot
 // resolve (|mean| ≫ std): the variance is never worse than the other engines'. With in_scale, the BN+ReLU prologue
 // is fused into the graph when cuDNN has an engine for that, else applied by one affine_relu pass before the graph
-// without it (cuDNN 9.19 / 9.24 on Hopper have no engine for a prologue with fp32 vectors:
-// benchmarks/results/cudnn/). The check costs one host synchronization, so the engine declines while the current
-// stream is capturing a CUDA graph. out = (c, mean, var): c dense in `mf`, mean / var fp32 [K].
+// without it. What cuDNN 9.19 / 9.24 have on Hopper (benchmarks/results/cudnn/): genstats only in fp16 NHWC, where
+// a prologue with fp32 vectors has no engine (so fp16 runs the pass, then the graph); no genstats engine in bf16,
+// fp32 or NCHW (those calls decline after one cached planning). The check costs one host synchronization, so the
+// engine declines while the current stream is capturing a CUDA graph. out = (c, mean, var): c dense in `mf`,
+// mean / var fp32 [K].
 // Returns "" when it ran, else why not (nothing launched).
 std::string conv_stats(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& in_scale,
@@ -52,7 +54,9 @@ std::string conv_stats(const at::Tensor& x, const at::Tensor& weight, at::IntArr
 // side by the dgrad graph with the ReLU's mask [x·in_scale + in_shift > 0] applied to its output, then
 // affine_relu_backward's pass for dx = g·in_scale, dscale = Σ g·x, dshift = Σ g; without one, dx is cuDNN's plain
 // dgrad (at::convolution_backward: no ReLU to fuse). Each graph takes the prologue fused (recomputed on load) when
-// cuDNN has an engine for that, else the activated input a = affine_relu(x), made once by one pass. out = (dx,
+// cuDNN has an engine for that, else the activated input a = affine_relu(x), made once by one pass (cuDNN 9.19 /
+// 9.24 on Hopper: dgrad + dReLU with the prologue has an engine in NHWC; wgrad with it has none, without it one
+// for every ResNet conv; NCHW dgrad + dReLU none). out = (dx,
 // dweight, dscale, dshift) as the op returns them. Returns "" when it ran, else why not (nothing launched).
 std::string conv_stats_backward_conv(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
