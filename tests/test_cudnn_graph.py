@@ -12,12 +12,15 @@ the engine refuses what it does not run (CPU tensors, fp64) and raises on contra
 exact route (genstats_mean_var) recovers channels whose fp32 Σ / Σ² cannot resolve their variance.
 
 GPU tests (``gpu`` mark): each graph on CUDA against an fp64 PyTorch formula computed here — outputs, statistics at
-channel means far from zero, every gradient — and the cache.
+channel means far from zero, every gradient — and the cache. A graph may be refused only where the cuDNN support
+report (benchmarks/results/cudnn/, cuDNN's own plan build for an H100 of every graph these tests call) shows cuDNN
+has no engine for it; any other refusal fails.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -278,15 +281,38 @@ def _close(actual, expected, dtype):
     assert_close(actual.double() / scale, expected / scale, dtype=dtype)
 
 
-def _may_refuse(conv, vec):
-    """Why cuDNN may refuse a case without that being a defect (recorded as an xfail with cuDNN's reason), or None:
-    cuDNN's samples of these fusions use per-channel vectors in the activations' dtype, not fp32, and the stem's 3
-    input channels are below the fused engines' 16-byte channel alignment."""
-    if vec == "fp32":
-        return "cuDNN refuses fp32 per-channel vectors in this fusion"
-    if conv.startswith("7x7"):
-        return "cuDNN refuses the stem's 3-channel input in this fusion"
-    return None
+# cuDNN's own plan build (heuristics, support check, plans) of every graph these GPU tests call, for an H100 and the
+# cuDNN of the GPUs and of CI: benchmarks/results/cudnn/cudnn.json (python -m benchmarks.cudnn_report), rows of
+# formulation "gpu test".
+CUDNN_REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "cudnn" / "cudnn.json"
+
+
+def _report_rows():
+    if not hasattr(_report_rows, "rows"):
+        rows = json.loads(CUDNN_REPORT.read_text())["rows"] if CUDNN_REPORT.is_file() else []
+        _report_rows.rows = [r for r in rows if r["formulation"] == "gpu test"]
+    return _report_rows.rows
+
+
+def _may_refuse(graph, conv, dtype, vec, relu=True, residual=False, layout="nhwc"):
+    """Why cuDNN may refuse this call without that being a defect, or None: only where the cuDNN support report
+    planned this very graph (graph, shapes, dtype, layout, vector dtype, prologue, flags) and cuDNN had no engine
+    for it — on the cuDNN this process loaded, or on any cuDNN of the report when it does not cover that one. The
+    refusal is then recorded as an xfail with cuDNN's reason; anywhere else a refusal fails the test.
+    vec: "fp32" / "io" (the prologue's or eval's vectors in that dtype) or "none" (no prologue)."""
+    name = "bf16" if dtype == torch.bfloat16 else "fp16"
+    prologue = vec != "none" and graph != "conv_scale_bias_act"
+    vec_dtype = name if vec == "io" else "fp32"
+    major, rest = divmod(torch.backends.cudnn.version() or 0, 10000)
+    loaded = f"{major}.{rest // 100}.{rest % 100}"
+    rows = [r for r in _report_rows() if r["graph"] == graph and f"test.{conv}" in r["convs"] and r["dtype"] == name
+            and r["layout"] == layout and r["vec_dtype"] == vec_dtype and r["prologue"] == prologue
+            and (graph != "conv_scale_bias_act" or (r["relu"], r["residual"]) == (relu, residual))]
+    mine = [r for r in rows if r["cudnn"] == loaded] or rows
+    refused = [r for r in mine if r["status"] != "built"]
+    if not refused:
+        return None
+    return f"cuDNN {refused[0]['cudnn']} has no engine for this graph on an H100 (benchmarks/results/cudnn/)"
 
 
 def _ok(result, allow_refusal_msg=None):
@@ -325,7 +351,7 @@ def test_gpu_conv_scale_bias_act(conv, dtype, relu, residual, vec):
     res = _randn(*out, dtype=dtype) if residual else None
     y = _cl(torch.empty(out, device="cuda", dtype=dtype))
     _ok(_ops().conv_scale_bias_act(x, w, scale, shift, res, y, stride, padding, [1, 1], 1, relu),
-        _may_refuse(conv, vec))
+        _may_refuse("conv_scale_bias_act", conv, dtype, vec, relu=relu, residual=residual))
     ref = F.conv2d(x.double(), w.double(), None, stride, padding) * scale.double().view(1, -1, 1, 1) \
         + shift.double().view(1, -1, 1, 1)
     if residual:
@@ -351,7 +377,8 @@ def test_gpu_conv_genstats(conv, dtype, vec):
         s, t = _vec(x.shape[1], vdt, positive=True), _vec(x.shape[1], vdt)
     c = _cl(torch.empty(out, device="cuda", dtype=dtype))
     total, sq_total = torch.empty(out[1], device="cuda"), torch.empty(out[1], device="cuda")
-    _ok(_ops().conv_genstats(x, w, s, t, c, total, sq_total, stride, padding, [1, 1], 1), _may_refuse(conv, vec))
+    _ok(_ops().conv_genstats(x, w, s, t, c, total, sq_total, stride, padding, [1, 1], 1),
+        _may_refuse("conv_genstats", conv, dtype, vec))
     c_ref = F.conv2d(_operand(x, s, t), w.double(), None, stride, padding)
     assert_close(c.double(), c_ref, dtype=dtype)
     dims = (0, 2, 3)
@@ -416,7 +443,8 @@ def test_gpu_conv_dgrad_drelu(conv, dtype, vec):
         s, t = _vec(x.shape[1], vdt, positive=True), _vec(x.shape[1], vdt)
         z = x.double() * s.double().view(1, -1, 1, 1) + t.double().view(1, -1, 1, 1)
     dx = torch.empty_like(x)
-    _ok(_ops().conv_dgrad_drelu(dy, w, x, s, t, dx, stride, padding, [1, 1], 1), _may_refuse(conv, vec))
+    _ok(_ops().conv_dgrad_drelu(dy, w, x, s, t, dx, stride, padding, [1, 1], 1),
+        _may_refuse("conv_dgrad_drelu", conv, dtype, vec))
     ref = _dgrad(x, w, dy, stride, padding) * (z > 0)
     far = z.abs() > 1e-3
     _close(dx.double()[far], ref[far], dtype)
@@ -442,7 +470,8 @@ def test_gpu_conv_dgrad_drelu_bn(conv, dtype):
     gamma, beta = _vec(ch, torch.float32, positive=True), _vec(ch, torch.float32)
     g = torch.empty_like(x)
     coeffs = [torch.empty(ch, device="cuda") for _ in range(5)]
-    _ok(_ops().conv_dgrad_drelu_bn(dy, w, x, mean, invstd, gamma, beta, g, *coeffs, stride, padding, [1, 1], 1))
+    _ok(_ops().conv_dgrad_drelu_bn(dy, w, x, mean, invstd, gamma, beta, g, *coeffs, stride, padding, [1, 1], 1),
+        _may_refuse("conv_dgrad_drelu_bn", conv, dtype, "none"))
     dgamma, dbeta, eq_dy, eq_x, eq_b = coeffs
 
     x64 = x.double().requires_grad_()
@@ -479,14 +508,15 @@ def test_gpu_conv_wgrad(conv, dtype, vec):
         vdt = torch.float32 if vec == "fp32" else dtype
         s, t = _vec(x.shape[1], vdt, positive=True), _vec(x.shape[1], vdt)
     dw = torch.empty_like(w)
-    _ok(_ops().conv_wgrad(dy, x, s, t, dw, stride, padding, [1, 1], 1), _may_refuse(conv, vec))
+    _ok(_ops().conv_wgrad(dy, x, s, t, dw, stride, padding, [1, 1], 1), _may_refuse("conv_wgrad", conv, dtype, vec))
     ref = torch.nn.grad.conv2d_weight(_operand(x, s, t), w.shape, dy.double(), stride, padding)
     _close(dw, ref, dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_nchw_is_right_or_refused():
-    """NCHW tensors: cuDNN either runs the graph correctly or refuses it with a reason, never a wrong answer."""
+    """NCHW tensors: cuDNN runs the graph correctly, or refuses it with a reason where the support report shows no
+    engine for it; never a wrong answer."""
     _require_gpu_engine()
     torch.manual_seed(7)
     x, w, out, stride, padding = _conv_case("3x3_64", torch.bfloat16)
@@ -496,6 +526,8 @@ def test_gpu_nchw_is_right_or_refused():
     ok, reason = _ops().conv_scale_bias_act(x, w, scale, shift, None, y, stride, padding, [1, 1], 1, True)
     if not ok:
         assert reason, "a refusal must say why"
+        allowed = _may_refuse("conv_scale_bias_act", "3x3_64", torch.bfloat16, "fp32", layout="nchw")
+        assert allowed is not None, f"the support report shows an engine for this graph: {reason}"
         return
     ref = (F.conv2d(x.double(), w.double(), None, stride, padding) * scale.double().view(1, -1, 1, 1)
            + shift.double().view(1, -1, 1, 1)).relu()

@@ -233,7 +233,7 @@ std::string conv_bn_act_cutlass(const ConvBnActArgs& a, at::IntArrayRef out_size
 // Returns "" having run, or why not.
 std::string conv_bn_act_cudnn(const ConvBnActArgs& a, at::IntArrayRef out_sizes, at::MemoryFormat mf,
                               at::Tensor& out) {
-  std::string why = cudnn_engine::unavailable();
+  std::string why = cudnn_engine::conv_bn_act_declines(a, out_sizes, mf);  // every graph planned first
   if (!why.empty()) {
     return why;
   }

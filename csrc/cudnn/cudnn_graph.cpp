@@ -37,8 +37,30 @@ using detail::Kind;
 using detail::kNumRoles;
 
 // kValidate: the tensors are meta tensors; the graph is built and validated (validate() + lowering to a cuDNN
-// operation graph, no device), not planned or run.
-enum class Mode { kExecute, kValidate };
+// operation graph, no device), not planned or run. kPlan: the graph is found or built with its plans on the tensors'
+// device and their pointers checked, not run (an op checks every graph it needs before running any).
+enum class Mode { kExecute, kValidate, kPlan };
+
+Mode mode_of(bool plan_only) { return plan_only ? Mode::kPlan : Mode::kExecute; }
+
+// Whether a CUDA graph capture is underway that a graph build, plan build or autotuning on `stream` could join or
+// break: `stream` capturing, or — what the legacy stream's status shows — a capture on any blocking stream of the
+// device. (Captures on other non-blocking streams are invisible to the runtime's queries; the build touches no
+// stream but the handle's.)
+bool capture_underway(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;  // cannot tell: assume so
+  }
+  if (status != cudaStreamCaptureStatusNone) return true;
+  const cudaError_t legacy = cudaStreamIsCapturing(cudaStreamLegacy, &status);
+  if (legacy != cudaSuccess) {
+    (void)cudaGetLastError();  // cudaErrorStreamCaptureImplicit: a blocking stream is capturing
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
 
 std::optional<DType> engine_dtype(at::ScalarType t) {
   switch (t) {
@@ -102,7 +124,7 @@ class Call {
     } else {
       spec_.io = *io;
     }
-    if (mode_ == Mode::kExecute && !x.is_cuda()) {
+    if (mode_ != Mode::kValidate && !x.is_cuda()) {
       refuse("the cuDNN graph engine runs on CUDA tensors, got " + x.device().str());
     }
   }
@@ -134,11 +156,12 @@ class Call {
     const std::optional<DType> dtype = engine_dtype(p.scalar_type());
     if (!dtype.has_value()) return;  // x's dtype, refused in the constructor
     at::Tensor v = p;
+    const int64_t c = v.size(0);
     if (!v.is_contiguous()) {
       if (write) return refuse(std::string("output ") + detail::role_name(role) + " is not contiguous");
+      if (mode_ == Mode::kPlan) return spec_.set(role, *dtype, {1, c, 1, 1}, {c, 1, c, c});  // copied when run
       v = keep_.emplace_back(p.contiguous());
     }
-    const int64_t c = v.size(0);
     spec_.set(role, *dtype, {1, c, 1, 1}, {c, 1, c, c});
     bind(role, v);
   }
@@ -160,14 +183,20 @@ class Call {
     c10::cuda::CUDAGuard guard(device_);
     spec_.device = device_.index();
     cudnnHandle_t handle = at::native::getCudnnHandle();
-    const cudnnStatus_t status = cudnnSetStream(handle, at::cuda::getCurrentCUDAStream(device_.index()).stream());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream(device_.index()).stream();
+    const cudnnStatus_t status = cudnnSetStream(handle, stream);
     if (status != CUDNN_STATUS_SUCCESS) return {false, std::string("cudnnSetStream: ") + cudnnGetErrorString(status)};
+    const bool may_build = !capture_underway(stream);
+    if (mode_ == Mode::kPlan) {
+      const detail::Status result = detail::prepare(spec_, handle, autotune_enabled(), may_build);
+      return {result.ok, result.reason};
+    }
     std::vector<c10::DataPtr> workspaces;  // freed after the graph is enqueued: stream-ordered reuse is safe
     auto workspace = [&workspaces](int64_t bytes) {
       workspaces.push_back(c10::cuda::CUDACachingAllocator::get()->allocate(static_cast<size_t>(bytes)));
       return workspaces.back().get();
     };
-    const detail::Status result = detail::execute(spec_, handle, ptrs_, workspace, autotune_enabled());
+    const detail::Status result = detail::execute(spec_, handle, ptrs_, workspace, autotune_enabled(), may_build);
     return {result.ok, result.reason};
   }
 
@@ -364,37 +393,37 @@ std::string version() { return detail::version(); }
 
 Result conv_scale_bias_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& shift,
                            const at::Tensor& residual, at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups, bool relu) {
-  return conv_scale_bias_act_impl(Mode::kExecute, x, w, scale, shift, residual, y, stride, padding, dilation, groups,
-                                  relu);
+                           at::IntArrayRef dilation, int64_t groups, bool relu, bool plan_only) {
+  return conv_scale_bias_act_impl(mode_of(plan_only), x, w, scale, shift, residual, y, stride, padding, dilation,
+                                  groups, relu);
 }
 
 Result conv_genstats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale, const at::Tensor& in_shift,
                      at::Tensor& c, at::Tensor& sum, at::Tensor& sq_sum, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return conv_genstats_impl(Mode::kExecute, x, w, in_scale, in_shift, c, sum, sq_sum, stride, padding, dilation,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool plan_only) {
+  return conv_genstats_impl(mode_of(plan_only), x, w, in_scale, in_shift, c, sum, sq_sum, stride, padding, dilation,
                             groups);
 }
 
 Result conv_dgrad_drelu(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& in_scale,
                         const at::Tensor& in_shift, at::Tensor& dx, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups) {
-  return conv_dgrad_drelu_impl(Mode::kExecute, dy, w, x, in_scale, in_shift, dx, stride, padding, dilation, groups);
+                        at::IntArrayRef dilation, int64_t groups, bool plan_only) {
+  return conv_dgrad_drelu_impl(mode_of(plan_only), dy, w, x, in_scale, in_shift, dx, stride, padding, dilation, groups);
 }
 
 Result conv_dgrad_drelu_bn(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& mean,
                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& g,
                            at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& eq_scale_dy, at::Tensor& eq_scale_x,
                            at::Tensor& eq_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups) {
-  return conv_dgrad_drelu_bn_impl(Mode::kExecute, dy, w, x, mean, invstd, gamma, beta, g, dgamma, dbeta, eq_scale_dy,
-                                  eq_scale_x, eq_bias, stride, padding, dilation, groups);
+                           at::IntArrayRef dilation, int64_t groups, bool plan_only) {
+  return conv_dgrad_drelu_bn_impl(mode_of(plan_only), dy, w, x, mean, invstd, gamma, beta, g, dgamma, dbeta,
+                                  eq_scale_dy, eq_scale_x, eq_bias, stride, padding, dilation, groups);
 }
 
 Result conv_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
                   at::Tensor& dw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                  int64_t groups) {
-  return conv_wgrad_impl(Mode::kExecute, dy, x, in_scale, in_shift, dw, stride, padding, dilation, groups);
+                  int64_t groups, bool plan_only) {
+  return conv_wgrad_impl(mode_of(plan_only), dy, x, in_scale, in_shift, dw, stride, padding, dilation, groups);
 }
 
 at::Tensor ill_conditioned_channels(const at::Tensor& sum, const at::Tensor& sq_sum, int64_t count, double tau) {

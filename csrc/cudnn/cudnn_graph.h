@@ -2,6 +2,10 @@
 // ONE cuDNN fusion graph (cudnn-frontend graph API), so cuDNN runs one Hopper/Ampere-native kernel where the plain
 // path runs a convolution plus elementwise and reduction passes over the activations.
 //
+// Every op takes `plan_only` last (default false): true finds or builds the op's graph for these tensors (shapes,
+// strides, dtypes, device, alignment) without running it — ok then means the same call with plan_only false runs
+// on a built graph, so an op that needs several graphs checks them all before running any. Outputs are not written.
+//
 // Layout conventions: activations 4-D [N, C, H, W] in fp16 / bf16 (fp32 only where torch allows cuDNN TF32), meant
 // channels_last (NHWC strides; other strides are passed to cuDNN, which may refuse them); weights [K, C/groups, R,
 // S] in the activations' dtype, meant channels_last too (KRSC). Per-channel vectors are 1-D; "fp32 [C]" below.
@@ -10,11 +14,14 @@
 //
 // Each call builds its graph once per key (pattern, shapes, strides, dtypes, conv parameters, prologue / residual /
 // ReLU flags, torch's TF32 and determinism flags, device) into a bounded LRU cache (RESNET_FUSED_CUDNN_CACHE_SIZE,
-// default 512 graphs; a refusal is cached too): validate(), build_operation_graph, heuristics (mode A, then the
-// fallback list) filtered like PyTorch's own cuDNN convolutions, the heuristics' first buildable plan — or, with
-// RESNET_FUSED_CUDNN_AUTOTUNE=1 (read once per process), every buildable plan timed by cuDNN's autotuning on the
-// first call. It runs on ATen's cuDNN handle for the tensors' device bound to the current stream, with its
-// workspace from the CUDA caching allocator. Nothing is synchronized (except an autotuning first call).
+// default 512 graphs; a refusal is cached only when cuDNN said "not supported", never a transient failure such as
+// an out-of-memory): validate(), build_operation_graph, heuristics (mode A, then the fallback list) filtered like
+// PyTorch's own cuDNN convolutions, the heuristics' first buildable plan — or, with RESNET_FUSED_CUDNN_AUTOTUNE=1
+// (read once per process), every buildable plan without reduced-precision reductions or input down-conversion,
+// timed by cuDNN's autotuning on the first call. No graph, plan or autotuning is built while a CUDA graph capture
+// is underway (the current stream, or any blocking stream): such a call declines until it has been built outside a
+// capture. It runs on ATen's cuDNN handle for the tensors' device bound to the current stream, with its workspace
+// from the CUDA caching allocator. Nothing is synchronized (except an autotuning first call).
 //
 // Errors: arguments that contradict each other (shapes, dtypes, devices) raise like PyTorch's own ops (c10::Error).
 // Anything the engine or cuDNN does not support — CPU tensors, fp64, fp32 without TF32, empty, non-dense or
@@ -63,7 +70,7 @@ std::string version();
 //   its own call (relu=false) and pass it as the residual.
 Result conv_scale_bias_act(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const at::Tensor& shift,
                            const at::Tensor& residual, at::Tensor& y, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups, bool relu);
+                           at::IntArrayRef dilation, int64_t groups, bool relu, bool plan_only = false);
 
 // Training forward (the "NormConv" forward):
 //   a = relu(x·in_scale[c] + in_shift[c]) when in_scale / in_shift are defined (the previous layer's BN + ReLU
@@ -73,7 +80,7 @@ Result conv_scale_bias_act(const at::Tensor& x, const at::Tensor& w, const at::T
 //   accepted). Turn sum / sq_sum into mean / variance with genstats_mean_var, never with the bare formula.
 Result conv_genstats(const at::Tensor& x, const at::Tensor& w, const at::Tensor& in_scale, const at::Tensor& in_shift,
                      at::Tensor& c, at::Tensor& sum, at::Tensor& sq_sum, at::IntArrayRef stride,
-                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool plan_only = false);
 
 // Backward of c = conv(a, w) through the ReLU that made a:
 //   dx = conv_dgrad(dy, w) · [z > 0],  z = x·in_scale[c] + in_shift[c] when in_scale / in_shift are defined (x = the
@@ -81,7 +88,7 @@ Result conv_genstats(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 //   dy [N, K, P, Q]; x, dx [N, C, H, W]; all in x's dtype; in_scale / in_shift as in conv_genstats.
 Result conv_dgrad_drelu(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& x, const at::Tensor& in_scale,
                         const at::Tensor& in_shift, at::Tensor& dx, at::IntArrayRef stride, at::IntArrayRef padding,
-                        at::IntArrayRef dilation, int64_t groups);
+                        at::IntArrayRef dilation, int64_t groups, bool plan_only = false);
 
 // Backward of c = conv(a, w), a = relu(bn(x)), bn training-mode BatchNorm with batch statistics, all in one graph
 // (cuDNN's dgrad + drelu + dbn_weight):
@@ -98,14 +105,14 @@ Result conv_dgrad_drelu_bn(const at::Tensor& dy, const at::Tensor& w, const at::
                            const at::Tensor& invstd, const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& g,
                            at::Tensor& dgamma, at::Tensor& dbeta, at::Tensor& eq_scale_dy, at::Tensor& eq_scale_x,
                            at::Tensor& eq_bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                           at::IntArrayRef dilation, int64_t groups);
+                           at::IntArrayRef dilation, int64_t groups, bool plan_only = false);
 
 // Weight gradient of c = conv(a, w) with a recomputed on load:
 //   dw = conv_wgrad(dy, a),  a = relu(x·in_scale[c] + in_shift[c]) when in_scale / in_shift are defined, else a = x.
 //   dy [N, K, P, Q] and x [N, C, H, W] in x's dtype; dw [K, C/groups, R, S] in x's dtype (fp32 accumulation).
 Result conv_wgrad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& in_scale, const at::Tensor& in_shift,
                   at::Tensor& dw, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                  int64_t groups);
+                  int64_t groups, bool plan_only = false);
 
 // The statistics' exact route. With m = Σc/M and q = Σc²/M as fp32 sums, the variance v = q − m² cancels
 // catastrophically when |mean| ≫ std. If the sums carry a relative error ρ (fp32 roundings along cuDNN's
@@ -133,26 +140,27 @@ inline bool available() { return false; }
 inline std::string version() { return ""; }
 inline Result conv_scale_bias_act(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                  int64_t, bool) {
+                                  int64_t, bool, bool = false) {
   return {false, kNotBuilt};
 }
 inline Result conv_genstats(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                            at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+                            at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t,
+                            bool = false) {
   return {false, kNotBuilt};
 }
 inline Result conv_dgrad_drelu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const at::Tensor&, at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                               int64_t) {
+                               int64_t, bool = false) {
   return {false, kNotBuilt};
 }
 inline Result conv_dgrad_drelu_bn(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                   const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                                   at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::IntArrayRef,
-                                  at::IntArrayRef, at::IntArrayRef, int64_t) {
+                                  at::IntArrayRef, at::IntArrayRef, int64_t, bool = false) {
   return {false, kNotBuilt};
 }
 inline Result conv_wgrad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
-                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, bool = false) {
   return {false, kNotBuilt};
 }
 // Only meaningful on conv_genstats' results, which a build without the frontend never has.

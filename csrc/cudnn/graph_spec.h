@@ -96,13 +96,41 @@ struct Status {
 // operation and the operation graph). Heuristics, plans and execution need a device. Not cached.
 Status validate(const GraphSpec& spec);
 
-// Looks the spec's graph up in the bounded LRU cache, or builds it on `handle`'s device: validate, operation graph,
-// heuristics (mode A, then the fallback list), support check, plans (the heuristics' first buildable one; every
-// buildable one then cuDNN's autotuning when `autotune`). A refusal is cached too. Then executes it on the handle's
-// stream with `ptrs[role]` for each present role and a workspace from `workspace(bytes)` (a device pointer that
-// stays valid for work enqueued on that stream).
+// Looks the spec's graph up in the bounded LRU cache, or builds it on `handle`'s device (only when `may_build`: not
+// while a CUDA graph capture is underway): validate, operation graph, heuristics (mode A, then the fallback list)
+// minus the excluded engines (torch's TF32 / determinism flags; with `autotune` also reduced-precision reductions and
+// input down-conversion), support check, plans (the heuristics' first buildable one; every buildable one then
+// cuDNN's autotuning at the first execution when `autotune`). A refusal is cached only when cuDNN said the graph is
+// not supported; a transient failure (out of memory, a CUDA error) is returned and retried by the next call.
+// prepare() stops there: ok means execute() will find the graph built (an op checks all its graphs before running
+// any). execute() then runs it on the handle's stream with `ptrs[role]` for each present role and a workspace from
+// `workspace(bytes)` (a device pointer that stays valid for work enqueued on that stream).
+Status prepare(const GraphSpec& spec, cudnnContext* handle, bool autotune, bool may_build);
 Status execute(const GraphSpec& spec, cudnnContext* handle, const std::array<void*, kNumRoles>& ptrs,
-               const std::function<void*(int64_t)>& workspace, bool autotune);
+               const std::function<void*(int64_t)>& workspace, bool autotune, bool may_build);
+
+// A target device described without one (cuDNN's deviceless planning): cuDNN's device-properties JSON (the keys of
+// CUDNN_ATTR_DEVICEPROP_JSON_REPRESENTATION: deviceVer, multiProcessorCount, maxSharedMemoryPerBlockOptin,
+// l2CacheSize, ...), and the SM version and count the frontend's heuristics and support check are given.
+struct DeviceProfile {
+  std::string json;
+  int sm_version = 90;
+  int sm_count = 132;
+};
+
+struct PlanReport {
+  bool ok = false;
+  std::string reason;      // cuDNN's / the frontend's message when !ok
+  std::string step;        // the step that refused: validate, operation graph, heuristics, support, plans
+  bool permanent = false;  // the refusal says "not supported" (what the engine caches)
+  std::string engine;      // the chosen plan's engine name
+  int64_t workspace = 0;   // its workspace bytes
+};
+
+// Builds the spec's graph exactly as execute() does (same nodes, same steps, same engine filters), but for `profile`
+// instead of a handle's device: no GPU is touched (cuDNN's runtime-compiled engines still load the CUDA driver
+// library and NVRTC). Never throws. benchmarks/cudnn_report.py's driver calls it.
+PlanReport plan_deviceless(const GraphSpec& spec, const DeviceProfile& profile, bool autotune);
 
 // The cache: its number of graphs (built or refused), its capacity (RESNET_FUSED_CUDNN_CACHE_SIZE, default 512),
 // and emptying it.

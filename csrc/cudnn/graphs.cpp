@@ -1,7 +1,9 @@
 // The cuDNN fusion graphs of resnet_fused, built with the cudnn-frontend graph API (header-only, C++17): one
 // function per fusion pattern builds it from a GraphSpec with tensors named and uid'd by role; graphs are validated,
 // lowered to a cuDNN operation graph, planned from cuDNN's heuristics and kept in a bounded LRU cache keyed on the
-// spec; execution only fills the variant pack (one pointer per role, in uid order) and the workspace.
+// spec; execution only fills the variant pack (one pointer per role, in uid order) and the workspace. The same build
+// runs for a device profile instead of a handle (plan_deviceless: cuDNN's deviceless planning), which is how
+// benchmarks/cudnn_report.py learns, without a GPU, which of these graphs cuDNN has an engine for.
 //
 // This is the only translation unit that includes cudnn_frontend.h (the heaviest header set of the project: keep it
 // that way). It includes no torch headers; cudnn_graph.cpp is the ATen side. The patterns follow the shapes of the
@@ -238,7 +240,112 @@ Status add_nodes(fe::graph::Graph& g, const GraphSpec& s) {
 
 Status fail(const char* step, fe::error_t e) { return {false, std::string(step) + ": " + e.get_message()}; }
 
-// A built graph (or a refusal) as the cache keeps it.
+// Where a graph is planned: a cuDNN handle's device, or (deviceless, `props` set) a device profile.
+struct Target {
+  cudnnContext* handle = nullptr;
+  std::shared_ptr<fe::DeviceProperties> props;
+  int sm_version = 0;  // the profile's: cuDNN reads it from the device otherwise
+  int sm_count = 0;
+};
+
+// A build's outcome: the graph, or why not and whether that refusal is permanent (cacheable).
+struct Built {
+  Status status{false, ""};
+  bool permanent = false;  // cuDNN / the frontend said the graph is not supported: the same spec always fails
+  std::shared_ptr<fe::graph::Graph> graph;
+  std::vector<int> roles;
+  int64_t workspace = 0;
+  std::string engine;  // the chosen plan's name
+};
+
+// Whether a failed step's error says "not supported" (a property of the spec and the installation, so worth
+// caching: a runtime compilation that fails fails again) rather than a transient failure: an allocation, a CUDA /
+// driver call (a module load can run out of memory).
+bool is_not_supported(fe::error_t e) {
+  const std::string m = e.get_message();
+  for (const char* transient : {"ALLOC", "OUT_OF_MEMORY", "out of memory", "CUDA_API", "cudaError", "CUDA_ERROR",
+                                "EXECUTION_FAILED"}) {
+    if (m.find(transient) != std::string::npos) return false;
+  }
+  switch (e.get_code()) {
+    case fe::error_code_t::ATTRIBUTE_NOT_SET:
+    case fe::error_code_t::SHAPE_DEDUCTION_FAILED:
+    case fe::error_code_t::INVALID_TENSOR_NAME:
+    case fe::error_code_t::GRAPH_NOT_SUPPORTED:
+    case fe::error_code_t::GRAPH_EXECUTION_PLAN_CREATION_FAILED:
+    case fe::error_code_t::HEURISTIC_QUERY_FAILED:
+    case fe::error_code_t::INVALID_VALUE:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The numerical notes whose engines a spec excludes. PyTorch's own cuDNN convolutions, for fp32 io: no engines that
+// down-convert fp32 inputs (to fp16), no TF32 tensor cores unless torch allows them. With fp16 / bf16 io the only
+// fp32 operands are the per-channel vectors and the fused intermediates, which the tensor-core operand is rounded
+// from anyway (the GPU tests compare every graph with fp64 at the io dtype's tolerance). Autotuning times every
+// plan and keeps the fastest, so it also excludes what the heuristics' ordering would otherwise keep behind more
+// accurate engines: reduced-precision reductions (fp16 / bf16 accumulation) and input down-conversion. Always: no
+// non-deterministic engines when torch asks for determinism.
+std::vector<fe::NumericalNote_t> excluded_notes(const GraphSpec& s, bool autotune) {
+  std::vector<fe::NumericalNote_t> notes;
+  if (s.io == DType::kFloat || autotune) notes.push_back(fe::NumericalNote_t::DOWN_CONVERT_INPUTS);
+  if (s.io == DType::kFloat && !s.allow_tf32) notes.push_back(fe::NumericalNote_t::TENSOR_CORE);
+  if (autotune) notes.push_back(fe::NumericalNote_t::REDUCED_PRECISION_REDUCTION);
+  if (s.deterministic) notes.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
+  return notes;
+}
+
+// Builds the spec's graph up to its plans for `target`: validate, operation graph, heuristics (mode A, then the
+// fallback list) minus the excluded engines, support check, plans (the heuristics' first buildable one, or every
+// buildable one when `autotune`). Never throws.
+Built build(const GraphSpec& s, const Target& target, bool autotune) {
+  Built out;
+  auto g = std::make_shared<fe::graph::Graph>();
+  out.status = add_nodes(*g, s);
+  if (!out.status.ok) {
+    out.permanent = true;
+    return out;
+  }
+  auto step = [&out](const char* name, fe::error_t e) {
+    if (e.is_bad()) {
+      out.status = fail(name, e);
+      out.permanent = is_not_supported(e);
+    }
+    return e.is_good();
+  };
+  if (target.props != nullptr) {
+    g->set_device_properties(target.props);
+    g->set_sm_version(target.sm_version);
+    g->set_sm_count(target.sm_count);
+  }
+  if (!step("validate", g->validate()) ||
+      !step("operation graph", target.props != nullptr ? g->build_operation_graph()
+                                                        : g->build_operation_graph(target.handle)) ||
+      !step("heuristics", g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}))) {
+    return out;
+  }
+  if (auto notes = excluded_notes(s, autotune); !notes.empty()) g->deselect_numeric_notes(notes);
+  const auto policy = autotune ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE;
+  if (!step("support", g->check_support()) || !step("plans", g->build_plans(policy))) return out;
+  for (int64_t u : g->get_variant_pack_uids_sorted()) {
+    const int role = static_cast<int>(u - 1);
+    if (role < 0 || role >= kNumRoles || !s.has(role)) {
+      out.status = {false, "the graph asks for a tensor (uid " + std::to_string(u) + ") it was not given"};
+      out.permanent = true;
+      return out;
+    }
+    out.roles.push_back(role);
+  }
+  out.workspace = autotune ? g->get_autotune_workspace_size() : g->get_workspace_size();
+  if (g->get_plan_name(out.engine).is_bad()) out.engine.clear();
+  out.graph = std::move(g);
+  out.status = {true, ""};
+  return out;
+}
+
+// A built graph (or a permanent refusal) as the cache keeps it.
 struct Entry {
   Status status{false, ""};
   std::shared_ptr<fe::graph::Graph> graph;
@@ -246,47 +353,6 @@ struct Entry {
   std::atomic<int64_t> workspace{0};
   std::atomic<bool> tuned{true};  // false: plans still to autotune (at the first execution, which has the pointers)
 };
-
-// Builds the spec's graph on the handle's device up to its plans into `entry`. Never throws.
-void build(const GraphSpec& s, cudnnContext* handle, bool autotune, Entry& entry) {
-  auto g = std::make_shared<fe::graph::Graph>();
-  entry.status = add_nodes(*g, s);
-  if (!entry.status.ok) return;
-  auto step = [&entry](const char* name, fe::error_t e) {
-    if (e.is_bad()) entry.status = fail(name, e);
-    return e.is_good();
-  };
-  if (!step("validate", g->validate()) || !step("operation graph", g->build_operation_graph(handle)) ||
-      !step("heuristics", g->create_execution_plans({fe::HeurMode_t::A, fe::HeurMode_t::FALLBACK}))) {
-    return;
-  }
-  // The engine filters of PyTorch's own cuDNN convolutions, for fp32 io: no engines that down-convert fp32 inputs
-  // (to fp16), no TF32 tensor cores unless torch allows them. With fp16 / bf16 io the only fp32 operands are the
-  // per-channel vectors and the fused intermediates, which the tensor-core operand is rounded from anyway (the GPU
-  // tests compare every graph with fp64 at the io dtype's tolerance). Always: no non-deterministic engines when torch
-  // asks for determinism.
-  std::vector<fe::NumericalNote_t> deselect;
-  if (s.io == DType::kFloat) {
-    deselect.push_back(fe::NumericalNote_t::DOWN_CONVERT_INPUTS);
-    if (!s.allow_tf32) deselect.push_back(fe::NumericalNote_t::TENSOR_CORE);
-  }
-  if (s.deterministic) deselect.push_back(fe::NumericalNote_t::NONDETERMINISTIC);
-  if (!deselect.empty()) g->deselect_numeric_notes(deselect);
-  const auto policy = autotune ? fe::BuildPlanPolicy_t::ALL : fe::BuildPlanPolicy_t::HEURISTICS_CHOICE;
-  if (!step("support", g->check_support()) || !step("plans", g->build_plans(policy))) return;
-  for (int64_t u : g->get_variant_pack_uids_sorted()) {
-    const int role = static_cast<int>(u - 1);
-    if (role < 0 || role >= kNumRoles || !s.has(role)) {
-      entry.status = {false, "the graph asks for a tensor (uid " + std::to_string(u) + ") it was not given"};
-      return;
-    }
-    entry.roles.push_back(role);
-  }
-  entry.workspace = autotune ? g->get_autotune_workspace_size() : g->get_workspace_size();
-  entry.tuned = !autotune;
-  entry.graph = std::move(g);
-  entry.status = {true, ""};
-}
 
 struct KeyHash {
   size_t operator()(const std::vector<int64_t>& key) const {
@@ -417,34 +483,77 @@ Status validate(const GraphSpec& spec) {
   }
 }
 
-Status execute(const GraphSpec& spec, cudnnContext* handle, const std::array<void*, kNumRoles>& ptrs,
-               const std::function<void*(int64_t)>& workspace, bool autotune) {
+namespace {
+
+// The cached entry of `spec`, built on `handle`'s device if absent (only when `may_build`). A build that fails
+// for good (not supported) is cached as a refusal; a transient failure is returned, not cached.
+Status find_or_build(const GraphSpec& spec, cudnnContext* handle, bool autotune, bool may_build,
+                     std::shared_ptr<Entry>& entry) {
   const std::vector<int64_t> key = spec.key();
   Cache& c = cache();
-  std::shared_ptr<Entry> entry = c.find(key);
-  try {
-    if (entry == nullptr) {
-      std::lock_guard<std::mutex> lock(c.build_mu);
-      entry = c.find(key);  // built by another thread meanwhile
-      if (entry == nullptr) {
-        entry = std::make_shared<Entry>();
-        build(spec, handle, autotune, *entry);
-        c.insert(key, entry);
-      }
+  entry = c.find(key);
+  if (entry == nullptr) {
+    if (!may_build) {
+      return {false, "the graph is not built yet and a CUDA graph capture is underway, during which cuDNN may not "
+                     "build it"};
     }
-    if (!entry->status.ok) return {false, entry->status.reason + " [" + spec.describe() + "]"};
+    std::lock_guard<std::mutex> lock(c.build_mu);
+    entry = c.find(key);  // built by another thread meanwhile
+    if (entry == nullptr) {
+      Target target;
+      target.handle = handle;
+      Built built = build(spec, target, autotune);
+      if (!built.status.ok && !built.permanent) return built.status;
+      entry = std::make_shared<Entry>();
+      entry->status = built.status;
+      entry->graph = std::move(built.graph);
+      entry->roles = std::move(built.roles);
+      entry->workspace = built.workspace;
+      entry->tuned = !(built.status.ok && autotune);
+      c.insert(key, entry);
+    }
+  }
+  if (!entry->status.ok) return entry->status;
+  if (!entry->tuned && !may_build) {
+    return {false, "the graph's plans are not autotuned yet and a CUDA graph capture is underway, during which "
+                   "cuDNN's autotuning (which synchronizes) may not run"};
+  }
+  return {true, ""};
+}
+
+}  // namespace
+
+Status prepare(const GraphSpec& spec, cudnnContext* handle, bool autotune, bool may_build) {
+  try {
+    std::shared_ptr<Entry> entry;
+    Status status = find_or_build(spec, handle, autotune, may_build, entry);
+    if (!status.ok) return {false, status.reason + " [" + spec.describe() + "]"};
+  } catch (const std::exception& ex) {
+    return {false, std::string("cudnn-frontend raised: ") + ex.what() + " [" + spec.describe() + "]"};
+  }
+  return {true, ""};
+}
+
+Status execute(const GraphSpec& spec, cudnnContext* handle, const std::array<void*, kNumRoles>& ptrs,
+               const std::function<void*(int64_t)>& workspace, bool autotune, bool may_build) {
+  Cache& c = cache();
+  try {
+    std::shared_ptr<Entry> entry;
+    Status status = find_or_build(spec, handle, autotune, may_build, entry);
+    if (!status.ok) return {false, status.reason + " [" + spec.describe() + "]"};
     std::array<void*, kNumRoles> sorted{};
     for (size_t i = 0; i < entry->roles.size(); ++i) {
       sorted[i] = ptrs[entry->roles[i]];
       if (sorted[i] == nullptr) return {false, std::string("no pointer for tensor ") + role_name(entry->roles[i])};
     }
-    const int64_t ws_bytes = entry->workspace;
-    void* ws = ws_bytes > 0 ? workspace(ws_bytes) : nullptr;
     if (!entry->tuned) {
       // cuDNN's autotuning times every built plan with this call's tensors and keeps the fastest (it synchronizes
-      // the device); then the entry runs like any other. ws has the autotuning workspace size.
+      // the device); then the entry runs like any other. Its workspace has the autotuning size. A failure (e.g.
+      // out of memory) is returned and the next call tunes again.
       std::lock_guard<std::mutex> lock(c.build_mu);
       if (!entry->tuned) {
+        const int64_t tune_bytes = entry->workspace;
+        void* ws = tune_bytes > 0 ? workspace(tune_bytes) : nullptr;
         std::unordered_map<int64_t, void*> pack;
         for (size_t i = 0; i < entry->roles.size(); ++i) pack.emplace(uid(entry->roles[i]), sorted[i]);
         if (auto e = entry->graph->autotune(handle, pack, ws); e.is_bad()) {
@@ -454,12 +563,41 @@ Status execute(const GraphSpec& spec, cudnnContext* handle, const std::array<voi
         entry->tuned = true;
       }
     }
+    const int64_t ws_bytes = entry->workspace;
+    void* ws = ws_bytes > 0 ? workspace(ws_bytes) : nullptr;
     auto e = entry->graph->execute(handle, sorted.data(), static_cast<int>(entry->roles.size()), ws);
     if (e.is_bad()) return {false, fail("execute", e).reason + " [" + spec.describe() + "]"};
   } catch (const std::exception& ex) {
     return {false, std::string("cudnn-frontend raised: ") + ex.what() + " [" + spec.describe() + "]"};
   }
   return {true, ""};
+}
+
+PlanReport plan_deviceless(const GraphSpec& spec, const DeviceProfile& profile, bool autotune) {
+  PlanReport report;
+  try {
+    Target target;
+    target.props = std::make_shared<fe::DeviceProperties>();
+    const std::string& json = profile.json;
+    if (auto e = target.props->deserialize(std::vector<uint8_t>(json.begin(), json.end())); e.is_bad()) {
+      report.reason = fail("device properties", e).reason;
+      report.step = "device properties";
+      return report;
+    }
+    target.sm_version = profile.sm_version;
+    target.sm_count = profile.sm_count;
+    Built built = build(spec, target, autotune);
+    report.ok = built.status.ok;
+    report.reason = built.status.reason;
+    report.permanent = built.permanent;
+    report.step = built.status.ok ? "" : built.status.reason.substr(0, built.status.reason.find(':'));
+    report.engine = built.engine;
+    report.workspace = built.workspace;
+  } catch (const std::exception& ex) {
+    report.ok = false;
+    report.reason = std::string("cudnn-frontend raised: ") + ex.what();
+  }
+  return report;
 }
 
 int64_t cache_size() { return cache().size(); }
