@@ -7,6 +7,7 @@ segmentation backbones, timm's ResNets — and ``explain(model)`` reports which 
 """
 
 from .backends import available_backends
+from .dispatch import TuneRow, tune
 from .report import BlockReport, explain
 from .models import (BasicBlock, Bottleneck, ResNet, convert_sync_batchnorm, fuse, resnet18, resnet34, resnet50,
                      resnet101, resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2,
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 __all__ = ["BasicBlock", "BlockReport", "Bottleneck", "ResNet", "available_backends", "convert_sync_batchnorm",
            "explain", "fuse",
            "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
-           "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+           "resnext101_64x4d", "tune", "TuneRow", "wide_resnet50_2", "wide_resnet101_2"]
