@@ -236,15 +236,19 @@ def test_running_statistics_are_updated_once_per_training_step(race):
 
 
 def test_two_processes_storing_at_once_leave_a_valid_merged_cache(tmp_path):
-    """Two processes each store 40 choices into one file at the same time: every one of the 80 is there."""
-    code = ("import sys; from pathlib import Path; from resnet_fused import dispatch\n"
-            "for i in range(40):\n"
-            "    dispatch.store(Path(sys.argv[1]), 'env', f'{sys.argv[2]}{i}', {'choice': 'eager', 'i': i})\n")
+    """Two processes each store 150 choices into one file, starting at the same moment: every one of the 300 is
+    there (read, merge and replace under the lock; without it, one process overwrites the other's entries)."""
+    code = ("import sys, time; from pathlib import Path; from resnet_fused import dispatch\n"
+            "path, tag = Path(sys.argv[1]), sys.argv[2]\n"
+            "(path.parent / f'ready.{tag}').touch()\n"
+            "while len(list(path.parent.glob('ready.*'))) < 2: time.sleep(0.001)\n"  # both imported: go
+            "for i in range(150):\n"
+            "    dispatch.store(path, 'env', f'{tag}{i}', {'choice': 'eager', 'i': i})\n")
     path = tmp_path / dispatch.CACHE_FILE
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag]) for tag in ("a", "b")]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     table = json.loads(path.read_text())
-    assert sorted(table["env"]) == sorted(f"{t}{i}" for t in "ab" for i in range(40))
+    assert sorted(table["env"]) == sorted(f"{t}{i}" for t in "ab" for i in range(150))
     assert not list(tmp_path.glob("*.tmp"))
 
 
