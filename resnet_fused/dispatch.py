@@ -508,6 +508,11 @@ def clear_memory() -> None:
     _env_keys.clear()
 
 
+def measured() -> dict[str, dict]:
+    """Every choice this process made or read, keyed ``"<device>|<signature>"`` (the benchmark's provenance)."""
+    return {f"{device}|{sig}": dict(entry) for (device, sig), entry in _memory.items()}
+
+
 def chosen(owner: nn.Module) -> dict:
     """{kind ("block" or "stem"): (signature, entry)} of the last eager call of ``owner`` under ``auto``."""
     return dict(_chosen.get(owner, {}))
