@@ -14,8 +14,8 @@ eval or training, the device) each candidate that can run the input is
 
 1. **validated**: run once on a copy of the input, its output — in training also its input and parameter
    gradients (for a fixed random output gradient, by ``torch.autograd.grad``, so no ``.grad`` changes) and the
-   running statistics it leaves — compared with the block's own forward run in float64 under the project's
-   tolerance rule (:mod:`resnet_fused.tolerances`: at most twice eager's own error plus the dtype's tolerance).
+   running statistics it leaves — compared with the block's own forward run on a copy of its modules in float64
+   (float32 without TF32 for a float16/bfloat16 computation) under the project's tolerance rule (:mod:`resnet_fused.tolerances`: at most twice eager's own error plus the dtype's tolerance).
    A candidate that raises or disagrees is excluded and recorded with its error;
 2. **timed**: the valid ones in interleaved rounds on the same inputs (forward, or forward + backward in
    training), CUDA events on a GPU, ``time.perf_counter`` on a CPU; the median counts.
@@ -370,12 +370,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+@contextlib.contextmanager
+def _no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def _oracle(parts: Mapping[str, nn.Module], eager_fn: Callable[[Mapping[str, nn.Module], Tensor], Tensor],
-            x: Tensor, grad_out_fn, training: bool):
-    """The block's own forward in float64 on a copy: (output, gradients or None, buffers after)."""
-    ref = copy.deepcopy(nn.ModuleDict(dict(parts))).double()
-    x64 = x.detach().double().requires_grad_(training and x.requires_grad)
-    with torch.autocast(x.device.type, enabled=False), torch.set_grad_enabled(training):
+            x: Tensor, grad_out_fn, training: bool, dtype: torch.dtype):
+    """The block's own forward on a copy in float64 (float32 without TF32 for a float16/bfloat16 computation,
+    whose tolerance is orders of magnitude above float32's rounding): (output, gradients or None, buffers)."""
+    ref_dtype = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+    ref = copy.deepcopy(nn.ModuleDict(dict(parts))).to(ref_dtype)
+    x64 = x.detach().to(ref_dtype).requires_grad_(training and x.requires_grad)
+    with torch.autocast(x.device.type, enabled=False), torch.set_grad_enabled(training), _no_tf32():
         out = eager_fn(ref, x64)
         grads = None
         if training:
@@ -410,7 +422,9 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
             eager_fn: Callable[[Mapping[str, nn.Module], Tensor], Tensor], reps: int | None = None) -> dict:
     """Validate and time every candidate of ``names`` on ``x`` (see the module docstring); the module's buffers are
     left as they were. Returns ``{"choice", "ms": {name: median ms}, "errors": {name: why excluded},
-    "max_error": {name: max abs error vs float64}, "ratio": {name: worst error / allowed}}``."""
+    "max_error": {name: max abs error of the output vs float64}, "ratio": {name: worst error / allowed over
+    output, gradients and buffers}}`` (and ``"reference_error"`` when the float64 reference could not run: then
+    only eager is trusted)."""
     device = x.device
     training = _training(parts, x)
     dtype = _compute_dtype(x)
@@ -437,12 +451,13 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
 
     runs = {name: _runner(name, fused, lambda t: eager_fn(parts, t)) for name in names}
     errors, max_err, ratio, ok = {}, {}, {}, {}
+    oracle_error = None
     try:
         oracle = None
         try:
-            oracle = _oracle(parts, eager_fn, x, grad_out_fn, training)
-        except Exception as err:  # no float64 reference (an op without float64 support): nothing is trusted
-            errors["reference"] = f"float64 reference failed: {type(err).__name__}: {err}"
+            oracle = _oracle(parts, eager_fn, x, grad_out_fn, training, dtype)
+        except Exception as err:  # no float64 reference (an op without float64 support): only eager is trusted
+            oracle_error = f"{type(err).__name__}: {err}"
         order = (EAGER,) + tuple(n for n in names if n != EAGER)
         eager_result = None
         for name in order:
@@ -489,8 +504,11 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
         _restore(buffers, saved)
     timed_ok = {n: t for n, t in ms.items() if t is not None}
     choice = min(timed_ok, key=timed_ok.get) if timed_ok else (next(iter(ms)) if ms else EAGER)
-    return {"choice": choice, "ms": ms, "errors": errors, "max_error": {n: float(f"{e:.4g}") for n, e in
-                                                                         max_err.items()}, "ratio": ratio}
+    entry = {"choice": choice, "ms": ms, "errors": errors, "ratio": ratio,
+             "max_error": {n: float(f"{e:.4g}") for n, e in max_err.items()}}
+    if oracle_error is not None:
+        entry["reference_error"] = oracle_error
+    return entry
 
 
 # ---------------------------------------------------------------------------------------------------- dispatching
