@@ -571,6 +571,12 @@ def choose(owner: nn.Module, kind: str, parts: Mapping[str, nn.Module], x: Tenso
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         return _static(names, device)
+    if device.type == "cuda" and why.get(STATIC_ORDER["cuda"][0]) and not tracing(x):
+        reason = why[STATIC_ORDER["cuda"][0]]  # no fused GPU kernel of the first kind for this input: say so once
+        if reason not in backends._warned:
+            backends._warned.add(reason)
+            warnings.warn(f"resnet_fused: backend {STATIC_ORDER['cuda'][0]!r} cannot run this input ({reason}); "
+                          f"falling back", RuntimeWarning, stacklevel=4)
     if deterministic():
         return _static(names, device)
     sig = signature(kind, parts, x)
