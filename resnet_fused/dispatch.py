@@ -20,7 +20,8 @@ eval or training, the device) each candidate that can run the input is
 2. **timed**: the valid ones in interleaved rounds on the same inputs (forward, or forward + backward in
    training), CUDA events on a GPU, ``time.perf_counter`` on a CPU; the median counts.
 
-The fastest valid candidate runs the call and every later call of the signature; if none is valid, ``eager`` runs.
+The fastest valid candidate runs the call and every later call of the signature — eager unless another is faster
+by more than :data:`EAGER_MARGIN` (3%) of its time; if none is valid, ``eager`` runs.
 The model's BatchNorm buffers are restored after the measurement, so the call itself updates the running
 statistics exactly once. Forward hooks of the block's submodules fire during the measurement too.
 
@@ -82,6 +83,9 @@ EAGER = autoselect.EAGER
 STATIC_ORDER = {"cuda": ("triton", "cuda", "reference", EAGER), "cpu": ("reference", EAGER)}
 # Timed rounds after the validation call (which is also the warm-up: Triton autotunes there).
 REPS = {"cuda": 10, "cpu": 3}
+# Another path replaces eager only when it is faster by more than this fraction of eager's time: a tie within
+# measurement noise keeps the block's own forward.
+EAGER_MARGIN = 0.03
 
 
 # --------------------------------------------------------------------------------------------------- environment
@@ -218,9 +222,11 @@ def capturing() -> bool:
 
 
 def tracing(x: Tensor | None = None) -> bool:
-    """Whether nothing may be measured now: torch.compile/export tracing, fake tensors, CUDA graph capture."""
-    return (torch.compiler.is_compiling() or (x is not None and reference.is_tracing(x))
-            or capturing())
+    """Whether nothing may be measured now: torch.compile/export tracing, fake tensors, CUDA graph capture (asked
+    only for a CUDA input when there is one)."""
+    if torch.compiler.is_compiling() or (x is not None and reference.is_tracing(x)):
+        return True
+    return capturing() if x is None else (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def cuda_timer(fn: Callable[[], object], reps: int = 10) -> float:
@@ -504,6 +510,8 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
         _restore(buffers, saved)
     timed_ok = {n: t for n, t in ms.items() if t is not None}
     choice = min(timed_ok, key=timed_ok.get) if timed_ok else (next(iter(ms)) if ms else EAGER)
+    if EAGER in timed_ok and choice != EAGER and timed_ok[choice] > timed_ok[EAGER] * (1 - EAGER_MARGIN):
+        choice = EAGER
     entry = {"choice": choice, "ms": ms, "errors": errors, "ratio": ratio,
              "max_error": {n: float(f"{e:.4g}") for n, e in max_err.items()}}
     if oracle_error is not None:
@@ -514,6 +522,9 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
 # ---------------------------------------------------------------------------------------------------- dispatching
 
 _memory: dict[tuple[torch.device, str], dict] = {}
+# owner module -> {quick key: choice}: the hot path, which skips building the signature (see _quick_key)
+_fast: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_FAST_MAX = 64
 # owner module -> {kind: (signature, entry)}: what the last eager call of each block chose (explain, tune)
 _chosen: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _recorder: list[Callable[[nn.Module, str, str, dict], None]] = []
@@ -524,6 +535,7 @@ def clear_memory() -> None:
     """Forget this process's choices (the disk cache stays)."""
     _memory.clear()
     _env_keys.clear()
+    _fast.clear()
 
 
 def measured() -> dict[str, dict]:
@@ -550,16 +562,41 @@ def _sync_bn_in_training(parts: Mapping[str, nn.Module]) -> bool:
             and any(isinstance(m, nn.SyncBatchNorm) and m.training for p in parts.values() for m in p.modules()))
 
 
+def _quick_key(kind: str, parts: Mapping[str, nn.Module], x: Tensor) -> tuple:
+    """What decides the signature of a call of the same modules, without formatting it: the input's shape,
+    strides, dtype and device, autocast, whether it trains, and each submodule (identity and mode)."""
+    device = x.device.type
+    amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+    mods: list = []
+    for part in parts.values():
+        _walk(part, mods)
+    return (kind, tuple(x.shape), x.stride(), x.dtype, x.device, amp, _training(parts, x), tuple(mods))
+
+
+def _walk(m: nn.Module, out: list) -> None:
+    out.append((id(m), m.training))
+    for child in m._modules.values():
+        if child is not None:
+            _walk(child, out)
+
+
 def choose(owner: nn.Module, kind: str, parts: Mapping[str, nn.Module], x: Tensor, groups: int, dilation: int,
            fused: Callable[[ModuleType, Tensor], Tensor],
            eager_fn: Callable[[Mapping[str, nn.Module], Tensor], Tensor]) -> str:
     """The candidate that runs this call (see the module docstring for the order of the rules)."""
-    names, why = candidates(x, groups, dilation)
-    device = x.device
     want = forced_candidate()
     engine = forced()
     if want is None and engine is not None:
         want = f"cuda:{engine}"
+    traced = tracing(x)
+    quick = None
+    if want is None and not traced and not _recorder and not deterministic():
+        quick = _quick_key(kind, parts, x)
+        hit = _fast.get(owner, {}).get(quick)
+        if hit is not None:
+            return hit
+    names, why = candidates(x, groups, dilation)
+    device = x.device
     if want is not None:
         if want in names:
             return want
@@ -571,7 +608,7 @@ def choose(owner: nn.Module, kind: str, parts: Mapping[str, nn.Module], x: Tenso
             _warned.add(message)
             warnings.warn(message, RuntimeWarning, stacklevel=4)
         return _static(names, device)
-    if device.type == "cuda" and why.get(STATIC_ORDER["cuda"][0]) and not tracing(x):
+    if device.type == "cuda" and why.get(STATIC_ORDER["cuda"][0]) and not traced:
         reason = why[STATIC_ORDER["cuda"][0]]  # no fused GPU kernel of the first kind for this input: say so once
         if reason not in backends._warned:
             backends._warned.add(reason)
@@ -580,7 +617,7 @@ def choose(owner: nn.Module, kind: str, parts: Mapping[str, nn.Module], x: Tenso
     if deterministic():
         return _static(names, device)
     sig = signature(kind, parts, x)
-    if tracing(x):
+    if traced:
         stored = _stored_choice(device, sig)
         return stored if stored in names else _static(names, device)
     if _sync_bn_in_training(parts):
@@ -596,6 +633,11 @@ def choose(owner: nn.Module, kind: str, parts: Mapping[str, nn.Module], x: Tenso
             store(cache_path(), env, sig, entry)
         _memory[key] = entry
     _chosen.setdefault(owner, {})[kind] = (sig, entry)
+    if quick is not None:
+        fast = _fast.setdefault(owner, {})
+        if len(fast) >= _FAST_MAX:
+            fast.clear()
+        fast[quick] = entry["choice"]
     for record in _recorder:
         record(owner, kind, sig, entry)
     return entry["choice"]
