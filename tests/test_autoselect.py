@@ -195,6 +195,21 @@ def test_a_correct_fast_candidate_wins_and_a_slow_one_loses(race):
     assert calls == []
 
 
+def test_a_tie_within_the_margin_keeps_eager(race):
+    """2% faster than eager (two ops of 0.245 s against 0.5 s) is within EAGER_MARGIN: eager keeps the block."""
+    race.install(make_backend(race.clock, cost=0.245))
+    backends._modules["reference"], saved = make_backend(race.clock, cost=1.0), backends._modules["reference"]
+    try:
+        block, _ = _block()
+        with torch.no_grad():
+            block.eval()(_input(block))
+    finally:
+        backends._modules["reference"] = saved
+    entry = _entry(block)
+    assert entry["ms"]["triton"] < entry["ms"]["eager"] < entry["ms"]["triton"] / (1 - dispatch.EAGER_MARGIN)
+    assert entry["choice"] == "eager"
+
+
 def test_every_candidate_erroring_runs_eager(race):
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel")
