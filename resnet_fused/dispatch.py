@@ -435,9 +435,12 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
     training = _training(parts, x)
     dtype = _compute_dtype(x)
     buffers = _buffers(parts)
+    buffer_names = [f"{k}.{n}" for k, m in parts.items() for n, _ in m.named_buffers()]
     saved = [b.detach().clone() for b in buffers]
-    params = [p for m in parts.values() for p in m.parameters() if p.requires_grad] if training else []
+    named = [(f"{k}.{n}", p) for k, m in parts.items() for n, p in m.named_parameters() if p.requires_grad]
+    params = [p for _, p in named] if training else []
     xin = x.detach().clone().requires_grad_(training and x.requires_grad)
+    grad_names = (["input"] if xin.requires_grad else []) + [n for n, _ in named]
     gen = torch.Generator(device=device).manual_seed(0)
     grad_out: dict[str, Tensor] = {}
 
@@ -485,11 +488,10 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
             problems = [_check("output", out, e_out, oracle[0], dtype, worst)]
             max_err[name] = worst[0]
             for i, g in enumerate(grads or ()):
-                problems.append(_check(f"gradient {i}", g, e_grads[i] if e_grads else None, oracle[1][i], dtype,
-                                       worst))
-            for i, b in enumerate(after):
-                problems.append(_check(f"buffer {i}", b, e_after[i] if e_after else None, oracle[2][i],
-                                       b.dtype if b.is_floating_point() else dtype, worst))
+                problems.append(_check(f"gradient of {grad_names[i]}", g, e_grads[i] if e_grads else None,
+                                       oracle[1][i], dtype, worst))
+            for i, (b_name, b) in enumerate(zip(buffer_names, after)):
+                problems.append(_check(b_name, b, e_after[i] if e_after else None, oracle[2][i], dtype, worst))
             ratio[name] = round(worst[1], 4)
             problems = [p for p in problems if p]
             if problems:

@@ -159,8 +159,10 @@ def test_a_fast_candidate_with_wrong_numbers_is_never_chosen(race, mode, wrong):
         backends._modules["reference"] = saved
     entry = _entry(block)
     assert entry["choice"] != "triton" and "triton" not in entry["ms"]
-    what = "output" if "output" in wrong else "gradient" if "grad" in wrong else "buffer"
+    what = "output" if "output" in wrong else "gradient of " if "grad" in wrong else "block.bn"
     assert entry["errors"]["triton"].startswith(what) and "allowed" in entry["errors"]["triton"]
+    if "stats" in wrong:
+        assert "running_var" in entry["errors"]["triton"] and "running_mean" not in entry["errors"]["triton"]
     assert set(entry["ms"]) == {"reference", "eager"}
     assert_close(out, twin(x))
 
