@@ -4,6 +4,9 @@ Drop-in replacements for torchvision's ResNet blocks and models whose convolutio
 skip additions run as fused kernels — exact against torchvision in eval and in training, forward and
 backward. ``fuse(model)`` converts an existing model in place — torchvision's classifiers, detection and
 segmentation backbones, timm's ResNets — and ``explain(model)`` reports which blocks run fused and why not.
+The default backend, ``auto``, races every way of running each block — torchvision's own forward included —
+after checking each against a float64 reference (:mod:`resnet_fused.dispatch`); ``tune(model, *inputs)`` does
+that for every block now and prints the table.
 """
 
 from .backends import available_backends
