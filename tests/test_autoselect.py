@@ -361,3 +361,27 @@ def test_signature_separates_modes_layouts_and_dtypes():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sigs.add(dispatch.signature("block", {"block": block}, x))
     assert len(sigs) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_auto_on_a_gpu_races_and_checks_every_path(tmp_path, monkeypatch, mode):
+    """On a GPU, bf16 autocast: every candidate (triton, each cuda engine, reference, eager) is either declined by
+    its engine or agrees with the float32 reference; the chosen one runs and matches torchvision."""
+    monkeypatch.setenv(dispatch.ENV_CACHE_DIR, str(tmp_path))
+    for env in (dispatch.ENV_FORCE, dispatch.ENV_ENGINE, dispatch.ENV_DETERMINISTIC):
+        monkeypatch.delenv(env, raising=False)
+    dispatch.clear_memory()
+    block, twin = _block()
+    block, twin = (m.to("cuda", memory_format=torch.channels_last).train(mode == "train") for m in (block, twin))
+    x = _input(block).to("cuda", memory_format=torch.channels_last).requires_grad_(mode == "train")
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(mode == "train"):
+        out, ref = block(x), twin(x.detach())
+    entry = _entry(block)
+    names, _ = dispatch.candidates(x)
+    assert set(entry["ms"]) | set(entry["errors"]) == set(names) and entry["choice"] in entry["ms"]
+    assert all("cannot run this call" in e for e in entry["errors"].values()), entry["errors"]
+    assert_close(out.float(), ref.float(), dtype=torch.bfloat16)
+    (table,) = json.loads((tmp_path / dispatch.CACHE_FILE).read_text()).values()
+    assert [e["choice"] for e in table.values()] == [entry["choice"]]
+    dispatch.clear_memory()
