@@ -81,8 +81,9 @@ ENGINES = ("cudnn", "cutlass", "plain")
 EAGER = autoselect.EAGER
 # The order used without a measurement (tracing with nothing stored, deterministic mode): the first that can run.
 STATIC_ORDER = {"cuda": ("triton", "cuda", "reference", EAGER), "cpu": ("reference", EAGER)}
-# Timed rounds after the validation call (which is also the warm-up: Triton autotunes there).
-REPS = {"cuda": 10, "cpu": 3}
+# Timed rounds after the validation call. On a GPU that call is the warm-up (Triton autotunes there) and is not
+# counted; on a CPU its time is the first of the three samples.
+REPS = {"cuda": 10, "cpu": 2}
 # Another path replaces eager only when it is faster by more than this fraction of eager's time: a tie within
 # measurement noise keeps the block's own forward.
 EAGER_MARGIN = 0.03
@@ -257,10 +258,12 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def race(fns: Mapping[str, Callable[[], object]], device: torch.device, reps: int) -> dict[str, float]:
-    """Median milliseconds of each of ``fns`` (already warmed up) over ``reps`` interleaved rounds: every round
-    runs each once, so a drift of the machine's speed (other processes, clocks) hits them all alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
+def race(fns: Mapping[str, Callable[[], object]], device: torch.device, reps: int,
+         first: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Median milliseconds of each of ``fns`` (already warmed up) over ``reps`` interleaved rounds (plus the
+    samples ``first`` holds): every round runs each once, so a drift of the machine's speed (other processes,
+    clocks) hits them all alike."""
+    times: dict[str, list[float]] = {name: [first[name]] if first and name in first else [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(_time_once(fn, device))
@@ -469,10 +472,13 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
             oracle_error = f"{type(err).__name__}: {err}"
         order = (EAGER,) + tuple(n for n in names if n != EAGER)
         eager_result = None
+        first_ms: dict[str, float] = {}
         for name in order:
             _restore(buffers, saved)
             try:
+                t0 = time.perf_counter()
                 out, grads = call(name, runs[name])
+                first_ms[name] = (time.perf_counter() - t0) * 1e3
             except Exception as err:  # a candidate that cannot run this block is left out, with its reason
                 errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 continue
@@ -505,7 +511,8 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
                 return lambda: call(name, run)
 
             ms = race({n: timed(r, n) for n, r in valid.items()}, device,
-                      reps or REPS["cuda" if device.type == "cuda" else "cpu"])
+                      reps or REPS["cuda" if device.type == "cuda" else "cpu"],
+                      None if device.type == "cuda" else first_ms)
         elif valid:
             ms = {next(iter(valid)): None}
     finally:
