@@ -162,8 +162,8 @@ def _print(rows: list[BlockReport], model_name: str, device: torch.device, dtype
     cells = [(r.path or "(model)", r.cls, "yes" if r.fused else "no", r.backend or "-", r.reason or "")
              for r in rows]
     if any(r.chosen for r in rows):  # auto's measured choice per block and its margin over eager
-        cells = [c + ((f"{r.chosen}" + (f" {r.vs_eager:.2f}x eager" if r.vs_eager else "")) if r.chosen else "-",)
-                 for c, r in zip(cells, rows)]
+        cells = [c + ((r.chosen + (f" ({r.vs_eager:.2f}x eager)" if r.vs_eager and r.chosen != "eager" else ""))
+                      if r.chosen else "-",) for c, r in zip(cells, rows)]
     try:
         from rich.console import Console
         from rich.table import Table
