@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import math
 import os
@@ -68,6 +67,11 @@ from types import ModuleType
 
 import torch
 from torch import Tensor, nn
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the write stays atomic, concurrent writers may drop an entry
+    fcntl = None
 
 from . import backends, tolerances
 from .backends import autoselect, reference
@@ -164,7 +168,8 @@ def store(path: Path, env: str, key: str, entry: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_name(path.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             table = read_table(path)
             table.setdefault(env, {})[key] = entry
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
