@@ -20,8 +20,9 @@ eval or training, the device) each candidate that can run the input is
 2. **timed**: the valid ones in interleaved rounds on the same inputs (forward, or forward + backward in
    training), CUDA events on a GPU, ``time.perf_counter`` on a CPU; the median counts.
 
-The fastest valid candidate runs the call and every later call of the signature — eager unless another is faster
-by more than :data:`EAGER_MARGIN` (3%) of its time; if none is valid, ``eager`` runs.
+The fastest valid candidate (by median) runs the call and every later call of the signature — eager unless the
+other's median beats eager's fastest sample by more than :data:`EAGER_MARGIN` (3%), so noise keeps torchvision's
+forward; if none is valid, ``eager`` runs.
 The model's BatchNorm buffers are restored after the measurement, so the call itself updates the running
 statistics exactly once. Forward hooks of the block's submodules fire during the measurement too.
 
@@ -88,8 +89,8 @@ STATIC_ORDER = {"cuda": ("triton", "cuda", "reference", EAGER), "cpu": ("referen
 # Timed rounds after the validation call. On a GPU that call is the warm-up (Triton autotunes there) and is not
 # counted; on a CPU its time is the first of the three samples.
 REPS = {"cuda": 10, "cpu": 2}
-# Another path replaces eager only when it is faster by more than this fraction of eager's time: a tie within
-# measurement noise keeps the block's own forward.
+# Another path replaces eager only when its median time beats eager's fastest sample by more than this fraction:
+# a tie within the measurement's noise keeps the block's own forward.
 EAGER_MARGIN = 0.03
 
 
@@ -264,15 +265,15 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def race(fns: Mapping[str, Callable[[], object]], device: torch.device, reps: int,
-         first: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Median milliseconds of each of ``fns`` (already warmed up) over ``reps`` interleaved rounds (plus the
-    samples ``first`` holds): every round runs each once, so a drift of the machine's speed (other processes,
-    clocks) hits them all alike."""
+         first: Mapping[str, float] | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each of ``fns`` (already warmed up) in ``reps`` interleaved rounds (after the samples
+    ``first`` holds): every round runs each once, so a drift of the machine's speed (other processes, clocks) hits
+    them all alike."""
     times: dict[str, list[float]] = {name: [first[name]] if first and name in first else [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             times[name].append(_time_once(fn, device))
-    return {name: round(statistics.median(t), 5) for name, t in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------------------------------- candidates
@@ -510,22 +511,23 @@ def measure(parts: Mapping[str, nn.Module], x: Tensor, names: tuple[str, ...],
             else:
                 ok[name] = True
         valid = {n: runs[n] for n in order if ok.get(n)}
-        ms = {}
+        ms, samples = {}, {}
         if len(valid) > 1:
             def timed(run: Callable[[Tensor], Tensor], name: str) -> Callable[[], object]:
                 return lambda: call(name, run)
 
-            ms = race({n: timed(r, n) for n, r in valid.items()}, device,
-                      reps or REPS["cuda" if device.type == "cuda" else "cpu"],
-                      None if device.type == "cuda" else first_ms)
+            samples = race({n: timed(r, n) for n, r in valid.items()}, device,
+                           reps or REPS["cuda" if device.type == "cuda" else "cpu"],
+                           None if device.type == "cuda" else first_ms)
+            ms = {n: round(statistics.median(t), 5) for n, t in samples.items()}
         elif valid:
             ms = {next(iter(valid)): None}
     finally:
         _restore(buffers, saved)
     timed_ok = {n: t for n, t in ms.items() if t is not None}
     choice = min(timed_ok, key=timed_ok.get) if timed_ok else (next(iter(ms)) if ms else EAGER)
-    if EAGER in timed_ok and choice != EAGER and timed_ok[choice] > timed_ok[EAGER] * (1 - EAGER_MARGIN):
-        choice = EAGER
+    if EAGER in samples and choice != EAGER and timed_ok[choice] > min(samples[EAGER]) * (1 - EAGER_MARGIN):
+        choice = EAGER  # not faster than eager beyond the noise
     entry = {"choice": choice, "ms": ms, "errors": errors, "ratio": ratio,
              "max_error": {n: float(f"{e:.4g}") for n, e in max_err.items()}}
     if oracle_error is not None:

@@ -198,7 +198,8 @@ def test_a_correct_fast_candidate_wins_and_a_slow_one_loses(race):
 
 
 def test_a_tie_within_the_margin_keeps_eager(race):
-    """2% faster than eager (two ops of 0.245 s against 0.5 s) is within EAGER_MARGIN: eager keeps the block."""
+    """2% faster than eager (two ops of 0.245 s against 0.5 s) is within EAGER_MARGIN of eager's fastest sample:
+    eager keeps the block."""
     race.install(make_backend(race.clock, cost=0.245))
     backends._modules["reference"], saved = make_backend(race.clock, cost=1.0), backends._modules["reference"]
     try:
