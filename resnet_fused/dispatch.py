@@ -15,7 +15,8 @@ eval or training, the device) each candidate that can run the input is
 1. **validated**: run once on a copy of the input, its output — in training also its input and parameter
    gradients (for a fixed random output gradient, by ``torch.autograd.grad``, so no ``.grad`` changes) and the
    running statistics it leaves — compared with the block's own forward run on a copy of its modules in float64
-   (float32 without TF32 for a float16/bfloat16 computation) under the project's tolerance rule (:mod:`resnet_fused.tolerances`: at most twice eager's own error plus the dtype's tolerance).
+   (float32 without TF32 for a float16/bfloat16 computation) under the project's tolerance rule
+   (:mod:`resnet_fused.tolerances`: at most twice eager's own error plus the dtype's tolerance).
    A candidate that raises or disagrees is excluded and recorded with its error;
 2. **timed**: the valid ones in interleaved rounds on the same inputs (forward, or forward + backward in
    training), CUDA events on a GPU, ``time.perf_counter`` on a CPU; the median counts.
@@ -76,7 +77,7 @@ except ImportError:  # Windows: no advisory locks; the write stays atomic, concu
 
 from . import backends, tolerances
 from .backends import autoselect, reference
-from .backends.autoselect import ENV_FORCE, forced_candidate
+from .backends.autoselect import ENV_FORCE, forced_candidate  # noqa: F401 (ENV_FORCE: part of this module's API)
 
 ENV_ENGINE = "RESNET_FUSED_CUDA_ENGINE"
 ENV_CACHE_DIR = "RESNET_FUSED_CACHE_DIR"
@@ -142,15 +143,27 @@ def env_key(device: torch.device) -> str:
         except ImportError:
             triton_version = "none"
         info = build_info() or {}
-        ext = f"{info.get('cuda_version')}-{info.get('cutlass')}-{info.get('cudnn_frontend')}-{info.get('torch_version')}"
+        ext = "-".join(str(info.get(k)) for k in ("cuda_version", "cutlass", "cudnn_frontend", "torch_version"))
         if device.type == "cuda":
             props = torch.cuda.get_device_properties(device)
             where = f"{props.name}|sm{props.major}{props.minor}|cudnn {torch.backends.cudnn.version()}"
         else:
-            where = f"{device.type}|{platform.machine()} {platform.processor()}|threads {torch.get_num_threads()}"
+            where = f"{device.type}|{_cpu_name()}|threads {torch.get_num_threads()}"
         _env_keys[device] = (f"{where}|torch {torch.__version__}|triton {triton_version}|resnet_fused {__version__}"
                              f"|ext {ext}")
     return _env_keys[device]
+
+
+def _cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return " ".join(filter(None, (platform.machine(), platform.processor())))
 
 
 def read_table(path: Path) -> dict:

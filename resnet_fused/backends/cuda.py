@@ -47,7 +47,8 @@ tries them in the order its ``engines`` argument gives, an engine that cannot ru
 The order is chosen per (op, shape, dtype): ``forced_engine(name)`` or ``RESNET_FUSED_CUDA_ENGINE=name`` forces one
 (a call it cannot run raises ``RuntimeError`` with its reason); otherwise each engine is timed on the key's first
 eager call on the GPU and the fastest goes first, remembered in memory and on disk (``cuda_engines.json`` beside
-``dispatch.json``, the measured choices of ``auto``, :mod:`resnet_fused.dispatch`); :func:`engine_choices` reports what was chosen and what ran.
+``dispatch.json``, the measured choices of ``auto``, :mod:`resnet_fused.dispatch`); :func:`engine_choices` reports
+what was chosen and what ran.
 
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
 module loads it lazily and adds the Python halves of each op: a fake kernel (so ``torch.compile`` traces it) and
@@ -68,7 +69,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from .. import dispatch
-from ..dispatch import ENGINES, ENV_ENGINE, forced, forced_engine
+from ..dispatch import ENGINES, ENV_ENGINE, forced, forced_engine  # noqa: F401 (cuda.forced_engine: public API)
 from . import reference
 
 NAME = "cuda"
