@@ -9,7 +9,10 @@
   floor: a fused kernel may beat it (its own tiles can beat cuDNN's pick, and the Triton tail computes the 1x1
   shortcut in the same launch as the last convolution), so a ratio below 1.0 is legitimate.
 - "rf-<backend>": a copy converted by ``resnet_fused.fuse(copy, backend=<backend>)``: ``rf-auto`` (what a user
-  gets by default), ``rf-reference``, ``rf-triton``, ``rf-cuda``.
+  gets by default), ``rf-reference``, ``rf-triton``, ``rf-cuda``. ``rf-auto`` measures each block on its first
+  (warm-up) call, as a user's first call does, and its row carries the per-block choice table
+  (:func:`auto_blocks`: the candidate that runs each block, its margin over eager, every candidate's time and
+  error); it runs on every device, so each workload has an ``rf-auto`` vs ``eager`` row on CPUs too.
 - "rf-cuda-<engine>": ``rf-cuda`` with one engine forced for every call (``cudnn``, ``cutlass``, ``plain``),
   through ``resnet_fused.backends.cuda.forced_engine`` where the build has it.
 
@@ -329,6 +332,32 @@ def prepare(provider: str, workload: Workload, base: nn.Module, mode: str, dtype
             return out
 
     return Step(provider, workload, module, mode, dtype, inputs, run, context)
+
+
+def auto_blocks(step: Step) -> list[dict]:
+    """An ``rf-auto`` row's per-block choice table: for every block (and stem) of the module that ``auto``
+    measured or looked up, its path, the candidate that runs it, eager's time over that candidate's, and per
+    candidate the median ms, the max error against the float64 reference and why it was excluded."""
+    try:
+        from resnet_fused import dispatch
+    except Exception as error:  # an older package: no per-block dispatcher
+        return [{"error": f"{type(error).__name__}: {error}"}]
+    inner = getattr(step.module, "_orig_mod", step.module)
+    table = []
+    for path, m in inner.named_modules():
+        for kind, (sig, entry) in sorted(dispatch.chosen(m).items()):
+            ms, choice = entry.get("ms", {}), entry.get("choice")
+            eager = ms.get(dispatch.EAGER)
+            table.append({
+                "block": path if kind == "block" else (f"{path}.conv1" if path else "conv1"),
+                "signature": sig,
+                "choice": choice,
+                "vs_eager": round(eager / ms[choice], 4) if eager and ms.get(choice) else None,
+                "ms": ms,
+                "max_error": entry.get("max_error", {}),
+                "errors": entry.get("errors", {}),
+            })
+    return table
 
 
 def release_memory() -> None:

@@ -251,14 +251,14 @@ def environment(device: torch.device, backends: list[str], import_error: str | N
     }
 
 
-def auto_choices(device: torch.device, dtypes: list[str]) -> dict:
-    """The backend ``auto`` chose per benchmark dtype, as stored by its measurement (nothing is measured here:
-    the rf-auto rows made the choice as a user's first call does)."""
+def auto_choices() -> dict:
+    """Every per-block choice ``auto`` made in this process (nothing is measured here: the rf-auto rows made them
+    as a user's first call does), keyed by device and block signature."""
     try:
-        from resnet_fused.backends import autoselect
+        from resnet_fused import dispatch
     except Exception as error:
         return {"error": f"{type(error).__name__}: {error}"}
-    return {name: autoselect.stored(device, P.DTYPES[name]) for name in dtypes}
+    return dispatch.measured()
 
 
 def row_engines(provider: str) -> dict:
@@ -473,6 +473,8 @@ class Sweep:
             step.release_grads()
         if row["provider"].startswith(P.RF_PREFIX):
             row["engines"] = row_engines(row["provider"])
+        if row["provider"] == P.RF_PREFIX + "auto":
+            row["auto_blocks"] = P.auto_blocks(step)
         return step
 
     def time_rounds(self, rows: list[dict], steps: dict[int, P.Step], mode: str, dtype: torch.dtype) -> None:
@@ -675,8 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the writing short
         meta["elapsed_s"] = round(timing.elapsed_s(), 1)
-        if device.type == "cuda" and not import_error:
-            meta["auto_backend"] = auto_choices(device, config["dtypes"])
+        if not import_error:
+            meta["auto_choices"] = auto_choices()
         for row in sweep.rows:
             if row["ms"] is None and row["error"] is None:
                 row["error"] = "not run: the sweep was interrupted"

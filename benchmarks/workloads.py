@@ -38,8 +38,9 @@ QUICK_COMPILE = frozenset(
     + [(name, "eval") for name in HEADLINE]
 )
 
-# The CPU smoke run: a BasicBlock without and with downsample, a Bottleneck with downsample, ResNet-18.
-SMOKE = ("r18.layer1.identity", "r18.layer2.first", "r50.layer2.first", "resnet18")
+# The CPU smoke run: a BasicBlock without and with downsample, a Bottleneck with downsample, ResNet-18 and
+# ResNet-50 (rf-auto vs eager on the whole models: auto must not be slower than torchvision on a CPU either).
+SMOKE = ("r18.layer1.identity", "r18.layer2.first", "r50.layer2.first", "resnet18", "resnet50")
 SMOKE_BATCH = 2
 SMOKE_IMAGE_SIZE = 64  # ResNet-18 layer1 then runs at 16x16
 

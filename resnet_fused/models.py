@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import backends, norm
+from . import backends, dispatch, norm
 from .backends.reference import Shortcut
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
@@ -205,8 +205,15 @@ def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
     check_input(x, stages[0][0])
     if x.shape[0] == 0 or block._fusion_issue() is not None:
         return block._eager_forward(x)
+    # backend "auto": the fastest of every fused path and the block's own forward, checked (resnet_fused.dispatch)
+    return dispatch.run(block, "block", {"block": block}, x, max(c.groups for c, _ in stages),
+                        max(c.dilation[0] for c, _ in stages), lambda be, x: _fused_block_forward(block, be, x),
+                        lambda parts, x: type(block)._eager_forward(parts["block"], x))
+
+
+def _fused_block_forward(block: _FusedBlock, be, x: Tensor) -> Tensor:
+    stages = block._stages()
     shortcut = _shortcut_pair(block.downsample)
-    be = backends.resolve(block.backend, x, max(c.groups for c, _ in stages), max(c.dilation[0] for c, _ in stages))
     dtype = _compute_dtype(x, stages[0][0].weight)
     run = _FusedForward(stages)
     # A downsample of another shape than conv1x1+BN runs as the module it is and joins as the residual.
@@ -449,7 +456,11 @@ class ResNet(_Fused):
         if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point() or self._stem_issue() is not None):
             return self.relu(self.bn1(self.conv1(x)))
         check_input(x, self.conv1)
-        be = backends.resolve(self.backend, x)
+        parts = {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}
+        return dispatch.run(self, "stem", parts, x, 1, 1, self._fused_stem,
+                            lambda p, x: p["relu"](p["bn1"](p["conv1"](x))))
+
+    def _fused_stem(self, be, x: Tensor) -> Tensor:
         dtype = _compute_dtype(x, self.conv1.weight)
         run = _FusedForward([(self.conv1, self.bn1)])
         with torch.autocast(x.device.type, enabled=False):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backends, models
+from . import backends, dispatch, models
 
 __all__ = ["BlockReport", "explain", "warn_if_nothing_fused"]
 
@@ -44,6 +44,8 @@ class BlockReport:
     fused: bool           # whether its forward takes the fused path
     backend: str | None   # the backend that path runs on for the asked device/dtype (None: not fused)
     reason: str | None    # why it is not fused (None: it is)
+    chosen: str | None = None    # backend "auto": the path its last call measured fastest (resnet_fused.dispatch)
+    vs_eager: float | None = None  # eager's time / the chosen path's time in that measurement (1.0: eager chosen)
 
 
 def _class_name(cls: type) -> str:
@@ -107,6 +109,16 @@ def _backend(m: nn.Module, stages, device: torch.device, dtype: torch.dtype, cac
     return cache[key]
 
 
+def _auto_choice(m: nn.Module) -> tuple[str | None, float | None]:
+    """(chosen path, eager's time / its time) of the last measured call of ``m`` under ``auto``, else (None, None)."""
+    record = dispatch.chosen(m).get("stem" if isinstance(m, models.ResNet) else "block")
+    if record is None:
+        return None, None
+    ms = record[1]["ms"]
+    name, eager = record[1]["choice"], ms.get(dispatch.EAGER)
+    return name, (round(eager / ms[name], 3) if eager and ms.get(name) else None)
+
+
 def _default_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         if p.is_floating_point():
@@ -119,8 +131,10 @@ def explain(model: nn.Module, device: torch.device | str | None = None, dtype: t
     """Report, per residual block of ``model``, whether it runs fused, on which backend, and why not.
 
     ``device``/``dtype``: the input the backend is chosen for (default: the device and dtype of the model's
-    first floating-point parameter; pass the autocast dtype to ask about mixed precision). On a GPU, ``auto``
-    may time its candidate backends once here, as the first forward would (:mod:`resnet_fused.backends.autoselect`).
+    first floating-point parameter; pass the autocast dtype to ask about mixed precision). The backend column is
+    ``auto``'s fixed order (:mod:`resnet_fused.backends.autoselect`); for ``auto`` blocks that have run, the
+    last column is the path their measurement chose and its margin over eager (:mod:`resnet_fused.dispatch`,
+    :func:`resnet_fused.tune`).
     ``show``: print the table (with rich when it is installed). Returns the rows as :class:`BlockReport`.
     """
     default_device, default_dtype = _default_device_dtype(model)
@@ -134,7 +148,7 @@ def explain(model: nn.Module, device: torch.device | str | None = None, dtype: t
             backend, error = _backend(m, stages, device, dtype, cache)
             if backend is None:
                 fused, reason = False, error
-        rows.append(BlockReport(path, cls, fused, backend, reason))
+        rows.append(BlockReport(path, cls, fused, backend, reason, *_auto_choice(m)))
     if show:
         _print(rows, type(model).__name__, device, dtype)
     return rows
@@ -147,6 +161,9 @@ def _print(rows: list[BlockReport], model_name: str, device: torch.device, dtype
         title = f"resnet_fused.explain({model_name}): no ResNet block found, nothing is fused"
     cells = [(r.path or "(model)", r.cls, "yes" if r.fused else "no", r.backend or "-", r.reason or "")
              for r in rows]
+    if any(r.chosen for r in rows):  # auto's measured choice per block and its margin over eager
+        cells = [c + ((r.chosen + (f" ({r.vs_eager:.2f}x eager)" if r.vs_eager and r.chosen != "eager" else ""))
+                      if r.chosen else "-",) for c, r in zip(cells, rows)]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -161,7 +178,7 @@ def _print(rows: list[BlockReport], model_name: str, device: torch.device, dtype
     if not rows:
         return
     table = Table()
-    for column in ("block", "class", "fused", "backend", "reason"):
+    for column in ("block", "class", "fused", "backend", "reason", "auto chose")[:len(cells[0])]:
         table.add_column(column, overflow="fold")
     for cell in cells:
         table.add_row(*(Text(c) for c in cell))

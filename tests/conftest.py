@@ -20,12 +20,15 @@ import faulthandler
 import os
 import signal
 import sys
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# auto's measured choices (resnet_fused.dispatch) go to a folder of this session, not the user's cache.
+os.environ.setdefault("RESNET_FUSED_CACHE_DIR", tempfile.mkdtemp(prefix="resnet_fused_cache_"))
 
 HARD_LIMIT_GRACE_S = 30.0
 

@@ -642,13 +642,13 @@ def test_fake_tensors_are_never_measured(monkeypatch, tmp_path):
     "auto" — and neither measures nor records what ran."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from resnet_fused.backends import autoselect
+    from resnet_fused import dispatch
 
     monkeypatch.setenv("RESNET_FUSED_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(cuda_backend.ENV_ENGINE, raising=False)
     monkeypatch.setattr(cuda_backend, "_engine_memory", {})
     monkeypatch.setattr(cuda_backend, "_engine_ran", {})
-    monkeypatch.setattr(autoselect, "cache_key", lambda device, dtype: "env")
+    monkeypatch.setattr(dispatch, "env_key", lambda device: "env")
     with FakeTensorMode():
         x = torch.empty(2, 3, 4, 4, device="cuda:0")
 

@@ -1,4 +1,5 @@
-"""One table of tolerances per dtype, and the three ways the tests compare against it.
+"""One table of tolerances per dtype (the package's, :mod:`resnet_fused.tolerances`), and the three ways the
+tests compare against it.
 
 * :func:`assert_close_to_oracle` — the project's rule for a fused result: its error against an fp64 oracle (an
   fp64 formula, or torchvision run in float64 — never the code under test) is at most twice the error of
@@ -14,16 +15,7 @@
 
 import torch
 
-# (rtol, atol) for a fused result vs the same computation in PyTorch in the same dtype.
-TOL = {
-    torch.float64: (1e-9, 1e-10),
-    torch.float32: (1e-4, 1e-5),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
-
-# A fused result may be this many times as far from the fp64 oracle as PyTorch's own result in the same dtype.
-ORACLE_FACTOR = 2.0
+from resnet_fused.tolerances import ORACLE_FACTOR, TOL, allowed_error
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0, msg=None):
@@ -66,7 +58,7 @@ def assert_oracle_errors(err, eager_err, size, dtype, what="result", factor=ORAC
     """The rule of :func:`assert_close_to_oracle` on errors measured elsewhere (e.g. in a subprocess):
     ``err ≤ factor·eager_err + tol_scale·(atol + rtol·size)``."""
     rtol, atol = TOL[dtype]
-    allowed = factor * eager_err + tol_scale * (atol + rtol * size)
+    allowed = allowed_error(eager_err, size, dtype, factor, tol_scale)
     # A bound as large as the result itself lets zeros or a doubled result pass: the comparison is ill-conditioned
     # (PyTorch's own error in this dtype is as large as the result) and proves nothing.
     assert not (size > 2 * atol and allowed >= size), (

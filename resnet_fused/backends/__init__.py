@@ -9,11 +9,12 @@ Backends are modules exposing ``NAME``, ``unsupported(x, groups, dilation) -> st
 * ``triton``    — Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
 * ``cuda``      — the C++/CUDA extension ``resnet_fused._C``.
 
-``auto`` takes the first backend that can run the input, in an order per device: CPU tensors always use
-``reference``; CUDA tensors try the faster of ``triton`` and ``cuda`` first — measured once per GPU and dtype
-and cached (:mod:`.autoselect`) — then the other, then ``reference``. When ``auto`` has to fall back because a
-preferred backend cannot run a config (grouped convolution, an odd dtype), it warns once per reason. A backend
-named explicitly that cannot run raises a ``RuntimeError`` that says why.
+``auto`` in a fused block or stem races every way the package can run it, eager torchvision included, checked
+against a float64 reference (:mod:`resnet_fused.dispatch`). :func:`resolve` with ``auto`` (one backend module,
+no block: ``explain``'s column) takes the first backend that can run the input in a fixed order per device
+(:mod:`.autoselect`): CPU tensors use ``reference``; CUDA tensors ``triton``, ``cuda``, then ``reference``. When
+``auto`` has to fall back because a preferred backend cannot run a config (grouped convolution, an odd dtype), it
+warns once per reason. A backend named explicitly that cannot run raises a ``RuntimeError`` that says why.
 """
 
 from __future__ import annotations
@@ -79,8 +80,7 @@ def resolve(name: str, x: torch.Tensor, groups: int = 1, dilation: int = 1) -> M
     # Why each backend of the order cannot run x (None: it can), asked once per call.
     if x.device.type == "cuda":
         reasons = {b: _why_not(load(b), x, groups, dilation) for b in BACKENDS}
-        runnable = {b: load(b) for b in autoselect.CANDIDATES if reasons[b] is None}
-        order = autoselect.order(x.device, x.dtype, runnable)
+        order = autoselect.order(x.device, x.dtype)
     else:
         reasons, order = {"reference": reference.unsupported(x, groups, dilation)}, ("reference",)
     first = reasons[order[0]]

@@ -47,7 +47,8 @@ tries them in the order its ``engines`` argument gives, an engine that cannot ru
 The order is chosen per (op, shape, dtype): ``forced_engine(name)`` or ``RESNET_FUSED_CUDA_ENGINE=name`` forces one
 (a call it cannot run raises ``RuntimeError`` with its reason); otherwise each engine is timed on the key's first
 eager call on the GPU and the fastest goes first, remembered in memory and on disk (``cuda_engines.json`` beside
-``auto``'s backend choice); :func:`engine_choices` reports what was chosen and what ran.
+``dispatch.json``, the measured choices of ``auto``, :mod:`resnet_fused.dispatch`); :func:`engine_choices` reports
+what was chosen and what ran.
 
 The extension registers the ops with the dispatcher (``torch.ops.resnet_fused.*``, CPU and CUDA kernels). This
 module loads it lazily and adds the Python halves of each op: a fake kernel (so ``torch.compile`` traces it) and
@@ -57,11 +58,7 @@ running statistics).
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
-import os
-import statistics
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -71,7 +68,9 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import autoselect, reference
+from .. import dispatch
+from ..dispatch import ENGINES, ENV_ENGINE, forced, forced_engine  # noqa: F401 (cuda.forced_engine: public API)
+from . import reference
 
 NAME = "cuda"
 
@@ -208,48 +207,19 @@ def finalize(mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | No
 #   * forced: ``forced_engine(name)`` (innermost first), else ``RESNET_FUSED_CUDA_ENGINE``: that engine only;
 #   * measured: on the key's first eager call on a GPU (never while torch.compile traces or a CUDA graph is
 #     captured) each engine runs the call alone and is timed; the fastest goes first, then the default order.
-#     The result is kept for the process and on disk, in ``cuda_engines.json`` beside ``auto``'s backend choice
-#     (``RESNET_FUSED_CACHE_DIR``), under the environment key of :func:`autoselect.cache_key` (GPU, dtype,
-#     versions) so a new GPU, driver stack or build measures again;
+#     The result is kept for the process and on disk, in ``cuda_engines.json`` beside ``auto``'s choices
+#     (``RESNET_FUSED_CACHE_DIR``), under the environment key of :func:`dispatch.env_key` (GPU, versions) so a
+#     new GPU, driver stack or build measures again; ``auto`` itself races each engine per block (it forces one
+#     at a time), so this order serves ``backend="cuda"``;
 #   * otherwise (CPU tensors, tracing or capturing with nothing stored): "auto".
 
-ENGINES = ("cudnn", "cutlass", "plain")
-ENV_ENGINE = "RESNET_FUSED_CUDA_ENGINE"
 ENGINE_CACHE_FILE = "cuda_engines.json"
 _DECLINED = "cannot run this call"  # in the C++ ops' error when the one engine they were given declines
 _MEASURE_REPS = 5
 
-_forced_stack: list[str] = []
 # device-qualified op key -> {"engine", "ms", "declined", "errors"}; op key -> what ran its last eager call
 _engine_memory: dict[str, dict] = {}
 _engine_ran: dict[str, str] = {}
-
-
-@contextlib.contextmanager
-def forced_engine(name: str):
-    """Inside the block, every ``conv_bn_act`` / ``conv_stats`` call of this backend on a CUDA tensor runs on
-    engine ``name`` (``"cudnn"``, ``"cutlass"`` or ``"plain"``) only, like ``RESNET_FUSED_CUDA_ENGINE=name``: a
-    call that engine cannot run raises ``RuntimeError`` with the engine's reason. Nests (the innermost wins) and
-    takes precedence over the environment variable. Under ``torch.compile`` the engine is fixed at trace time."""
-    if name not in ENGINES:
-        raise ValueError(f"unknown cuda engine {name!r}: choose one of {', '.join(ENGINES)}")
-    _forced_stack.append(name)
-    try:
-        yield
-    finally:
-        _forced_stack.pop()
-
-
-def forced() -> str | None:
-    """The engine forced by :func:`forced_engine` or ``RESNET_FUSED_CUDA_ENGINE`` (empty: none), else None."""
-    if _forced_stack:
-        return _forced_stack[-1]
-    env = os.environ.get(ENV_ENGINE, "").strip()
-    if not env:
-        return None
-    if env not in ENGINES:
-        raise ValueError(f"{ENV_ENGINE}={env!r}: choose one of {', '.join(ENGINES)}")
-    return env
 
 
 def engine_choices() -> dict:
@@ -273,34 +243,22 @@ def clear_engine_memory() -> None:
 
 def engine_cache_path() -> Path:
     """The JSON file of measured engine choices: ``cuda_engines.json`` beside ``auto``'s ``auto_backend.json``."""
-    return autoselect.cache_path().parent / ENGINE_CACHE_FILE
+    return dispatch.cache_path(ENGINE_CACHE_FILE)
 
 
 def _read_engine_disk() -> dict:
-    try:
-        return json.loads(engine_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+    return dispatch.read_table(engine_cache_path())
 
 
 def _write_engine_disk(env: str, key: str, entry: dict) -> None:
-    path = engine_cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = _read_engine_disk()
-        table.setdefault(env, {})[key] = entry
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
-        tmp.replace(path)
-    except OSError as err:  # a read-only cache dir must not break inference: the choice stays in memory
-        warnings.warn(f"resnet_fused: could not store the cuda engine choice in {path} ({err})", RuntimeWarning,
-                      stacklevel=4)
+    """Stored under the file lock, merged with other processes' entries (:func:`dispatch.store`)."""
+    dispatch.store(engine_cache_path(), env, key, entry)
 
 
 def _cuda_time(fn: Callable[[], object]) -> float:
     """Median milliseconds of ``fn`` over _MEASURE_REPS CUDA-event-timed calls, after one untimed call (which raises
     if the engine declines): ``auto``'s timer."""
-    return autoselect._cuda_timer(fn, _MEASURE_REPS)
+    return dispatch.cuda_timer(fn, _MEASURE_REPS)
 
 
 def measure_engines(run: Callable[[str], object], timer: Callable[[Callable[[], object]], float] = _cuda_time,
@@ -326,9 +284,7 @@ def measure_engines(run: Callable[[str], object], timer: Callable[[Callable[[], 
 
 
 def _measuring_allowed() -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not dispatch.tracing()
 
 
 def _order(best: str | None) -> str:
@@ -347,8 +303,8 @@ def _engines_for(x: Tensor, key: str, run: Callable[[str], object],
     engine = forced()
     if engine is not None:
         return engine
-    device = autoselect._indexed(x.device)
-    return _measured_order(f"{device}|{key}", lambda: autoselect.cache_key(device, x.dtype), key, run,
+    device = dispatch.indexed(x.device)
+    return _measured_order(f"{device}|{key}", lambda: dispatch.env_key(device), key, run,
                            measure or measure_engines)
 
 
@@ -359,10 +315,10 @@ def _traced_order(device: torch.device, dtype: torch.dtype, key: str) -> str:
     engine = forced()
     if engine is not None:
         return engine
-    device = autoselect._indexed(device)
+    device = dispatch.indexed(device)
     entry = _engine_memory.get(f"{device}|{key}")
     if entry is None:
-        entry = _read_engine_disk().get(autoselect.cache_key(device, dtype), {}).get(key)
+        entry = _read_engine_disk().get(dispatch.env_key(device), {}).get(key)
     return "auto" if entry is None else _order(entry.get("engine"))
 
 
