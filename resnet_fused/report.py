@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backends, models
+from . import backends
+from .fused import _Fused, _FusedBlock
 
 __all__ = ["BlockReport", "explain", "warn_if_nothing_fused"]
 
@@ -61,12 +62,9 @@ def _known_base(cls: type) -> type | None:
 
 def _status(m: nn.Module) -> tuple[bool, str | None, list[tuple[nn.Module, nn.Module]]] | None:
     """(fused, reason, conv/norm stages) of module ``m``, or None when ``m`` is no block to report."""
-    if isinstance(m, models._FusedBlock):
+    if isinstance(m, _Fused):  # a fused block, or a fused ResNet's stem
         issue = m._fusion_issue()
         return issue is None, issue, m._stages()
-    if isinstance(m, models.ResNet):
-        issue = m._stem_issue()
-        return issue is None, issue, [(m.conv1, m.bn1)]
     cls = type(m)
     if cls.__name__ in _KNOWN.get(cls.__module__, ()):
         return False, "not converted: resnet_fused.fuse(model) converts it", []
@@ -86,7 +84,7 @@ def _rows(model: nn.Module):
         fused, reason, stages = status
         path = name
         cls = _class_name(type(m))
-        if isinstance(m, models.ResNet) or type(m).__name__ == "ResNet":
+        if not isinstance(m, _FusedBlock) and (isinstance(m, _Fused) or type(m).__name__ == "ResNet"):
             path, cls = (f"{name}.conv1" if name else "conv1"), f"{cls} (stem conv1/bn1/relu)"
         yield path, m, cls, fused, reason, stages
 

@@ -9,7 +9,7 @@ as it is and joins the fused tail as the residual). The one difference from torc
 
 The classes here subclass timm's, so ``isinstance`` checks, ``state_dict`` keys and parameters stay timm's; they
 only name timm's modules for the driver shared with torchvision's blocks
-(:class:`resnet_fused.models._FusedBlock`). A block that is not torchvision-shaped (SE, anti-aliasing, another
+(:class:`resnet_fused.fused._FusedBlock`). A block that is not torchvision-shaped (SE, anti-aliasing, another
 activation or norm layer, DropBlock/DropPath while training) runs timm's own forward, unchanged.
 
 This module imports timm; :func:`resnet_fused.fuse` imports it only when it meets a timm block, so timm stays
@@ -21,7 +21,7 @@ from __future__ import annotations
 from timm.models import resnet as timm_resnet
 from torch import Tensor
 
-from .models import _FusedBlock
+from .fused import _FusedBlock, register
 
 __all__ = ["TimmBasicBlock", "TimmBottleneck", "FUSED"]
 
@@ -52,3 +52,5 @@ class TimmBottleneck(_FusedBlock, timm_resnet.Bottleneck):
 
 # timm's class -> the fused class fuse() gives its instances.
 FUSED = {timm_resnet.BasicBlock: TimmBasicBlock, timm_resnet.Bottleneck: TimmBottleneck}
+for _original, _fused_cls in FUSED.items():
+    register(_original.__module__, _original.__qualname__, _fused_cls)
