@@ -1,7 +1,8 @@
 """Drop-in torchvision ResNets whose residual blocks run as fused kernels.
 
-``BasicBlock``, ``Bottleneck`` and ``ResNet`` have torchvision's constructor signatures, submodule names and
-therefore its exact ``state_dict`` keys, plus one keyword, ``backend``. Only ``forward`` differs:
+``BasicBlock``, ``Bottleneck`` and ``ResNet`` subclass torchvision's classes (``isinstance`` answers as for
+torchvision's) and are built by torchvision's constructors, so submodule names, initialization and ``state_dict``
+keys are torchvision's; they add one keyword, ``backend``. Only ``forward`` differs:
 
 * Every BatchNorm uses running statistics (eval): each convolution is one ``conv_bn_act`` launch that applies
   its BN as a per-channel scale and shift in fp32 in the epilogue, computed from the BN's live tensors on every
@@ -30,6 +31,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from torchvision.models import resnet as tv
+from torchvision.models.resnet import conv1x1, conv3x3  # noqa: F401  (torchvision's helpers, under their names)
+
 from . import backends, norm, report
 from .fused import (_cast, _Fused, _FusedBlock, _FusedForward, _compute_dtype, _fused_class, _pair_issue, check_input,
                     register)
@@ -39,172 +43,59 @@ __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm
            "wide_resnet50_2", "wide_resnet101_2"]
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
-    """3x3 convolution with padding"""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
-                     bias=False, dilation=dilation)
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution"""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(_FusedBlock):
+class BasicBlock(_FusedBlock, tv.BasicBlock):
     """torchvision's ``BasicBlock``: ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, fused."""
-
-    expansion: int = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        # Both self.conv1 and self.downsample layers downsample the input when stride != 1
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
+        tv.BasicBlock.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self._init_fused(backend)
 
     _STAGES = (("conv1", "bn1"), ("conv2", "bn2"))
     _ACTS = ("relu",)
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return tv.BasicBlock.forward(self, x)
 
 
-class Bottleneck(_FusedBlock):
+class Bottleneck(_FusedBlock, tv.Bottleneck):
     """torchvision's ``Bottleneck`` (ResNet v1.5: stride in the 3x3), fused.
 
     ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))``, ``expansion = 4``.
     """
 
-    expansion: int = 4
-
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
                  groups: int = 1, base_width: int = 64, dilation: int = 1,
                  norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        width = int(planes * (base_width / 64.0)) * groups
-        # Both self.conv2 and self.downsample layers downsample the input when stride != 1
-        self.conv1 = conv1x1(inplanes, width)
-        self.bn1 = norm_layer(width)
-        self.conv2 = conv3x3(width, width, stride, groups, dilation)
-        self.bn2 = norm_layer(width)
-        self.conv3 = conv1x1(width, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
+        tv.Bottleneck.__init__(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         self._init_fused(backend)
 
     _STAGES = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
     _ACTS = ("relu",)
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
+        return tv.Bottleneck.forward(self, x)
 
 
-class ResNet(_Fused):
+class ResNet(_Fused, tv.ResNet):
     """torchvision's ``ResNet`` with fused blocks and a fused stem (conv 7x7 s2 + BN + ReLU)."""
 
-    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
+    def __init__(self, block: type[tv.BasicBlock | tv.Bottleneck], layers: list[int], num_classes: int = 1000,
                  zero_init_residual: bool = False, groups: int = 1, width_per_group: int = 64,
                  replace_stride_with_dilation: list[bool] | None = None,
                  norm_layer: Callable[..., nn.Module] | None = None, *, backend: str = "auto") -> None:
-        super().__init__()
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-        self._norm_layer = norm_layer
-        self._init_fused(backend)
+        self._init_fused(backend)  # first: torchvision's constructor builds the blocks (_make_layer) with it
+        tv.ResNet.__init__(self, block, layers, num_classes, zero_init_residual, groups, width_per_group,
+                           replace_stride_with_dilation, norm_layer)
 
-        self.inplanes = 64
-        self.dilation = 1
-        if replace_stride_with_dilation is None:
-            # each element in the tuple indicates if we should replace
-            # the 2x2 stride with a dilated convolution instead
-            replace_stride_with_dilation = [False, False, False]
-        if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation should be None "
-                             f"or a 3-element tuple, got {replace_stride_with_dilation}")
-        self.groups = groups
-        self.base_width = width_per_group
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-        # Zero-initialize the last BN in each residual branch,
-        # so that the residual branch starts with zeros, and each residual block behaves like an identity.
-        # This improves the model by 0.2~0.3% according to https://arxiv.org/abs/1706.02677
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck) and m.bn3.weight is not None:
-                    nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock) and m.bn2.weight is not None:
-                    nn.init.constant_(m.bn2.weight, 0)
-
-    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, blocks: int, stride: int = 1,
+    def _make_layer(self, block: type[tv.BasicBlock | tv.Bottleneck], planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
-        norm_layer = self._norm_layer
-        downsample = None
-        previous_dilation = self.dilation
-        if dilate:
-            self.dilation *= stride
-            stride = 1
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                norm_layer(planes * block.expansion),
-            )
-        extra = {"backend": self.backend} if issubclass(block, _FusedBlock) else {}
-
-        layers = []
-        layers.append(block(self.inplanes, planes, stride, downsample, self.groups, self.base_width,
-                            previous_dilation, norm_layer, **extra))
-        self.inplanes = planes * block.expansion
-        for _ in range(1, blocks):
-            layers.append(block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
-                                dilation=self.dilation, norm_layer=norm_layer, **extra))
-
-        return nn.Sequential(*layers)
+        layer = tv.ResNet._make_layer(self, block, planes, blocks, stride, dilate)
+        for m in layer:
+            if isinstance(m, _FusedBlock):
+                m._init_fused(self.backend)
+        return layer
 
     def _stages(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.conv1, self.bn1)]
@@ -246,9 +137,6 @@ class ResNet(_Fused):
         x = self.fc(x)
 
         return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._forward_impl(x)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +211,7 @@ def _verify_weights(enum_name: str, weights: Any) -> Any:
     return getattr(torchvision.models, enum_name).verify(weights)
 
 
-def _resnet(block: type[BasicBlock | Bottleneck], layers: list[int], weights: Any, progress: bool,
+def _resnet(block: type[tv.BasicBlock | tv.Bottleneck], layers: list[int], weights: Any, progress: bool,
             enum_name: str, **kwargs: Any) -> ResNet:
     weights = _verify_weights(enum_name, weights)
     if weights is not None:
