@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules import module as _module
+from torch.nn.utils import parametrize, prune
 
 from . import backends, norm
 from .backends.reference import Shortcut
@@ -199,6 +201,40 @@ def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
         return be.scale_bias_add_relu(c, scale, shift, c_d, scale_d, shift_d)
 
 
+def _module_hook_issue(name: str, m: nn.Module) -> str | None:
+    """Why module ``m`` (the block's ``name``) must run as itself: it carries a hook its forward or backward would
+    call (pruning is a forward pre-hook that recomputes the weight), or None."""
+    if m._forward_pre_hooks:
+        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values()):
+            return f"{name} is pruned (torch.nn.utils.prune's forward pre-hook)"
+        return f"{name} has a forward pre-hook"
+    if m._forward_hooks:
+        return f"{name} has a forward hook"
+    if m._backward_hooks or m._backward_pre_hooks:
+        return f"{name} has a backward hook"
+    return None
+
+
+def _hook_issue(owner: nn.Module, names: tuple[str, ...] | None = None) -> str | None:
+    """Why ``owner`` runs its eager forward now because of hooks: a global module hook
+    (``torch.nn.modules.module.register_module_*_hook``), or a hook on one of its modules (``names``; None: every
+    submodule, at any depth), which the fused path would not call. None when there is none: the check costs a few
+    dictionary lookups per module and call, so adding or removing a hook takes effect at the next call."""
+    if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_hooks
+            or _module._global_backward_pre_hooks):
+        return "a global module hook is registered (torch.nn.modules.module.register_module_*_hook)"
+    todo = [(name, owner._modules.get(name)) for name in names] if names is not None else list(owner._modules.items())
+    for name, m in todo:  # grows while it is walked: every submodule, parents first
+        if m is None:
+            continue
+        issue = _module_hook_issue(name, m)
+        if issue is not None:
+            return issue + ": runs its eager forward while the hook is there"
+        if names is None:
+            todo.extend((f"{name}.{child}", c) for child, c in m._modules.items())
+    return None
+
+
 class _Fused(nn.Module):
     """What every fused module carries: the backend name, and the (conv, norm) stages of its fused path with the
     reason that path does not run (:func:`resnet_fused.explain` reads both)."""
@@ -212,7 +248,16 @@ class _Fused(nn.Module):
         raise NotImplementedError
 
     def _fusion_issue(self) -> str | None:
+        """Why the fused path cannot cover the modules as they are (None: it can)."""
         raise NotImplementedError
+
+    def _hook_issue(self) -> str | None:
+        """Why the fused path does not run now because of hooks (None: no hook is skipped)."""
+        raise NotImplementedError
+
+    def _eager_reason(self) -> str | None:
+        """Why the module runs its eager forward now (None: it runs fused), as :func:`resnet_fused.explain` says."""
+        return self._hook_issue() or self._fusion_issue()
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}"
@@ -231,7 +276,8 @@ class _FusedBlock(_Fused):
       attention, DropBlock and DropPath);
     * ``downsample``: the shortcut, fused when it is ``Sequential(conv1x1, BN)``, else run as it is and added
       as the residual;
-    * ``_eager_forward``: the original forward, run whenever :meth:`_fusion_issue` names a reason.
+    * ``_eager_forward``: the original forward, run whenever :meth:`_fusion_issue` names a reason, while one of the
+      block's modules carries a hook (:meth:`_hook_issue`), and under ``torch.fx`` symbolic tracing.
     """
 
     _STAGES: tuple[tuple[str, str], ...] = ()
@@ -257,10 +303,17 @@ class _FusedBlock(_Fused):
                 return issue
         return None
 
+    def _hook_issue(self) -> str | None:
+        return _hook_issue(self)
+
     def _eager_forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        # Under torch.fx symbolic tracing (create_feature_extractor) the block is its eager computation: a graph of
+        # its modules and ops. Hooks on its modules (pruning included) are honoured by running it eagerly.
+        if is_fx_symbolic_tracing() or self._hook_issue() is not None:
+            return self._eager_forward(x)
         return _block_forward(self, x)
 
 

@@ -35,8 +35,8 @@ from torchvision.models import resnet as tv
 from torchvision.models.resnet import conv1x1, conv3x3  # noqa: F401  (torchvision's helpers, under their names)
 
 from . import backends, norm, report
-from .fused import (_cast, _Fused, _FusedBlock, _FusedForward, _compute_dtype, _fused_class, _pair_issue, check_input,
-                    register)
+from .fused import (_cast, _Fused, _FusedBlock, _FusedForward, _compute_dtype, _fused_class, _hook_issue, _pair_issue,
+                    check_input, is_fx_symbolic_tracing, register)
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "fuse", "convert_sync_batchnorm", "resnet18", "resnet34",
            "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
@@ -103,6 +103,9 @@ class ResNet(_Fused, tv.ResNet):
     def _fusion_issue(self) -> str | None:
         return self._stem_issue()
 
+    def _hook_issue(self) -> str | None:
+        return _hook_issue(self, ("conv1", "bn1", "relu"))  # maxpool runs as its module: its hooks fire
+
     def _stem_issue(self) -> str | None:
         """Why the stem runs unfused (None: it runs fused)."""
         if type(self.relu) is not nn.ReLU:
@@ -111,7 +114,8 @@ class ResNet(_Fused, tv.ResNet):
 
     def _stem(self, x: Tensor) -> Tensor:
         """``relu(bn1(conv1(x)))``: one conv_bn_act launch in eval, conv_stats + BN + ReLU in training."""
-        if (x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point() or self._stem_issue() is not None):
+        if (is_fx_symbolic_tracing() or x.dim() != 4 or x.shape[0] == 0 or not x.is_floating_point()
+                or self._stem_issue() is not None or self._hook_issue() is not None):
             return self.relu(self.bn1(self.conv1(x)))
         check_input(x, self.conv1)
         be = backends.resolve(self.backend, x)

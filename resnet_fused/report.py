@@ -7,6 +7,7 @@ run on for a given device and dtype, and the reason when it does not run fused:
 * a block of a fused class whose modules the fused path does not cover (a norm layer other than BatchNorm2d,
   SyncBatchNorm or FrozenBatchNorm2d; an activation other than ReLU; timm's SE/attention, anti-aliasing,
   DropBlock or DropPath while training; a biased or non-square convolution), which runs its own forward;
+* a block (or stem) one of whose modules carries a hook or pruning, which runs its own forward while it is there;
 * torchvision's or timm's block not converted yet (call ``fuse``), or a subclass of one (``fuse`` leaves it,
   its forward may differ);
 * another library's block (a class named ``*BasicBlock*``/``*Bottleneck*`` that ``fuse`` does not know).
@@ -63,7 +64,7 @@ def _known_base(cls: type) -> type | None:
 def _status(m: nn.Module) -> tuple[bool, str | None, list[tuple[nn.Module, nn.Module]]] | None:
     """(fused, reason, conv/norm stages) of module ``m``, or None when ``m`` is no block to report."""
     if isinstance(m, _Fused):  # a fused block, or a fused ResNet's stem
-        issue = m._fusion_issue()
+        issue = m._eager_reason()
         return issue is None, issue, m._stages()
     cls = type(m)
     if cls.__name__ in _KNOWN.get(cls.__module__, ()):
