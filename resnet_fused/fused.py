@@ -73,12 +73,30 @@ def _fusable_pair(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def _shortcut_pair(downsample: nn.Module | None) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
-    """torchvision's downsample ``Sequential(conv1x1(stride), BatchNorm2d)``, if that is what it is."""
-    if (type(downsample) is nn.Sequential and len(downsample) == 2 and _fusable_pair(*downsample)
-            and downsample[0].kernel_size == (1, 1) and downsample[0].padding == (0, 0)
-            and downsample[0].groups == 1 and downsample[0].dilation == (1, 1)):
-        return downsample[0], downsample[1]
+    """The (1x1 conv, BN) of a downsample the fused tail takes as its shortcut: torchvision's
+    ``Sequential(conv1x1(stride), BatchNorm2d)``, or timm's average-pool downsample (``d`` variants)
+    ``Sequential(AvgPool2d or Identity, conv1x1, BatchNorm2d)``, whose pool :func:`_shortcut_input` applies."""
+    if type(downsample) is not nn.Sequential or len(downsample) not in (2, 3):
+        return None
+    if len(downsample) == 3 and type(downsample[0]) not in (nn.AvgPool2d, nn.Identity):
+        return None
+    conv, bn = downsample[-2], downsample[-1]
+    if (_fusable_pair(conv, bn) and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+            and conv.dilation == (1, 1)):
+        return conv, bn
     return None
+
+
+def _shortcut_input(downsample: nn.Sequential, x: Tensor, xc: Tensor, dtype: torch.dtype) -> Tensor:
+    """The input of the shortcut's 1x1 conv: the block input ``xc`` (cast to the compute dtype), or for timm's
+    average-pool downsample ATen's ``avg_pool2d`` of ``x`` with the pool module's own arguments (``ceil_mode``,
+    ``count_include_pad``: odd sizes exact), in x's dtype as the eager module computes it, then cast."""
+    pool = downsample[0] if len(downsample) == 3 else None
+    if type(pool) is not nn.AvgPool2d:
+        return xc
+    pooled = torch.nn.functional.avg_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
+                                            pool.count_include_pad, pool.divisor_override)
+    return _cast(pooled, dtype)
 
 
 def _inactive_module_issue(name: str, m: nn.Module | None) -> str | None:
@@ -137,16 +155,18 @@ class _FusedForward:
     def __init__(self, stages: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> None:
         self.stages = stages
 
-    def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None) -> Tensor:
+    def eval(self, be, x: Tensor, dtype: torch.dtype, shortcut, identity: Tensor | None,
+             shortcut_x: Tensor | None = None) -> Tensor:
         """One ``conv_bn_act`` (+ReLU) per stage with its BN from the live tensors; the last takes the shortcut
-        or the identity."""
+        (its conv applied to ``shortcut_x``, default ``x``) or the identity."""
         h = x
         last = len(self.stages) - 1
         for i, (conv, bn) in enumerate(self.stages):
             extra: dict[str, Any] = {}
             if i == last and shortcut is not None:
                 conv_d, bn_d = shortcut
-                extra = dict(shortcut=Shortcut(x, _cast(conv_d.weight, dtype), norm.eval_bn(bn_d), conv_d.stride[0]))
+                sx = x if shortcut_x is None else shortcut_x
+                extra = dict(shortcut=Shortcut(sx, _cast(conv_d.weight, dtype), norm.eval_bn(bn_d), conv_d.stride[0]))
             elif i == last and identity is not None:
                 extra = dict(residual=identity)
             h = be.conv_bn_act(h, _cast(conv.weight, dtype), norm.eval_bn(bn), conv.stride[0], conv.padding[0],
@@ -191,13 +211,14 @@ def _block_forward(block: _FusedBlock, x: Tensor) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):
         xc = _cast(x, dtype)
         identity = _cast(generic, dtype) if generic is not None else (xc if shortcut is None else None)
+        sx = _shortcut_input(block.downsample, x, xc, dtype) if shortcut is not None else None
         bns = [bn for _, bn in stages] + ([shortcut[1]] if shortcut is not None else [])
         if not any(norm.uses_batch_stats(bn) for bn in bns):
-            return run.eval(be, xc, dtype, shortcut, identity)
+            return run.eval(be, xc, dtype, shortcut, identity, sx)
         c, scale, shift = run.train(be, xc, dtype)
         if shortcut is None:
             return be.scale_bias_add_relu(c, scale, shift, identity)
-        c_d, scale_d, shift_d = conv_bn_train(be, *shortcut, xc, dtype)
+        c_d, scale_d, shift_d = conv_bn_train(be, *shortcut, sx, dtype)
         return be.scale_bias_add_relu(c, scale, shift, c_d, scale_d, shift_d)
 
 

@@ -95,6 +95,37 @@ def test_timm_resnet_fused_matches_timm(name):
         _close(fused.eval()(x), ref.eval()(x), "eval output")
 
 
+@pytest.mark.parametrize("name,size", [("resnet26d", 64), ("resnet50d", 50)])  # 50: odd sizes at the pools
+def test_d_variant_avg_pool_shortcut_is_fused(name, size, monkeypatch):
+    """timm's d-variant downsample AvgPool2d(2, s, ceil_mode=True, count_include_pad=False) -> conv1x1 -> BN is
+    the fused tail's shortcut: no BatchNorm forward runs inside a block, in training and in eval, and outputs,
+    gradients and running statistics are timm's."""
+    ref = _create(name, **SMALL)
+    fused = _fuse_strict(ref)
+    pools = [m for m in fused.modules() if type(m) is nn.AvgPool2d and m.ceil_mode]
+    assert len(pools) == 3  # layers 2-4 (layer1's stride-1 downsample has an Identity pool)
+    inside = {id(bn) for b in fused.modules() if isinstance(b, resnet_fused.models._FusedBlock)
+              for bn in b.modules() if isinstance(bn, nn.BatchNorm2d)}
+    ran = []
+    forward = nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda bn, x: (ran.append(id(bn)), forward(bn, x))[1])
+    x = torch.randn(2, 3, size, size, dtype=DTYPE)
+    out_ref, gx_ref = _step(ref.train(), x)
+    ran.clear()
+    out, gx = _step(fused.train(), x)
+    assert ran and not inside & set(ran)  # the deep stem's BNs run as modules, none inside a block
+    _close(out, out_ref, "output")
+    _close(gx, gx_ref, "input gradient")
+    for (pname, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        _close(p.grad, p_ref.grad, f"gradient of {pname}")
+    for (bname, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+        _close(b.to(DTYPE), b_ref.to(DTYPE), bname)
+    ran.clear()
+    with torch.no_grad():
+        _close(fused.eval()(x), ref.eval()(x), "eval output")
+    assert not inside & set(ran)
+
+
 UNFUSED_CASES = {
     # name: (create_model keyword arguments, the reason explain() gives, which of the 4 blocks run fused)
     "seresnet18": (SMALL, "se is a SEModule", [False] * 4),
