@@ -357,13 +357,42 @@ def register(module: str, name: str, fused_cls: type[_Fused]) -> None:
     FUSED[(module, name)] = fused_cls
 
 
+def _fsdp_wrapped(cls: type) -> type | None:
+    """The class FSDP2's ``fully_shard`` wrapped in ``cls``, or None. ``fully_shard`` swaps a module's class ``C``
+    for a generated ``FSDP<C>(FSDPModule, C)``, whose own member is ``__deepcopy__``: all it changes is the hooks
+    it registers on the instance and FSDPModule's methods."""
+    bases = cls.__bases__
+    if (len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed.")
+            and cls.__name__ == f"FSDP{bases[1].__name__}"):
+        return bases[1]
+    return None
+
+
+_FSDP_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _fsdp_class(wrapper: type, fused_cls: type[_Fused]) -> type:
+    """FSDP2's class for ``fused_cls``, made as ``fully_shard`` makes ``wrapper`` (its mixin, its ``__deepcopy__``)."""
+    key = (wrapper.__bases__[0], fused_cls)
+    if key not in _FSDP_CLASSES:
+        members = {k: v for k, v in wrapper.__dict__.items() if k == "__deepcopy__"}
+        _FSDP_CLASSES[key] = type(f"FSDP{fused_cls.__name__}", (key[0], fused_cls), members)
+    return _FSDP_CLASSES[key]
+
+
 def _fused_class(module: nn.Module) -> type[_Fused] | None:
-    """The fused class for ``module``: one registered in ``FUSED`` for its exact class, or its own class when it is
-    fused already; None when fuse() leaves it."""
+    """The class fuse() gives ``module``: the fused class registered in ``FUSED`` for its exact class, or its own
+    class when it is fused already; for a module FSDP2 has wrapped (``fully_shard`` before ``fuse``), FSDP2's
+    class for that fused class. None when fuse() leaves it."""
     cls = type(module)
-    if isinstance(module, _Fused) and cls in FUSED.values():
+    inner = _fsdp_wrapped(cls)
+    base = cls if inner is None else inner
+    if base in FUSED.values():
         return cls
-    key = (cls.__module__, cls.__qualname__)
-    if key not in FUSED and cls.__module__ in _PROVIDERS:
-        importlib.import_module(_PROVIDERS[cls.__module__])
-    return FUSED.get(key)
+    key = (base.__module__, base.__qualname__)
+    if key not in FUSED and base.__module__ in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[base.__module__])
+    fused_cls = FUSED.get(key)
+    if fused_cls is None or inner is None:
+        return fused_cls
+    return _fsdp_class(cls, fused_cls)
