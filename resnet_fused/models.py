@@ -159,8 +159,10 @@ def fuse(module: nn.Module, backend: str = "auto", verbose: bool = False) -> nn.
     Each converted module keeps its identity, submodules, parameters, buffers and hooks — only its class
     changes (as ``torch.nn.utils.parametrize`` does) — so an optimizer built before ``fuse`` keeps training
     the model and ``state_dict`` keys stay torchvision's (timm's). Already fused modules get ``backend`` set.
-    Subclasses of those classes are left alone: their ``forward`` may differ. A converted block that the fused
-    path does not cover (another norm layer or activation, SE, ...) runs its own forward.
+    Subclasses of those classes are left alone: their ``forward`` may differ — except the classes FSDP2's
+    ``fully_shard`` generates (``FSDPBasicBlock``), which only add hooks: their modules get FSDP2's subclass of the
+    fused class. A converted block that the fused path does not cover (another norm layer or activation, SE, ...)
+    runs its own forward, and so does a block while one of its modules carries a hook.
 
     Warns once when nothing in ``module`` can run fused; ``verbose=True`` prints :func:`resnet_fused.explain`'s
     table. Returns ``module``.
