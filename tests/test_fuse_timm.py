@@ -126,6 +126,27 @@ def test_d_variant_avg_pool_shortcut_is_fused(name, size, monkeypatch):
     assert not inside & set(ran)
 
 
+def test_timm_block_hooks_and_fx_as_timm():
+    """A hook inside a fused timm block fires with timm's tensors (the block runs timm's forward while it is
+    there), and fx feature extraction traces timm's computation."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref = _create("resnet50d", **SMALL).eval()
+    fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    seen = {}
+    for key, model in (("ref", ref), ("fused", fused)):
+        handle = model.layer2[0].act2.register_forward_hook(lambda m, a, out, k=key: seen.setdefault(k, out.clone()))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    _close(seen["fused"], seen["ref"], "hooked act2 output")
+    nodes = {"layer2": "mid", "fc": "out"}
+    feats_ref, feats = (create_feature_extractor(m, nodes)(x) for m in (ref, fused))
+    for k in nodes.values():
+        _close(feats[k], feats_ref[k], k)
+
+
 UNFUSED_CASES = {
     # name: (create_model keyword arguments, the reason explain() gives, which of the 4 blocks run fused)
     "seresnet18": (SMALL, "se is a SEModule", [False] * 4),
