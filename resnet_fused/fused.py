@@ -17,10 +17,11 @@ variants: ATen's ``avg_pool2d`` with the pool's arguments, then the same 1x1 con
 :func:`_pair_issue` and :meth:`_FusedBlock._fusion_issue` say why a block cannot run fused; it then runs its
 original forward. So it does, decided per call, while one of its modules carries a hook (:func:`_hook_issue`:
 forward, pre- or backward hooks, pruning, global module hooks), which the fused path would skip, and under
-``torch.fx`` symbolic tracing, which then records the original computation. ``FUSED`` maps the classes :func:`resnet_fused.fuse` converts to their fused classes: the modules
-defining those register them on import (:mod:`resnet_fused.models` for torchvision's, :mod:`resnet_fused.timm_blocks`
-for timm's, imported only when a timm block is met); FSDP2's generated subclasses of them are recognised
-(:func:`_fsdp_wrapped`). This module imports neither, so models, report and timm_blocks import it without a cycle.
+``torch.fx`` symbolic tracing, which then records the original computation. ``FUSED`` maps the classes
+:func:`resnet_fused.fuse` converts to their fused classes: the modules defining those register them on import
+(:mod:`resnet_fused.models` for torchvision's, :mod:`resnet_fused.timm_blocks` for timm's, imported only when a timm
+block is met); FSDP2's generated subclasses of them are recognised (:func:`_fsdp_wrapped`). This module imports
+neither, so models, report and timm_blocks import it without a cycle.
 """
 
 from __future__ import annotations

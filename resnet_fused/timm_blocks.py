@@ -1,12 +1,13 @@
 """timm's ResNet blocks (``timm.models.resnet.BasicBlock``/``Bottleneck``) with the fused forward.
 
 timm's blocks compute what torchvision's do when their activations (``act1``, ``act2``[, ``act3``]) are ReLUs and
-their optional modules — anti-aliasing ``aa``, attention ``se``, ``drop_block``, ``drop_path`` — are absent or
-the identity: that is timm's ``resnet*``, ``resnext*`` and ``wide_resnet*`` families, ``d`` variants included
-(their deep stem is outside the blocks; their avg-pool downsample ``Sequential(AvgPool2d(2, s, ceil_mode=True,
+their optional modules — anti-aliasing ``aa``, attention ``se``, ``drop_block``, ``drop_path`` — are absent or the
+identity: that is timm's ``resnet*``, ``resnext*`` and ``wide_resnet*`` families, ``d`` variants included (their
+deep stem is outside the blocks; their avg-pool downsample ``Sequential(AvgPool2d(2, s, ceil_mode=True,
 count_include_pad=False), conv1x1, BN)`` is the fused tail's shortcut: ATen's ``avg_pool2d`` with the pool's own
-arguments, then the 1x1 conv with its BN in the tail's launch, so odd sizes are exact too). The one difference from torchvision's layout, a dilated
-``conv1`` in a BasicBlock (``first_dilation``), is read from the convolution like every other parameter.
+arguments, then the 1x1 conv with its BN in the tail's launch, so odd sizes are exact too). The one difference from
+torchvision's layout, a dilated ``conv1`` in a BasicBlock (``first_dilation``), is read from the convolution like
+every other parameter.
 
 The classes here subclass timm's, so ``isinstance`` checks, ``state_dict`` keys and parameters stay timm's; they
 only name timm's modules for the driver shared with torchvision's blocks
