@@ -250,15 +250,15 @@ def _hook_issue(owner: nn.Module, names: tuple[str, ...] | None = None) -> str |
     if (_module._global_forward_pre_hooks or _module._global_forward_hooks or _module._global_backward_hooks
             or _module._global_backward_pre_hooks):
         return "a global module hook is registered (torch.nn.modules.module.register_module_*_hook)"
-    todo = [(name, owner._modules.get(name)) for name in names] if names is not None else list(owner._modules.items())
-    for name, m in todo:  # grows while it is walked: every submodule, parents first
+    todo = [owner._modules.get(name) for name in names] if names is not None else list(owner._modules.values())
+    for m in todo:  # grows while it is walked: every submodule, parents first
         if m is None:
             continue
-        issue = _module_hook_issue(name, m)
-        if issue is not None:
-            return issue + ": runs its eager forward while the hook is there"
+        if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+            name = next(n for n, c in owner.named_modules() if c is m)
+            return f"{_module_hook_issue(name, m)}: runs its eager forward while the hook is there"
         if names is None:
-            todo.extend((f"{name}.{child}", c) for child, c in m._modules.items())
+            todo.extend(m._modules.values())
     return None
 
 
