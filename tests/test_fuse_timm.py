@@ -54,7 +54,6 @@ def _create(name: str, **kwargs) -> nn.Module:
 def _fuse_strict(model: nn.Module) -> nn.Module:
     return fused_copy(model, "reference")
 
-
 def _step(model: nn.Module, x: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = x.clone().requires_grad_()
@@ -124,6 +123,38 @@ def test_d_variant_avg_pool_shortcut_is_fused(name, size, monkeypatch):
     with torch.no_grad():
         _close(fused.eval()(x), ref.eval()(x), "eval output")
     assert not inside & set(ran)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_d_variant_shortcut_on_triton(mode):
+    """The avg-pool shortcut through the Triton kernels (the interpreter on a CPU): a resnet26d first block at an
+    odd size, fp32, within twice timm's own fp32 error against timm in float64 (output, input and weight
+    gradients, running statistics)."""
+    from resnet_fused import backends
+    from tolerances import assert_close_to_oracle
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton = backends.load("triton")
+    reason = triton if isinstance(triton, str) else triton.unsupported(torch.empty(1, 1, 1, 1, device=device))
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    block = _create("resnet26d", **SMALL).layer2[0].train(mode == "train")
+    x = torch.randn(2, block.conv1.in_channels, 7, 7, dtype=DTYPE)
+    g = torch.randn(2, block.conv3.out_channels, 4, 4, dtype=DTYPE)
+    results = []
+    for dtype, fused in ((DTYPE, False), (torch.float32, False), (torch.float32, True)):
+        m = copy.deepcopy(block).to(device, dtype)
+        if fused:
+            m = fused_copy(m, "triton")
+        xi = x.detach().to(device, dtype).requires_grad_()
+        y = m(xi)
+        y.backward(g.to(device, dtype))
+        out = {"output": y, "input grad": xi.grad, **{f"grad of {n}": p.grad for n, p in m.named_parameters()},
+               **{n: b for n, b in m.named_buffers() if b.is_floating_point()}}
+        results.append({k: v.detach().double().cpu() for k, v in out.items()})
+    oracle, eager, actual = results
+    for name, want in oracle.items():
+        assert_close_to_oracle(actual[name], eager[name], want, torch.float32, what=name)
 
 
 def test_timm_block_hooks_and_fx_as_timm():
