@@ -7,6 +7,7 @@ run on for a given device and dtype, and the reason when it does not run fused:
 * a block of a fused class whose modules the fused path does not cover (a norm layer other than BatchNorm2d,
   SyncBatchNorm or FrozenBatchNorm2d; an activation other than ReLU; timm's SE/attention, anti-aliasing,
   DropBlock or DropPath while training; a biased or non-square convolution), which runs its own forward;
+* a block (or stem) one of whose modules carries a hook or pruning, which runs its own forward while it is there;
 * torchvision's or timm's block not converted yet (call ``fuse``), or a subclass of one (``fuse`` leaves it,
   its forward may differ);
 * another library's block (a class named ``*BasicBlock*``/``*Bottleneck*`` that ``fuse`` does not know).
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import backends, dispatch, models
+from . import backends, dispatch
+from .fused import _Fused, _FusedBlock
 
 __all__ = ["BlockReport", "explain", "warn_if_nothing_fused"]
 
@@ -63,12 +65,9 @@ def _known_base(cls: type) -> type | None:
 
 def _status(m: nn.Module) -> tuple[bool, str | None, list[tuple[nn.Module, nn.Module]]] | None:
     """(fused, reason, conv/norm stages) of module ``m``, or None when ``m`` is no block to report."""
-    if isinstance(m, models._FusedBlock):
-        issue = m._fusion_issue()
+    if isinstance(m, _Fused):  # a fused block, or a fused ResNet's stem
+        issue = m._eager_reason()
         return issue is None, issue, m._stages()
-    if isinstance(m, models.ResNet):
-        issue = m._stem_issue()
-        return issue is None, issue, [(m.conv1, m.bn1)]
     cls = type(m)
     if cls.__name__ in _KNOWN.get(cls.__module__, ()):
         return False, "not converted: resnet_fused.fuse(model) converts it", []
@@ -88,7 +87,7 @@ def _rows(model: nn.Module):
         fused, reason, stages = status
         path = name
         cls = _class_name(type(m))
-        if isinstance(m, models.ResNet) or type(m).__name__ == "ResNet":
+        if not isinstance(m, _FusedBlock) and (isinstance(m, _Fused) or type(m).__name__ == "ResNet"):
             path, cls = (f"{name}.conv1" if name else "conv1"), f"{cls} (stem conv1/bn1/relu)"
         yield path, m, cls, fused, reason, stages
 
@@ -111,7 +110,7 @@ def _backend(m: nn.Module, stages, device: torch.device, dtype: torch.dtype, cac
 
 def _auto_choice(m: nn.Module) -> tuple[str | None, float | None]:
     """(chosen path, eager's time / its time) of the last measured call of ``m`` under ``auto``, else (None, None)."""
-    record = dispatch.chosen(m).get("stem" if isinstance(m, models.ResNet) else "block")
+    record = dispatch.chosen(m).get("block" if isinstance(m, _FusedBlock) else "stem")
     if record is None:
         return None, None
     ms = record[1]["ms"]

@@ -54,7 +54,6 @@ def _create(name: str, **kwargs) -> nn.Module:
 def _fuse_strict(model: nn.Module) -> nn.Module:
     return fused_copy(model, "reference")
 
-
 def _step(model: nn.Module, x: torch.Tensor):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x = x.clone().requires_grad_()
@@ -93,6 +92,90 @@ def test_timm_resnet_fused_matches_timm(name):
         _close(b.to(DTYPE), b_ref.to(DTYPE), bname)
     with torch.no_grad():
         _close(fused.eval()(x), ref.eval()(x), "eval output")
+
+
+@pytest.mark.parametrize("name,size", [("resnet26d", 64), ("resnet50d", 50)])  # 50: odd sizes at the pools
+def test_d_variant_avg_pool_shortcut_is_fused(name, size, monkeypatch):
+    """timm's d-variant downsample AvgPool2d(2, s, ceil_mode=True, count_include_pad=False) -> conv1x1 -> BN is
+    the fused tail's shortcut: no BatchNorm forward runs inside a block, in training and in eval, and outputs,
+    gradients and running statistics are timm's."""
+    ref = _create(name, **SMALL)
+    fused = _fuse_strict(ref)
+    pools = [m for m in fused.modules() if type(m) is nn.AvgPool2d and m.ceil_mode]
+    assert len(pools) == 3  # layers 2-4 (layer1's stride-1 downsample has an Identity pool)
+    inside = {id(bn) for b in fused.modules() if isinstance(b, resnet_fused.models._FusedBlock)
+              for bn in b.modules() if isinstance(bn, nn.BatchNorm2d)}
+    ran = []
+    forward = nn.BatchNorm2d.forward
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", lambda bn, x: (ran.append(id(bn)), forward(bn, x))[1])
+    x = torch.randn(2, 3, size, size, dtype=DTYPE)
+    out_ref, gx_ref = _step(ref.train(), x)
+    ran.clear()
+    out, gx = _step(fused.train(), x)
+    assert ran and not inside & set(ran)  # the deep stem's BNs run as modules, none inside a block
+    _close(out, out_ref, "output")
+    _close(gx, gx_ref, "input gradient")
+    for (pname, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        _close(p.grad, p_ref.grad, f"gradient of {pname}")
+    for (bname, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+        _close(b.to(DTYPE), b_ref.to(DTYPE), bname)
+    ran.clear()
+    with torch.no_grad():
+        _close(fused.eval()(x), ref.eval()(x), "eval output")
+    assert not inside & set(ran)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_d_variant_shortcut_on_triton(mode):
+    """The avg-pool shortcut through the Triton kernels (the interpreter on a CPU): a resnet26d first block at an
+    odd size, fp32, within twice timm's own fp32 error against timm in float64 (output, input and weight
+    gradients, running statistics)."""
+    from resnet_fused import backends
+    from tolerances import assert_close_to_oracle
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton = backends.load("triton")
+    reason = triton if isinstance(triton, str) else triton.unsupported(torch.empty(1, 1, 1, 1, device=device))
+    if reason is not None:
+        pytest.skip(f"triton backend unavailable: {reason}")
+    block = _create("resnet26d", **SMALL).layer2[0].train(mode == "train")
+    x = torch.randn(2, block.conv1.in_channels, 7, 7, dtype=DTYPE)
+    g = torch.randn(2, block.conv3.out_channels, 4, 4, dtype=DTYPE)
+    results = []
+    for dtype, fused in ((DTYPE, False), (torch.float32, False), (torch.float32, True)):
+        m = copy.deepcopy(block).to(device, dtype)
+        if fused:
+            m = fused_copy(m, "triton")
+        xi = x.detach().to(device, dtype).requires_grad_()
+        y = m(xi)
+        y.backward(g.to(device, dtype))
+        out = {"output": y, "input grad": xi.grad, **{f"grad of {n}": p.grad for n, p in m.named_parameters()},
+               **{n: b for n, b in m.named_buffers() if b.is_floating_point()}}
+        results.append({k: v.detach().double().cpu() for k, v in out.items()})
+    oracle, eager, actual = results
+    for name, want in oracle.items():
+        assert_close_to_oracle(actual[name], eager[name], want, torch.float32, what=name)
+
+
+def test_timm_block_hooks_and_fx_as_timm():
+    """A hook inside a fused timm block fires with timm's tensors (the block runs timm's forward while it is
+    there), and fx feature extraction traces timm's computation."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    ref = _create("resnet50d", **SMALL).eval()
+    fused = resnet_fused.fuse(copy.deepcopy(ref), backend="reference")
+    x = torch.randn(2, 3, 32, 32, dtype=DTYPE)
+    seen = {}
+    for key, model in (("ref", ref), ("fused", fused)):
+        handle = model.layer2[0].act2.register_forward_hook(lambda m, a, out, k=key: seen.setdefault(k, out.clone()))
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+    _close(seen["fused"], seen["ref"], "hooked act2 output")
+    nodes = {"layer2": "mid", "fc": "out"}
+    feats_ref, feats = (create_feature_extractor(m, nodes)(x) for m in (ref, fused))
+    for k in nodes.values():
+        _close(feats[k], feats_ref[k], k)
 
 
 UNFUSED_CASES = {
