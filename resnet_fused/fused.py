@@ -277,6 +277,7 @@ class _Fused(nn.Module):
 
     def _init_fused(self, backend: str) -> None:
         self.backend = backends.check_name(backend)
+        backends.preload(backend)
 
     def _stages(self) -> list[tuple[nn.Module, nn.Module]]:
         raise NotImplementedError

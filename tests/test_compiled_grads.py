@@ -78,3 +78,28 @@ def test_inductor_block_grads(mode, monkeypatch):
     """inductor (C++ kernels for the reference backend's PyTorch ops, float64)."""
     _use("reference", monkeypatch)
     _check_compiled("reference", "inductor", mode)
+
+
+_FRESH = """
+import torch, torchvision
+import resnet_fused
+block = resnet_fused.fuse(torchvision.models.resnet.BasicBlock(8, 8), backend="triton").eval()
+out = torch.compile(block, backend="aot_eager", fullgraph=True)(torch.randn(2, 8, 6, 6))
+print("compiled first call:", tuple(out.shape))
+"""
+
+
+@pytest.mark.slow
+def test_compile_is_the_first_call_in_a_fresh_process():
+    """A block's backend is imported when the block is set to it, not on its first call: dynamo cannot trace an
+    import, so ``torch.compile(fullgraph=True)`` of a block never called eagerly failed in a new process."""
+    import os
+    import subprocess
+    import sys
+
+    if why_backend_cannot_run("triton", "cpu", torch.float32) is not None:
+        pytest.skip("the Triton interpreter does not run here")
+    env = dict(os.environ, TRITON_INTERPRET="1", RESNET_FUSED_AUTOTUNE="0")
+    done = subprocess.run([sys.executable, "-c", _FRESH], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled first call: (2, 8, 6, 6)" in done.stdout

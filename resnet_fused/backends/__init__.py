@@ -53,6 +53,17 @@ def load(name: str) -> ModuleType | str:
     return _modules[name]
 
 
+def preload(name: str) -> None:
+    """Import now what a module set to backend ``name`` may run (the backend's module, the C++ extension), so that
+    nothing is imported inside a ``torch.compile`` trace of its first call, which dynamo cannot trace (``auto``: every
+    backend where a GPU is present, else the reference backend, all that ``auto`` runs on a CPU)."""
+    names = (name,) if name != "auto" else (BACKENDS if torch.cuda.is_available() else ("reference",))
+    for each in names:
+        mod = load(each)
+        if not isinstance(mod, str) and hasattr(mod, "is_built"):
+            mod.is_built()  # the cuda backend imports and registers its extension on first use
+
+
 def _probe() -> torch.Tensor:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.empty(1, 1, 1, 1, device=device)
