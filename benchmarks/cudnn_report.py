@@ -73,7 +73,7 @@ EXPLICIT_PASS = "explicit BN+ReLU pass"
 GPU_TEST = "gpu test"
 ENGINE_CHOICE = "engine's choice (per conv)"
 QUICK_CONVS = ("r50.layer1.0.conv2", "r50.layer2.0.conv2")
-# tests/test_cudnn_graph.py's GPU_CONVS (a CPU test keeps them equal): name -> (N, C, H, K, R, stride, padding). The
+# The shapes of tests/test_cudnn_graph.py's GPU tests (its GPU_CONVS): name -> (N, C, H, K, R, stride, padding). The
 # report plans every graph those GPU tests call (formulation "gpu test"), and a GPU test may accept a refusal only
 # where the report shows one.
 GPU_TEST_CONVS = {
