@@ -81,32 +81,30 @@ def _rank_slice(rank: int) -> slice:
     return slice(start, start + BATCH_PER_RANK[rank])
 
 
-def _sync_bn_worker(rank: int, init_file: str, sync_backends: tuple[str, ...], device: str, result_dir: str) -> None:
-    """One rank: for each backend, the fused block, converted to SyncBatchNorm over this rank's subgroup, on its
-    slice of the batch. On a GPU the block is wrapped in DistributedDataParallel; on a CPU the gradients are
-    averaged as DDP does."""
+def _sync_bn_worker(rank: int, init_file: str, backend: str, device: str, result_dir: str) -> None:
+    """One rank: the fused block, converted to SyncBatchNorm over this rank's subgroup, on its slice of the batch.
+    On a GPU the block is wrapped in DistributedDataParallel; on a CPU the gradients are averaged as DDP does."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         groups = [dist.new_group(ranks) for ranks in SUBGROUPS]  # every rank creates every group, in order
         mine = next(g for g, ranks in zip(groups, SUBGROUPS) if rank in ranks)
-        for backend in sync_backends:
-            fused = resnet_fused.convert_sync_batchnorm(fused_copy(_sync_block(), backend), process_group=mine)
-            fused = fused.to(device)
-            model = nn.parallel.DistributedDataParallel(fused) if device == "cuda" else fused
-            x, grad_y = _sync_batch()
-            x_local = x[_rank_slice(rank)].float().to(device).requires_grad_()
-            y = model(x_local)
-            (y * grad_y[_rank_slice(rank)].float().to(device)).sum().backward()
-            grads = {}
-            for name, p in fused.named_parameters():
-                if device != "cuda":
-                    dist.all_reduce(p.grad)
-                    p.grad /= WORLD
-                grads[name] = p.grad.cpu()
-            torch.save({"y": y.detach().cpu(), "x_grad": x_local.grad.cpu(), "grads": grads,
-                        "buffers": {n: b.cpu() for n, b in fused.named_buffers()},
-                        "sync": [type(m).__name__ for m in fused.modules() if isinstance(m, nn.SyncBatchNorm)]},
-                       os.path.join(result_dir, f"{backend}-rank{rank}.pt"))
+        fused = resnet_fused.convert_sync_batchnorm(fused_copy(_sync_block(), backend), process_group=mine)
+        fused = fused.to(device)
+        model = nn.parallel.DistributedDataParallel(fused) if device == "cuda" else fused
+        x, grad_y = _sync_batch()
+        x_local = x[_rank_slice(rank)].float().to(device).requires_grad_()
+        y = model(x_local)
+        (y * grad_y[_rank_slice(rank)].float().to(device)).sum().backward()
+        grads = {}
+        for name, p in fused.named_parameters():
+            if device != "cuda":
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD
+            grads[name] = p.grad.cpu()
+        torch.save({"y": y.detach().cpu(), "x_grad": x_local.grad.cpu(), "grads": grads,
+                    "buffers": {n: b.cpu() for n, b in fused.named_buffers()},
+                    "sync": [type(m).__name__ for m in fused.modules() if isinstance(m, nn.SyncBatchNorm)]},
+                   os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -131,15 +129,10 @@ def _sync_bn_oracle(dtype):
     return out, x_grad, grads, buffers
 
 
-def _spawn_sync_bn(sync_backends: tuple[str, ...], device: str) -> dict[str, list[dict]]:
-    """Every rank's results for each of ``sync_backends``, from one start of the three processes."""
+def _run_sync_bn(backend: str, device: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sync_bn_worker, args=(os.path.join(tmp, "init"), sync_backends, device, tmp), nprocs=WORLD,
-                 join=True)
-        return {b: [torch.load(os.path.join(tmp, f"{b}-rank{r}.pt")) for r in range(WORLD)] for b in sync_backends}
-
-
-def _check_sync_bn(results: list[dict]) -> None:
+        mp.spawn(_sync_bn_worker, args=(os.path.join(tmp, "init"), backend, device, tmp), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     assert all(len(r["sync"]) == 3 for r in results)  # bn1, bn2 and the downsample's BN
     oracle, eager = _sync_bn_oracle(torch.float64), _sync_bn_oracle(torch.float32)
     dtype = torch.float32
@@ -156,30 +149,15 @@ def _check_sync_bn(results: list[dict]) -> None:
                                        f"rank {rank} {name}")
 
 
-def _run_sync_bn(backend: str, device: str) -> None:
-    _check_sync_bn(_spawn_sync_bn((backend,), device)[backend])
-
-
-CPU_SYNC_BACKENDS = ("reference", "triton")
-
-
-@pytest.fixture(scope="module")
-def cpu_sync_bn_results() -> dict[str, list[dict]]:
-    """The three CPU processes' results for every backend of CPU_SYNC_BACKENDS that runs here, from one start of
-    the processes (which costs more than the block's steps)."""
-    runnable = tuple(b for b in CPU_SYNC_BACKENDS if why_backend_cannot_run(b, "cpu") is None)
-    return _spawn_sync_bn(runnable, "cpu") if runnable else {}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sync_backend", CPU_SYNC_BACKENDS)
-def test_sync_batchnorm_subgroup_unequal_counts(sync_backend, cpu_sync_bn_results):
+@pytest.mark.parametrize("sync_backend", ["reference", "triton"])
+def test_sync_batchnorm_subgroup_unequal_counts(sync_backend):
     """Three CPU processes (gloo): the fused block's SyncBN statistics cover each subgroup's batch (2 + 3
     samples, and 2 alone), running statistics follow each BN's momentum (0.3, None, 0.1); outputs, input and
     world-averaged parameter gradients, running statistics and counts equal torchvision's BatchNorm over each
     group's whole batch. Triton runs under the interpreter here (conftest sets TRITON_INTERPRET=1)."""
     _skip_unless_runs(sync_backend, device="cpu")
-    _check_sync_bn(cpu_sync_bn_results[sync_backend])
+    _run_sync_bn(sync_backend, "cpu")
 
 
 @pytest.mark.gpu
