@@ -2,7 +2,7 @@
 # Sets up a fresh machine for resnet_fused: a virtual environment in .venv with torch + torchvision, the
 # test/bench extras, and the package installed in editable mode with its C++/CUDA extension built.
 #
-#   bash scripts/setup_env.sh            # then: .venv/bin/python -m pytest tests -q
+#   bash scripts/setup_env.sh            # then: .venv/bin/python -m pytest tests -q -n 2 --dist loadscope
 #
 # Environment: PYTHON (default python3), VENV (default .venv), TORCH_SPEC / TORCHVISION_SPEC / TIMM_SPEC (default
 # the versions this project is tested with; timm is an optional test dependency), EXTRA_SPECS (more requirements
