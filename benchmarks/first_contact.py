@@ -292,14 +292,14 @@ class OpCase:
         return bn
 
     def _run_conv_bn_train(self, be, t):
-        from resnet_fused import models
+        from resnet_fused import fused
 
         x = t["x"]
         conv = nn.Conv2d(x.shape[1], t["w"].shape[0], 3, stride=2, padding=1, bias=False)
         conv.weight = nn.Parameter(t["w"])
         t["w"] = conv.weight
         bn = self._train_bn(t, "bn_", torch.float64 if x.dtype == torch.float64 else torch.float32)
-        c, scale, shift = models.conv_bn_train(be, conv, bn, x, x.dtype, t["in_scale"], t["in_shift"])
+        c, scale, shift = fused.conv_bn_train(be, conv, bn, x, x.dtype, t["in_scale"], t["in_shift"])
         return {"c": c, "scale": scale, "shift": shift, "running_mean": bn.running_mean.clone(),
                 "running_var": bn.running_var.clone()}
 

@@ -25,7 +25,7 @@ The fastest valid candidate (by median) runs the call and every later call of th
 other's median beats eager's fastest sample by more than :data:`EAGER_MARGIN` (3%), so noise keeps torchvision's
 forward; if none is valid, ``eager`` runs.
 The model's BatchNorm buffers are restored after the measurement, so the call itself updates the running
-statistics exactly once. Forward hooks of the block's submodules fire during the measurement too.
+statistics exactly once.
 
 The choices are kept in memory and in one JSON file, ``$RESNET_FUSED_CACHE_DIR/dispatch.json`` (default
 ``$XDG_CACHE_HOME/resnet_fused`` or ``~/.cache/resnet_fused``), under an environment key — device name and
