@@ -224,12 +224,7 @@ def forced() -> str | None:
     """The engine forced by :func:`forced_engine` or ``RESNET_FUSED_CUDA_ENGINE`` (empty: none), else None."""
     if _forced_stack:
         return _forced_stack[-1]
-    env = os.environ.get(ENV_ENGINE, "").strip()
-    if not env:
-        return None
-    if env not in ENGINES:
-        raise ValueError(f"{ENV_ENGINE}={env!r}: choose one of {', '.join(ENGINES)}")
-    return env
+    return autoselect.env_choice(ENV_ENGINE, ENGINES)
 
 
 def deterministic() -> bool:

@@ -20,15 +20,21 @@ EAGER = "eager"
 FORCEABLE = (EAGER, "reference", "triton", "cuda")
 
 
+def env_choice(var: str, choices: tuple[str, ...]) -> str | None:
+    """The one of ``choices`` that environment variable ``var`` names (None when unset or empty); a ``ValueError``
+    naming the choices for anything else."""
+    env = os.environ.get(var, "").strip()
+    if not env:
+        return None
+    if env not in choices:
+        raise ValueError(f"{var}={env!r}: choose one of {', '.join(choices)}")
+    return env
+
+
 def forced_candidate() -> str | None:
     """What ``RESNET_FUSED_AUTO_BACKEND`` names (``eager``, ``reference``, ``triton`` or ``cuda``; empty: nothing),
     else None."""
-    env = os.environ.get(ENV_FORCE, "").strip()
-    if not env:
-        return None
-    if env not in FORCEABLE:
-        raise ValueError(f"{ENV_FORCE}={env!r}: choose one of {', '.join(FORCEABLE)}")
-    return env
+    return env_choice(ENV_FORCE, FORCEABLE)
 
 
 def order(device: torch.device, dtype: torch.dtype, runnable: dict | None = None) -> tuple[str, ...]:
