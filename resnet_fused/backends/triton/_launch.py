@@ -118,6 +118,12 @@ def device_guard(args):
     return torch.cuda.device(dev)
 
 
+def cacheable(like: torch.Tensor) -> bool:
+    """Whether a launch on ``like`` may use a workspace cached across calls: not while tracing (fake tensors,
+    torch.compile) nor while capturing a CUDA graph, where a fresh buffer is made (and replayed with the graph)."""
+    return not (is_tracing(like) or (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
 _COUNTERS: dict = {}  # (device, stream) -> the int32 arrival counters kernels on that stream share
 
 
@@ -128,13 +134,9 @@ def counters(like: torch.Tensor, n: int) -> torch.Tensor:
     While tracing (fake tensors, ``torch.compile``) or capturing a CUDA graph, a fresh zeroed buffer (then a fill
     in the graph, replayed with it) instead of the cache."""
     zeros = dict(device=like.device, dtype=torch.int32)
-    if is_tracing(like):
+    if not cacheable(like):
         return torch.zeros(n, **zeros)
-    stream = None
-    if like.device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, **zeros)
-        stream = torch.cuda.current_stream(like.device).cuda_stream
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.device.type == "cuda" else None
     key = (like.device, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:

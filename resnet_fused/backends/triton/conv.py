@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, is_tracing, memory_format
+from ..reference import EvalBN, TrainBN, check_batch_size, check_eval_bn, memory_format
 from . import _launch
 from .stats import arrive, chan_merge, finalize_channels, merge_partial_stats
 
@@ -608,7 +608,7 @@ def _scratch(like: Tensor) -> Tensor:
     written by a kernel): one per (device, dtype), a fresh one while tracing (fake tensors, torch.compile) or
     capturing a CUDA graph."""
     make = dict(device=like.device, dtype=like.dtype)
-    if is_tracing(like) or (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if not _launch.cacheable(like):
         return torch.zeros(16 // like.element_size(), **make)
     key = (like.device, like.dtype)
     buf = _SCRATCH.get(key)
