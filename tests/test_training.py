@@ -355,31 +355,6 @@ def _check_amp(fused, tv, x, grad_y):
         assert_close_to_oracle(actual[name], eager[name], t, torch.bfloat16, name, tol_scale=0.1)
 
 
-@pytest.fixture
-def interpreter_rounds_bf16_to_nearest(monkeypatch):
-    """Under TRITON_INTERPRET=1, make fp32 -> bf16 casts round to nearest even as GPUs do.
-
-    The interpreter truncates those casts (triton 3.8), which biases every bf16 value a kernel stores and
-    puts the Triton backend's bf16 results twice as far from float64 as PyTorch's on CPU. With rounding to
-    nearest, the Triton and reference backends agree bit for bit under autocast on these tests.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    interpreter = pytest.importorskip("triton.runtime.interpreter")
-    import numpy as np
-    import triton.language as tl
-
-    truncating = interpreter._convert_float
-
-    def convert(data, src, dst, rounding_mode):
-        if src == tl.float32 and dst == tl.bfloat16:
-            values = torch.from_numpy(np.ascontiguousarray(data).view(np.float32).copy())
-            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return truncating(data, src, dst, rounding_mode)
-
-    monkeypatch.setattr(interpreter, "_convert_float", convert)
-
-
 @pytest.mark.parametrize("config", ["basic_down_s2", "bottleneck"])
 def test_autocast_bf16(backend, config, interpreter_rounds_bf16_to_nearest):
     reason = _skip_reason(backend, torch.bfloat16)

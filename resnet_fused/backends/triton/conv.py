@@ -18,11 +18,12 @@ costs one launch per convolution in inference and no extra elementwise/reduction
 * epilogue: with ``HAS_BN``, the eval BatchNorm ``acc·s[k] + t[k]`` (and ``acc_d·s_d[k] + t_d[k]`` for the
   shortcut) with ``s = γ/√(σ²+ε)``, ``t = β − μ·s`` computed in fp32 from the BN's live tensors in every tile (no
   folded weights, nothing cached: an edit of any of them is seen by the next launch), ``+ residual``, ReLU,
-  store in the input dtype and, with ``STATS``, one slot of mean/M2 partial statistics of the stored output
-  per row tile, merged with Chan's parallel formula into the per-channel mean and biased variance (numerically
-  stable, deterministic): with ``FINALIZE`` inside the launch, by the last programs to arrive at self-resetting
-  counters (:func:`_merge_and_finalize`), which also finalize the BatchNorm (scale/shift, running statistics,
-  ``num_batches_tracked``: ``conv2d_bn_train``); otherwise by ``stats._stats_merge_kernel``, one more launch.
+  store in the input dtype and, with ``STATS``, one slot of mean/M2 partial statistics of the output in fp32
+  (before its rounding to the input dtype) per row tile, merged with Chan's parallel formula into the
+  per-channel mean and biased variance (numerically stable, deterministic): with ``FINALIZE`` inside the
+  launch, by the last programs to arrive at self-resetting counters (:func:`_merge_and_finalize`), which also
+  finalize the BatchNorm (scale/shift, running statistics, ``num_batches_tracked``: ``conv2d_bn_train``);
+  otherwise by ``stats._stats_merge_kernel``, one more launch.
 
 Tile configs are autotuned among those that fit the shape (``_prune``), or fixed per shape in deterministic mode.
 
@@ -283,9 +284,10 @@ def _conv_fwd_kernel(
     positions, act = relu (RELU) or identity, and the reduction restricted to the input channels of k's group.
     DOT_IN_FP32 upcasts the operands before tl.dot (exact for bf16 products); it is set only under the
     interpreter, whose tl.dot multiplies the raw bit patterns of bfloat16 operands (triton issue #11584).
-    STATS: each BLOCK_M row tile writes, per channel, the mean μ_t and M2_t = Σ (y − μ_t)² of the stored y in
-    row pid_m of the partial buffers (one slot per tile; its row count follows from BLOCK_M, which the first
-    tile writes for the merge).
+    STATS: each BLOCK_M row tile writes, per channel, the mean μ_t and M2_t = Σ (y − μ_t)² of y in fp32 (the
+    accumulator the stored y rounds from) in row pid_m of the partial buffers (one slot per tile; its row count
+    follows from BLOCK_M, which the first tile writes for the merge). Reading the rounded fp16 output instead
+    makes ptxas serialize the wgmma pipeline of every convolution without the prologue (C7514).
     The prologue's activated tile is the MMA's register operand (wgmma's A from registers: the next K step's
     loads and MMA overlap the running one) unless PROLOGUE_SMEM, where it is staged through shared memory as the
     B operand of the transposed product (each K step then waits for its MMA).
@@ -456,7 +458,7 @@ def _conv_fwd_kernel(
     tl.store(y_ptrs, out, mask=out_mask)
 
     if STATS:
-        v = tl.where(out_mask, out.to(tl.float32), 0.0)
+        v = tl.where(out_mask, acc, 0.0)
         cnt = tl.sum(m_ok.to(tl.float32), axis=0)
         mean = tl.sum(v, axis=0) / cnt
         d = tl.where(out_mask, v - mean[None, :], 0.0)
@@ -921,8 +923,9 @@ def conv2d_fused(x: Tensor, weight: Tensor, bn: Optional[EvalBN] = None, stride=
     x's dtype, zero padding after the activation) when ``in_scale``/``in_shift`` are given, else ``x``; act =
     ReLU when ``relu``. ``x`` may be NCHW or channels-last; ``y`` has x's dtype and memory format.
     ``in_scale`` and ``in_shift`` are fp32. With ``stats=True`` returns ``(y, mean, var)``: per-output-channel
-    fp32 mean and biased variance of the stored ``y`` (one extra tiny merge launch). Not differentiable by
-    itself: the backend's autograd functions wrap it.
+    fp32 mean and biased variance of ``y`` before its rounding to x's dtype, i.e. of the exact convolution up to
+    fp32 accumulation (one extra tiny merge launch). Not differentiable by itself: the backend's autograd
+    functions wrap it.
     """
     stride, padding, dilation, shortcut_bn, shortcut_stride, in_scale, in_shift = _checked(
         x, weight, bn, stride, padding, dilation, groups, residual, shortcut_x, shortcut_weight, shortcut_bn,
@@ -938,10 +941,11 @@ def conv2d_bn_train(x: Tensor, weight: Tensor, bn: TrainBN, stride=1, padding=0,
                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A training convolution and its BatchNorm's whole finalize in ONE launch: ``c = conv2d(a, weight)`` with
     ``a`` as in :func:`conv2d_fused` (the BN+ReLU prologue when ``in_scale``/``in_shift`` are given), the batch
-    mean and biased variance of ``c`` per channel, ``scale = γ/√(var + ε)``, ``shift = β − mean·scale``, and
-    ``bn``'s running statistics and ``num_batches_tracked`` updated in place as ``torch.nn.BatchNorm2d`` updates
-    them. Returns ``(c, mean, var, scale, shift)``, the vectors fp32. Not differentiable by itself. A batch of one
-    value per channel raises PyTorch's error, before anything is updated."""
+    mean and biased variance of ``c`` per channel (of its fp32 values before the rounding to x's dtype),
+    ``scale = γ/√(var + ε)``, ``shift = β − mean·scale``, and ``bn``'s running statistics and
+    ``num_batches_tracked`` updated in place as ``torch.nn.BatchNorm2d`` updates them. Returns
+    ``(c, mean, var, scale, shift)``, the vectors fp32. Not differentiable by itself. A batch of one value per
+    channel raises PyTorch's error, before anything is updated."""
     op = "triton conv2d_bn_train"
     stride, padding, dilation, _, _, in_scale, in_shift = _checked(x, weight, None, stride, padding, dilation, groups,
                                                                    None, None, None, None, 1, in_scale, in_shift)
