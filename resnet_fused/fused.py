@@ -346,8 +346,10 @@ class _FusedBlock(_Fused):
 
     def forward(self, x: Tensor) -> Tensor:
         # Under torch.fx symbolic tracing (create_feature_extractor) the block is its eager computation: a graph of
-        # its modules and ops. Hooks on its modules (pruning included) are honoured by running it eagerly.
-        if is_fx_symbolic_tracing() or self._hook_issue() is not None:
+        # its modules and ops. Hooks on its modules (pruning included) are honoured by running it eagerly, and so
+        # is a call auto has measured eager the fastest for (dispatch.eager_memo: nothing else to check then).
+        if (is_fx_symbolic_tracing() or dispatch.eager_memo(self, "block", x)
+                or self._hook_issue() is not None):
             return self._eager_forward(x)
         return _block_forward(self, x)
 

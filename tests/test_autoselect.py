@@ -253,6 +253,46 @@ def test_running_statistics_are_updated_once_per_training_step(race):
             assert b.item() == c.item() == 1, name
 
 
+def test_a_block_eager_won_runs_its_own_forward_at_once(race, monkeypatch):
+    """Once eager won a block's race, a call like that one runs the block's own forward without the fused path's
+    checks or the dispatcher (the CPU hot path), and hooks still fire; another batch size, training or a forced
+    candidate is decided anew."""
+    monkeypatch.setitem(backends._modules, "reference", make_backend(race.clock, cost=1.0))  # eager (0.5) wins
+    block, twin = _block()
+    block.eval(), twin.eval()
+    x = _input(block)
+    with torch.no_grad():
+        block(x)
+    assert _entry(block)["choice"] == "eager"
+    decided = []
+    choose = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda *a, **k: decided.append(1) or choose(*a, **k))
+    seen = []
+    with monkeypatch.context() as mp, torch.no_grad():
+        mp.setattr(models.BasicBlock, "_fusion_issue", lambda self: pytest.fail("checked fusability"))
+        mp.setattr(models.BasicBlock, "_hook_issue", lambda self: pytest.fail("checked hooks"))
+        assert_close(block(x), twin(x))
+        handle = block.conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert_close(block(x), twin(x))
+        handle.remove()
+    assert len(seen) == 1 and decided == []
+    with torch.no_grad():
+        assert_close(block(x[:2]), twin(x[:2]))
+    assert decided == [1]
+    block.train(), twin.train()
+    assert_close(block(x.clone().requires_grad_()), twin(x))
+    assert decided == [1, 1]
+    block.eval(), twin.eval()
+    calls = []
+    monkeypatch.setitem(backends._modules, "reference", reference)
+    original = reference.conv_bn_act
+    monkeypatch.setattr(reference, "conv_bn_act", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setenv(dispatch.ENV_FORCE, "reference")
+    with torch.no_grad():
+        assert_close(block(x), twin(x))
+    assert calls and decided == [1, 1, 1]  # forced: the eager choice stored for this call does not apply
+
+
 def test_two_processes_storing_at_once_leave_a_valid_merged_cache(tmp_path):
     """Two processes each store 150 choices into one file, starting at the same moment: every one of the 300 is
     there (read, merge and replace under the lock; without it, one process overwrites the other's entries)."""
