@@ -6,8 +6,8 @@ of the same torchvision module and the same inputs, and the group runs in three 
 
 1. warm-up, one provider after the other: preparation (compilation, autotuning, cuDNN's algorithm search) and two
    calls, then the memory a step allocates;
-2. three interleaved timing rounds (each round visits every provider, starting one further along each time): a
-   row's time is the median of its three round medians, with their spread;
+2. three (``--rounds``) interleaved timing rounds (each round visits every provider, starting one further along
+   each time): a row's time is the median of its round medians, with their spread;
 3. errors, after timing: one more step of each provider on the initial weights, its output (and in training
    every gradient) against eager torchvision in fp32 (fp64 for an fp32 benchmark), eager's own error beside it.
 
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--quick 60)")
     parser.add_argument("--warmup-ms", type=float, help="do_bench warm-up per round (default 25, --quick 10)")
     parser.add_argument("--rep-ms", type=float, help="do_bench timed repetitions per round (default 100, --quick 40)")
+    parser.add_argument("--rounds", type=int, help=f"interleaved timing rounds (default {ROUNDS}); more for a "
+                        "steadier median on a noisy machine")
     return parser.parse_args(argv)
 
 
@@ -119,7 +121,7 @@ def build_config(args: argparse.Namespace, device: torch.device, backends: list[
         "workloads": [w.name for w in chosen],
         "compile_workloads": sorted(f"{name} {mode}" for name, mode in QUICK_COMPILE) if quick else "all",
         "compile_max_workloads": "all" if P.COMPILE_MAX in requested else list(HEADLINE),
-        "rounds": ROUNDS,
+        "rounds": args.rounds or ROUNDS,
         "time_budget_s": args.time_budget if args.time_budget is not None else (170.0 if quick else None),
         "budget_clock": "benchmark start",
         "row_limit_s": args.row_limit or (60.0 if quick else 900.0),
@@ -478,16 +480,18 @@ class Sweep:
         return step
 
     def time_rounds(self, rows: list[dict], steps: dict[int, P.Step], mode: str, dtype: torch.dtype) -> None:
-        """ROUNDS interleaved rounds over the warmed-up providers, each starting one provider further along."""
+        """The config's interleaved rounds over the warmed-up providers, each starting one provider further
+        along."""
         order = sorted(steps)
-        for rnd in range(ROUNDS):
+        rounds = self.config["rounds"]
+        for rnd in range(rounds):
             live = [i for i in order if i in steps]
             if not live:
                 return
             for i in live[rnd % len(live):] + live[: rnd % len(live)]:
                 row = rows[i]
                 if rnd > 0 and self._limit() <= 0:
-                    row["note"] = f"{len(row['ms_rounds'])} of {ROUNDS} rounds: time budget spent"
+                    row["note"] = f"{len(row['ms_rounds'])} of {rounds} rounds: time budget spent"
                     continue
                 try:
                     with timing.time_limit(self._limit(), f"{row['provider']} timing"):
@@ -653,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = sweep.plan()
     total = sum(len(names) for *_, names in plan)
     kind = "CPU smoke run" if config["smoke"] else f"batch {config['batch']}"
-    print(f"{meta['device_name']} ({kind}): {len(plan)} groups, {total} rows, {ROUNDS} interleaved rounds "
+    print(f"{meta['device_name']} ({kind}): {len(plan)} groups, {total} rows, {config['rounds']} interleaved rounds "
           f"-> {out_dir}", flush=True)
     try:
         if console is not None:
