@@ -100,6 +100,36 @@ def _output_grad(y: torch.Tensor, pre: torch.Tensor | None, training: bool,
     return grad
 
 
+def kink_free_input(model: nn.Module, shape: tuple[int, ...], precision: str, tries: int = 20) -> torch.Tensor:
+    """A float64 N(0, 1) input of ``shape`` for which no ReLU of ``model`` (a whole network, in its mode) sees a
+    nonzero float64 input within twice the kink band of ``precision``. The output gradient is zeroed only around
+    the final ReLU's kinks (:func:`_output_grad`); behind a pooling and a classifier a flip at any inner ReLU
+    moves whole gradient entries, by chance of the rounding order (e.g. the thread count). Exact zeros are left
+    alone: they come from a branch that is exactly zero (``zero_init_residual``) on an identity, which the fused
+    path reproduces exactly. Seeds 0, 1, ... are tried in turn; AssertionError if none of ``tries`` qualifies."""
+    band = 2 * KINK_BAND[compute_dtype(precision)]
+    probe = copy.deepcopy(model).double()
+    margins: list[float] = []
+
+    def margin(mod, args):
+        a = args[0].abs()
+        margins.append((a[a > 0].min() / a.max()).item())
+
+    hooks = [m.register_forward_pre_hook(margin) for m in probe.modules() if isinstance(m, nn.ReLU)]
+    try:
+        for seed in range(tries):
+            x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            margins.clear()
+            with torch.no_grad():
+                probe(x)
+            if min(margins) > band:
+                return x
+    finally:
+        for hook in hooks:
+            hook.remove()
+    raise AssertionError(f"no kink-free input of shape {shape} in {tries} seeds")
+
+
 def results(model: nn.Module, x: torch.Tensor, precision: str, device, grad: torch.Tensor | None = None,
             input_grad: bool = True, kink_dtype: torch.dtype | None = None,
             backward: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
