@@ -396,6 +396,15 @@ def _fsdp_class(wrapper: type, fused_cls: type[_Fused]) -> type:
     return _FSDP_CLASSES[key]
 
 
+def registered(cls: type) -> type[_Fused] | None:
+    """The fused class :func:`resnet_fused.fuse` converts exactly ``cls`` to (its library's fused classes
+    imported first when one of its blocks is met), or None."""
+    key = (cls.__module__, cls.__qualname__)
+    if key not in FUSED and cls.__module__ in _PROVIDERS:
+        importlib.import_module(_PROVIDERS[cls.__module__])
+    return FUSED.get(key)
+
+
 def _fused_class(module: nn.Module) -> type[_Fused] | None:
     """The class fuse() gives ``module``: the fused class registered in ``FUSED`` for its exact class, or its own
     class when it is fused already; for a module FSDP2 has wrapped (``fully_shard`` before ``fuse``), FSDP2's
@@ -405,10 +414,7 @@ def _fused_class(module: nn.Module) -> type[_Fused] | None:
     base = cls if inner is None else inner
     if base in FUSED.values():
         return cls
-    key = (base.__module__, base.__qualname__)
-    if key not in FUSED and base.__module__ in _PROVIDERS:
-        importlib.import_module(_PROVIDERS[base.__module__])
-    fused_cls = FUSED.get(key)
+    fused_cls = registered(base)
     if fused_cls is None or inner is None:
         return fused_cls
     return _fsdp_class(cls, fused_cls)

@@ -27,13 +27,11 @@ import torch
 from torch import nn
 
 from . import backends, dispatch
-from .fused import _Fused, _FusedBlock
+from .fused import _Fused, _FusedBlock, registered
 
 __all__ = ["BlockReport", "explain", "warn_if_nothing_fused"]
 
-# Modules whose classes fuse() converts, and the class names it converts there.
-_KNOWN = {"torchvision.models.resnet": ("BasicBlock", "Bottleneck", "ResNet"),
-          "timm.models.resnet": ("BasicBlock", "Bottleneck")}
+# Class names of the residual blocks a model may hold (fuse() converts exactly the classes fused.registered names).
 _BLOCK_NAME = re.compile(r"BasicBlock|Bottleneck")
 
 
@@ -58,7 +56,7 @@ def _class_name(cls: type) -> str:
 def _known_base(cls: type) -> type | None:
     """The torchvision/timm class ``fuse`` converts that ``cls`` derives from, if any."""
     for base in cls.__mro__[1:]:
-        if base.__name__ in _KNOWN.get(base.__module__, ()):
+        if registered(base) is not None:
             return base
     return None
 
@@ -69,7 +67,7 @@ def _status(m: nn.Module) -> tuple[bool, str | None, list[tuple[nn.Module, nn.Mo
         issue = m._eager_reason()
         return issue is None, issue, m._stages()
     cls = type(m)
-    if cls.__name__ in _KNOWN.get(cls.__module__, ()):
+    if registered(cls) is not None:
         return False, "not converted: resnet_fused.fuse(model) converts it", []
     base = _known_base(cls)
     if base is not None:
