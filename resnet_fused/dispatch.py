@@ -619,8 +619,7 @@ def _overridden() -> bool:
     """Whether something other than the measurement decides calls now: a forced candidate or engine (set, valid
     or not), deterministic mode, or :func:`tune` recording."""
     env = os.environ
-    return bool(_forced_stack or _recorder or env.get(ENV_FORCE) or env.get(ENV_ENGINE)
-                or env.get(ENV_DETERMINISTIC) == "1" or torch.are_deterministic_algorithms_enabled())
+    return bool(_forced_stack or _recorder or env.get(ENV_FORCE) or env.get(ENV_ENGINE)) or deterministic()
 
 
 def eager_memo(owner: nn.Module, kind: str, x: Tensor) -> bool:

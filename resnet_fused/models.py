@@ -114,12 +114,12 @@ class ResNet(_Fused, tv.ResNet):
 
     def _stem(self, x: Tensor) -> Tensor:
         """``relu(bn1(conv1(x)))``: one conv_bn_act launch in eval, conv_stats + BN + ReLU in training."""
-        parts = {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}
         if (is_fx_symbolic_tracing() or dispatch.eager_memo(self, "stem", x) or x.dim() != 4
                 or x.shape[0] == 0 or not x.is_floating_point() or self._stem_issue() is not None
                 or self._hook_issue() is not None):
             return self.relu(self.bn1(self.conv1(x)))
         check_input(x, self.conv1)
+        parts = {"conv1": self.conv1, "bn1": self.bn1, "relu": self.relu}
         return dispatch.run(self, "stem", parts, x, 1, 1, self._fused_stem,
                             lambda p, x: p["relu"](p["bn1"](p["conv1"](x))))
 
